@@ -1,0 +1,394 @@
+"""Typed configuration: model, MoE, parallelism, training and data settings.
+
+A config is a YAML file with one section per dataclass below, overridden from the command line with
+dotted names (``--model.num_hidden_layers=4``, ``--train.lr 3e-4``). MoE fields may be written flat
+under ``model`` as Hugging Face configs do (``--model.n_routed_experts=16`` lands in ``model.moe``).
+Every check of a bad value lives in ``validate`` and runs before anything is built, on every rank alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field and the fix."""
+
+
+ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn")
+
+
+@dataclass
+class MoEConfig:
+    n_routed_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 256
+    n_shared_experts: int = 0
+    shared_expert_intermediate_size: Optional[int] = None  # default: n_shared_experts * moe_intermediate_size
+    shared_expert_gate: bool = False  # Qwen2-MoE style sigmoid gate on the shared expert output
+
+    scoring_func: str = "softmax"  # "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3)
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1  # group-limited routing: experts split into n_group groups ...
+    topk_group: int = 1  # ... and only the best topk_group groups may be chosen
+
+    router_jitter_noise: float = 0.0  # multiplicative jitter on the router input, training only
+    router_noise_std: float = 0.0  # Gaussian noisy top-k on the logits, training only
+
+    capacity_factor: Optional[float] = None  # None = dropless
+    eval_capacity_factor: Optional[float] = None  # None = same as capacity_factor
+    min_capacity: int = 4
+    drop_policy: str = "probs"  # "probs": keep the highest-weight assignments; "position": first come
+
+    router_aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss
+    seq_aux_loss_coef: float = 0.0  # DeepSeek sequence-level balance loss
+    router_z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0  # aux-loss-free balancing; 0 disables the selection bias
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity_factor is None
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    intermediate_size: int = 1024  # dense FFN width (first_k_dense_replace layers)
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: Optional[int] = None  # None = num_attention_heads (plain multi-head)
+    head_dim: Optional[int] = None  # None = hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # {"type": linear|dynamic|yarn, "factor": f, ...}
+    tie_word_embeddings: bool = False
+    first_k_dense_replace: int = 0
+    gradient_checkpointing: bool = False
+    initializer_range: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    expert_parallel_size: int = 1
+    backend: str = "auto"  # "auto": nccl on CUDA, gloo on CPU
+    timeout_seconds: float = 600.0
+    dispatcher: str = "alltoall"  # "alltoall" or "allgather"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    micro_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 100
+    max_tokens: Optional[int] = None  # hard stop by tokens seen (global), whichever comes first
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    aux_loss_ramp_steps: int = 0  # aux coefficients rise linearly from 0 over this many steps
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
+    eval_interval: int = 50
+    eval_steps: int = 5
+    log_interval: int = 1
+    out_dir: str = "runs/default"
+    checkpoint_interval: int = 0  # 0: only at the end
+    keep_last: int = 3
+    async_save: bool = False
+    resume: bool = True
+    dead_expert_window: int = 20  # steps an expert may stay idle or saturated before a warning
+
+
+@dataclass
+class DataConfig:
+    train_prefixes: list = field(default_factory=list)
+    train_weights: Optional[list] = None
+    valid_prefixes: list = field(default_factory=list)
+    seq_len: int = 128
+    tokenizer: Optional[str] = None  # sentencepiece .model, for generation and checks
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Stable digest so ranks can agree they were started with the same config."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------
+# building from dicts, YAML and dotted overrides
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _nested_dataclass_fields(cls) -> dict:
+    return {name: t for name, t in _field_types(cls).items() if dataclasses.is_dataclass(t)}
+
+
+def _unwrap_optional(tp):
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0] if len(rest) == 1 else tp, True
+    return tp, False
+
+
+def _coerce(value: Any, tp, where: str):
+    """Turn a YAML or command-line value into the field's type, or say why it cannot be."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{where}=None is not allowed: give a value of type {getattr(tp, '__name__', tp)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}={value!r} is not a boolean: use true or false")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} must be a number")
+        try:
+            number = float(value) if isinstance(value, str) else value
+            if tp is int:
+                if float(number) != int(float(number)):
+                    raise ValueError
+                return int(float(number))
+            return float(number)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}={value!r} must be {'an integer' if tp is int else 'a number'}") from None
+    if tp is str:
+        return str(value)
+    if tp in (list, dict) or typing.get_origin(tp) in (list, dict):
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{where}={value!r} is not valid YAML: {e}") from None
+        base = typing.get_origin(tp) or tp
+        if base is list and isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, base):
+            raise ConfigError(f"{where}={value!r} must be a {base.__name__}")
+        return value
+    return value
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"section '{where}' must be a mapping of keys to values, got {type(values).__name__}")
+    types = _field_types(cls)
+    nested = _nested_dataclass_fields(cls)
+    kwargs: dict = {}
+    nested_values: dict = {name: {} for name in nested}
+    for key, value in values.items():
+        if key in nested:
+            nested_values[key].update(value or {})
+        elif key in types:
+            kwargs[key] = _coerce(value, types[key], f"{where}.{key}")
+        else:
+            owners = [name for name, sub in nested.items() if key in _field_types(sub)]
+            if len(owners) == 1:  # Hugging Face style: MoE keys written flat under `model`
+                nested_values[owners[0]][key] = value
+            else:
+                raise ConfigError(_unknown_key_message(key, where, list(types) + _nested_keys(nested)))
+    for name, sub in nested.items():
+        kwargs[name] = _build(sub, nested_values[name], f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _nested_keys(nested: dict) -> list:
+    return [k for sub in nested.values() for k in _field_types(sub)]
+
+
+def _unknown_key_message(key: str, where: str, known: list) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else f" Known keys: {', '.join(sorted(known))}."
+    return f"unknown key '{key}' in '{where}'.{hint}"
+
+
+SECTIONS = ("model", "parallel", "train", "data")
+
+
+def config_from_dict(values: dict) -> Config:
+    values = dict(values or {})
+    if "moe" in values:  # a top-level moe section is accepted as model.moe
+        values.setdefault("model", {})
+        values["model"] = {**values["model"], "moe": {**values["model"].get("moe", {}), **values.pop("moe")}}
+    return _build(Config, values, "config")
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply ``--section.key=value`` or ``--section.key value`` overrides to a raw config dict."""
+    values = json.loads(json.dumps(values or {}))  # deep copy of plain data
+    pending = list(overrides)
+    while pending:
+        item = pending.pop(0)
+        if not item.startswith("--"):
+            raise ConfigError(f"override {item!r} must look like --section.key=value (e.g. --train.lr=3e-4)")
+        item = item[2:]
+        if "=" in item:
+            path, raw = item.split("=", 1)
+        elif pending and not pending[0].startswith("--"):
+            path, raw = item, pending.pop(0)
+        else:
+            raise ConfigError(f"override --{item} has no value: write --{item}=VALUE")
+        keys = path.split(".")
+        if len(keys) < 2 or keys[0] not in SECTIONS + ("moe",):
+            raise ConfigError(f"override --{path}: the first part must be one of {', '.join(SECTIONS)}")
+        node = values
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override --{path}: '{key}' is not a section")
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else raw
+    return values
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
+        values = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping with sections {', '.join(SECTIONS)}")
+    config = config_from_dict(apply_overrides(values, overrides or []))
+    validate(config)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def validate(config: Config, world_size: Optional[int] = None) -> Config:
+    """Raise ConfigError naming the first bad field and its fix. Pure: no I/O, no collectives."""
+    m, moe, par, tr = config.model, config.model.moe, config.parallel, config.train
+    positive = [
+        ("model.vocab_size", m.vocab_size), ("model.hidden_size", m.hidden_size),
+        ("model.num_hidden_layers", m.num_hidden_layers), ("model.num_attention_heads", m.num_attention_heads),
+        ("model.num_key_value_heads", m.num_key_value_heads), ("model.max_position_embeddings", m.max_position_embeddings),
+        ("model.moe.n_routed_experts", moe.n_routed_experts), ("model.moe.num_experts_per_tok", moe.num_experts_per_tok),
+        ("model.moe.moe_intermediate_size", moe.moe_intermediate_size), ("model.moe.n_group", moe.n_group),
+        ("model.moe.topk_group", moe.topk_group), ("parallel.expert_parallel_size", par.expert_parallel_size),
+        ("train.micro_batch_size", tr.micro_batch_size), ("train.gradient_accumulation_steps", tr.gradient_accumulation_steps),
+        ("data.seq_len", config.data.seq_len),
+    ]
+    for name, value in positive:
+        if value <= 0:
+            raise ConfigError(f"{name}={value} must be a positive integer")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} must divide model.hidden_size={m.hidden_size} "
+            f"(try one of {_divisors(m.hidden_size) if m.hidden_size <= 4096 else 'its divisors'})")
+    if m.num_attention_heads % m.num_key_value_heads:
+        raise ConfigError(
+            f"model.num_key_value_heads={m.num_key_value_heads} must divide model.num_attention_heads="
+            f"{m.num_attention_heads} (try {_divisors(m.num_attention_heads)})")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.head_dim={m.head_dim} must be even for rotary embeddings")
+    if not 0 <= m.first_k_dense_replace <= m.num_hidden_layers:
+        raise ConfigError(f"model.first_k_dense_replace={m.first_k_dense_replace} must be between 0 and "
+                          f"model.num_hidden_layers={m.num_hidden_layers}")
+    if m.rope_scaling is not None:
+        _validate_rope_scaling(m.rope_scaling)
+    if moe.num_experts_per_tok > moe.n_routed_experts:
+        raise ConfigError(f"model.moe.num_experts_per_tok={moe.num_experts_per_tok} is larger than "
+                          f"model.moe.n_routed_experts={moe.n_routed_experts}: lower top-k or add experts")
+    if moe.n_routed_experts % moe.n_group:
+        raise ConfigError(f"model.moe.n_group={moe.n_group} must divide model.moe.n_routed_experts="
+                          f"{moe.n_routed_experts} (try {_divisors(moe.n_routed_experts)})")
+    if moe.topk_group > moe.n_group:
+        raise ConfigError(f"model.moe.topk_group={moe.topk_group} is larger than model.moe.n_group={moe.n_group}")
+    if moe.n_group > 1 and moe.topk_group * (moe.n_routed_experts // moe.n_group) < moe.num_experts_per_tok:
+        raise ConfigError(f"model.moe.topk_group={moe.topk_group} groups of {moe.n_routed_experts // moe.n_group} "
+                          f"experts hold fewer than num_experts_per_tok={moe.num_experts_per_tok}: raise topk_group")
+    if moe.scoring_func not in ("softmax", "sigmoid"):
+        raise ConfigError(f"model.moe.scoring_func={moe.scoring_func!r} must be 'softmax' or 'sigmoid'")
+    for name in ("capacity_factor", "eval_capacity_factor"):
+        value = getattr(moe, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"model.moe.{name}={value} must be positive (or null for dropless)")
+    if moe.min_capacity < 0:
+        raise ConfigError(f"model.moe.min_capacity={moe.min_capacity} must be >= 0")
+    if moe.drop_policy not in ("probs", "position"):
+        raise ConfigError(f"model.moe.drop_policy={moe.drop_policy!r} must be 'probs' or 'position'")
+    for name in ("router_jitter_noise", "router_noise_std", "router_aux_loss_coef", "seq_aux_loss_coef",
+                 "router_z_loss_coef", "bias_update_rate", "n_shared_experts"):
+        if getattr(moe, name) < 0:
+            raise ConfigError(f"model.moe.{name}={getattr(moe, name)} must be >= 0")
+    if par.backend not in ("auto", "gloo", "nccl", "mpi"):
+        raise ConfigError(f"parallel.backend={par.backend!r} must be auto, gloo, nccl or mpi")
+    if par.dispatcher not in ("alltoall", "allgather"):
+        raise ConfigError(f"parallel.dispatcher={par.dispatcher!r} must be 'alltoall' or 'allgather'")
+    if par.timeout_seconds <= 0:
+        raise ConfigError(f"parallel.timeout_seconds={par.timeout_seconds} must be positive")
+    if moe.n_routed_experts % par.expert_parallel_size:
+        raise ConfigError(f"parallel.expert_parallel_size={par.expert_parallel_size} must divide "
+                          f"model.moe.n_routed_experts={moe.n_routed_experts} (try {_divisors(moe.n_routed_experts)})")
+    if world_size is not None and world_size % par.expert_parallel_size:
+        raise ConfigError(f"parallel.expert_parallel_size={par.expert_parallel_size} must divide the world size "
+                          f"{world_size} (try {_divisors(world_size)}, or launch a multiple of it processes)")
+    if tr.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.precision={tr.precision!r} must be auto, fp32 or bf16")
+    if tr.lr <= 0 or tr.min_lr < 0 or tr.min_lr > tr.lr:
+        raise ConfigError(f"train.lr={tr.lr} and train.min_lr={tr.min_lr} need 0 <= min_lr <= lr, lr > 0")
+    if tr.warmup_steps < 0 or tr.max_steps < 0 or tr.grad_clip < 0:
+        raise ConfigError("train.warmup_steps, train.max_steps and train.grad_clip must be >= 0")
+    if config.data.train_weights is not None and len(config.data.train_weights) != len(config.data.train_prefixes):
+        raise ConfigError(f"data.train_weights has {len(config.data.train_weights)} entries but data.train_prefixes "
+                          f"has {len(config.data.train_prefixes)}: give one weight per prefix")
+    return config
+
+
+def _validate_rope_scaling(rope_scaling: dict) -> None:
+    if not isinstance(rope_scaling, dict):
+        raise ConfigError(f"model.rope_scaling={rope_scaling!r} must be a mapping like {{type: yarn, factor: 4}}")
+    kind = rope_scaling.get("type", rope_scaling.get("rope_type"))
+    if kind not in ROPE_SCALING_TYPES:
+        raise ConfigError(f"model.rope_scaling.type={kind!r} is unknown: use one of {', '.join(ROPE_SCALING_TYPES)} "
+                          f"(or set rope_scaling: null for none)")
+    factor = rope_scaling.get("factor")
+    if not isinstance(factor, (int, float)) or factor < 1:
+        raise ConfigError(f"model.rope_scaling.factor={factor!r} must be a number >= 1")

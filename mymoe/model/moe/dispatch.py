@@ -1,0 +1,111 @@
+"""Token dispatch: routing result -> expert-major rows -> experts -> back to token order.
+
+The MoE layer is handed a dispatcher; every dispatcher has the same two methods:
+
+    rows, tokens_per_expert, handle = dispatcher.dispatch(hidden, expert_indices, expert_weights, keep)
+    out = dispatcher.combine(expert_output, handle)            # [tokens, hidden], weighted sum over k
+
+``rows`` are sorted by local expert, ``tokens_per_expert`` counts them ([num_local_experts], int64 on
+the CPU-side-friendly device of ``hidden``). Capacity and dropping are decided once, before dispatch, by
+``capacity_keep_mask`` on each rank's own tokens (GShard's rule), so results never depend on how many
+ranks share the experts. Dropped assignments contribute nothing; the residual connection carries them.
+
+This module holds the pure permutation math and the single-process dispatcher. The all-to-all and
+all-gather dispatchers live in ``mymoe.parallel`` so that model code never imports torch.distributed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+def compute_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: Optional[float],
+                     min_capacity: int = 0) -> Optional[int]:
+    """Slots per expert for one rank's tokens; None means dropless."""
+    if capacity_factor is None:
+        return None
+    return max(int(math.ceil(capacity_factor * num_tokens * top_k / num_experts)), min_capacity)
+
+
+def capacity_keep_mask(expert_indices: torch.Tensor, expert_weights: torch.Tensor, num_experts: int,
+                       capacity: Optional[int], policy: str = "probs") -> torch.Tensor:
+    """Which of the [tokens, k] assignments fit in their expert's capacity.
+
+    policy "probs": each expert keeps its `capacity` highest-weight assignments.
+    policy "position": GShard order, every token's first choice before any second choice, then by token
+    position, so early tokens and preferred experts win.
+    """
+    num_tokens, top_k = expert_indices.shape
+    if capacity is None:
+        return torch.ones_like(expert_indices, dtype=torch.bool)
+    flat_experts = expert_indices.reshape(-1)
+    if policy == "probs":
+        priority_order = torch.argsort(expert_weights.detach().reshape(-1), descending=True, stable=True)
+    elif policy == "position":
+        # flat index is token * k + choice; order by (choice, token)
+        priority_order = torch.arange(num_tokens * top_k, device=expert_indices.device)
+        priority_order = priority_order.view(num_tokens, top_k).t().reshape(-1)
+    else:
+        raise ValueError(f"drop policy {policy!r} must be 'probs' or 'position'")
+    # stable sort by expert keeps the priority order inside each expert's segment
+    by_expert = priority_order[torch.argsort(flat_experts[priority_order], stable=True)]
+    counts = torch.bincount(flat_experts, minlength=num_experts)
+    segment_start = torch.cumsum(counts, 0) - counts
+    rank_in_expert = torch.arange(by_expert.numel(), device=by_expert.device) - segment_start[flat_experts[by_expert]]
+    keep = torch.empty_like(flat_experts, dtype=torch.bool)
+    keep[by_expert] = rank_in_expert < capacity
+    return keep.view(num_tokens, top_k)
+
+
+@dataclass
+class Permutation:
+    """Where each expert-major row came from: enough to undo the sort and weight the outputs."""
+
+    source_token: torch.Tensor  # [rows] index of the token each row belongs to
+    row_weight: torch.Tensor  # [rows] combine weight of that assignment
+    num_tokens: int
+
+
+def permute(hidden: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
+            keep: torch.Tensor, num_experts: int):
+    """Sort the kept assignments by expert.
+
+    Returns rows [kept, hidden], tokens_per_expert [num_experts] and the Permutation to undo it.
+    """
+    num_tokens, top_k = expert_indices.shape
+    flat_experts = expert_indices.reshape(-1)
+    flat_keep = keep.reshape(-1)
+    # dropped assignments get a sentinel expert so a single sort puts them last, then they are cut off
+    sort_key = torch.where(flat_keep, flat_experts, torch.full_like(flat_experts, num_experts))
+    order = torch.argsort(sort_key, stable=True)
+    tokens_per_expert = torch.bincount(flat_experts[flat_keep], minlength=num_experts)
+    order = order[: int(flat_keep.sum())]
+    source_token = torch.div(order, top_k, rounding_mode="floor")
+    rows = hidden.index_select(0, source_token)
+    return rows, tokens_per_expert, Permutation(source_token, expert_weights.reshape(-1)[order], num_tokens)
+
+
+def unpermute(expert_output: torch.Tensor, perm: Permutation) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs, back in token order; dropped tokens get zeros."""
+    weighted = expert_output * perm.row_weight.unsqueeze(-1).to(expert_output.dtype)
+    out = expert_output.new_zeros(perm.num_tokens, expert_output.shape[-1])
+    return out.index_add(0, perm.source_token, weighted)
+
+
+class LocalDispatcher:
+    """All experts live in this process: dispatch is a sort, combine is a weighted scatter-add."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts
+        self.first_local_expert = 0
+
+    def dispatch(self, hidden, expert_indices, expert_weights, keep):
+        rows, tokens_per_expert, perm = permute(hidden, expert_indices, expert_weights, keep, self.num_experts)
+        return rows, tokens_per_expert, perm
+
+    def combine(self, expert_output, handle: Permutation):
+        return unpermute(expert_output, handle)
