@@ -1,0 +1,5 @@
+"""The training job: ``torchrun --nproc_per_node=2 -m mymoe.train --config configs/tiny.yaml [--section.key=value ...]``.
+
+loop.py wires the parts (model, parallel layout, data reader, optimizer, metrics, checkpoints) into
+the step recipe; optim.py builds AdamW and the schedule; metrics.py logs; heatmap.py renders expert load.
+"""

@@ -1,0 +1,63 @@
+"""Render expert load over training as a heatmap: one panel per MoE layer, experts x steps.
+
+    python -m mymoe.train.heatmap runs/tiny/metrics.jsonl -o runs/tiny/expert_load.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def read_loads(metrics_path: Path) -> tuple[list[int], np.ndarray]:
+    steps, loads = [], []
+    with open(metrics_path) as f:
+        for line in f:
+            record = json.loads(line)
+            if "expert_load" in record:
+                steps.append(record["step"])
+                loads.append(record["expert_load"])
+    if not loads:
+        raise SystemExit(f"{metrics_path} holds no expert_load records: was it written by mymoe.train?")
+    return steps, np.asarray(loads, dtype=np.float64)  # [steps, layers, experts]
+
+
+def render(metrics_path: str, output: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, loads = read_loads(Path(metrics_path))
+    share = loads / np.clip(loads.sum(axis=2, keepdims=True), 1, None)  # fraction of tokens per expert
+    num_layers, num_experts = share.shape[1], share.shape[2]
+    fig, axes = plt.subplots(num_layers, 1, figsize=(10, 1.2 + 0.25 * num_experts * num_layers), squeeze=False,
+                             sharex=True)
+    for layer in range(num_layers):
+        ax = axes[layer, 0]
+        image = ax.imshow(share[:, layer, :].T, aspect="auto", interpolation="nearest", cmap="viridis",
+                          extent=(steps[0], steps[-1], num_experts - 0.5, -0.5), vmin=0)
+        ax.set_ylabel(f"layer {layer}\nexpert")
+        fig.colorbar(image, ax=ax, label="token share")
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(f"Expert load over training (uniform = {1 / num_experts:.3f})")
+    fig.tight_layout()
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("metrics", help="metrics.jsonl written by mymoe.train")
+    parser.add_argument("-o", "--output", default=None, help="PNG path (default: expert_load.png beside the metrics)")
+    args = parser.parse_args(argv)
+    output = args.output or str(Path(args.metrics).with_name("expert_load.png"))
+    print(f"wrote {render(args.metrics, output)}")
+
+
+if __name__ == "__main__":
+    main()
