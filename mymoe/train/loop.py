@@ -70,12 +70,13 @@ class Trainer:
         parallelize(self.model, ctx)
         self.model.to(ctx.device)
         self.optimizer = build_optimizer(self.model, config.train)
-        self.schedule = Schedule(self.optimizer, config.train)
         self.engine = None
         if deepspeed_config is not None:
             from mymoe.train.deepspeed_engine import initialize_deepspeed
 
             self.engine, self.optimizer = initialize_deepspeed(self.model, self.optimizer, config, ctx, deepspeed_config)
+        self.forward = self.engine if self.engine is not None else self.model
+        self.schedule = Schedule(self.optimizer, config.train)
         self.train_reader, self.valid_reader = build_readers(config, ctx)
         self.step = 0
         self.tokens_seen = 0
@@ -111,10 +112,12 @@ class Trainer:
             input_ids, labels = self.train_reader.next_batch()
             input_ids, labels = input_ids.to(ctx.device), labels.to(ctx.device)
             with autocast_context(config, ctx.device):
-                out = self.model(input_ids, labels=labels)
+                out = self.forward(input_ids, labels=labels)
             loss = out.lm_loss + aux_scale * out.aux_loss
             if self.engine is not None:
+                # DeepSpeed scales by 1/accumulation itself and counts micro-steps in step()
                 self.engine.backward(loss)
+                self.engine.step()
             else:
                 (loss / accumulation).backward()
             totals["loss"] += float(loss.detach()) / accumulation
@@ -122,7 +125,6 @@ class Trainer:
             totals["aux_loss"] += float(torch.as_tensor(out.aux_loss).detach()) / accumulation
             stats = out.router_stats
         if self.engine is not None:
-            self.engine.step()
             grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         else:
             reduce_gradients(self.model, ctx)

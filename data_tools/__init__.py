@@ -1,0 +1,17 @@
+"""Data tools: train a tokenizer, turn a text corpus into Megatron `.bin/.idx` files, inspect them.
+
+    python -m data_tools train-tokenizer --input corpus/ --output tok --vocab-size 8000
+    python -m data_tools preprocess --input corpus/ --tokenizer tok.model --output data/books
+    python -m data_tools merge --output data/all data/part1 data/part2
+    python -m data_tools inspect data/books --vocab tok.model
+
+Layout: corpus.py (find inputs, read documents, count bad input), builtin_corpus.py (the offline
+`builtin:stdlib` corpus), tokenizer.py (SentencePiece training), encode.py (the worker side of
+preprocessing), indexed_io.py (dtype choice, staging and publishing `.bin/.idx` pairs),
+preprocess.py, merge.py, inspect_dataset.py (the commands), cli.py (argument parsing).
+The training-side reader of the files is `mymoe.data`.
+"""
+
+
+class DataError(Exception):
+    """Bad input or settings; the message names the bad value and the fix."""

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Open MPI or MPICH: NP=2 bash launch/mpirun.sh --config configs/tiny.yaml --parallel.expert_parallel_size=2
+# MyMoE reads OMPI_COMM_WORLD_* / PMI_* and agrees on a master address and port through mpi4py.
+# Add a hostfile for several machines: MPIRUN_ARGS="--hostfile hosts" bash launch/mpirun.sh ...
+set -euo pipefail
+NP="${NP:-2}"
+PYTHON="${PYTHON:-python3}"
+MPIEXEC="${MPIEXEC:-mpiexec}"
+# shellcheck disable=SC2206
+extra=(${MPIRUN_ARGS:-})
+cmd=("$MPIEXEC" -n "$NP" "${extra[@]}" "$PYTHON" -m mymoe.train "$@")
+echo "[launch] ${cmd[*]}"
+exec "${cmd[@]}"

@@ -1,0 +1,109 @@
+"""Grouped-query self-attention over torch's scaled_dot_product_attention, and its KV cache."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mymoe.model.layers import apply_rotary
+
+
+class KVCache:
+    """Rotated keys and values of one attention layer for every position seen so far.
+
+    With ``max_length`` the tensors are allocated once at the first update and written in place (what
+    ``generate`` uses: it knows the final length, and decoding then copies nothing); without it each
+    update concatenates. ``length`` is the number of filled positions, so the next token's cache slot.
+    """
+
+    def __init__(self, max_length: Optional[int] = None):
+        self.max_length = max_length
+        self.keys: Optional[torch.Tensor] = None  # [B, kv_heads, max_length or length, head_dim]
+        self.values: Optional[torch.Tensor] = None
+        self.length = 0
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append keys, values [B, kv_heads, S, head_dim]; return all of them so far."""
+        new_length = self.length + keys.shape[2]
+        if self.max_length is None:
+            if self.keys is not None:
+                keys = torch.cat((self.keys, keys), dim=2)
+                values = torch.cat((self.values, values), dim=2)
+            self.keys, self.values, self.length = keys, values, new_length
+            return keys, values
+        if new_length > self.max_length:
+            raise ValueError(f"KV cache of max_length={self.max_length} cannot hold {new_length} positions: "
+                             f"allocate it with a larger max_length")
+        if self.keys is None:
+            batch, kv_heads, _, head_dim = keys.shape
+            self.keys = keys.new_empty(batch, kv_heads, self.max_length, head_dim)
+            self.values = values.new_empty(batch, kv_heads, self.max_length, head_dim)
+        self.keys[:, :, self.length:new_length] = keys
+        self.values[:, :, self.length:new_length] = values
+        self.length = new_length
+        return self.keys[:, :, :new_length], self.values[:, :, :new_length]
+
+
+class Attention(nn.Module):
+    """Causal self-attention where groups of query heads share one key/value head (GQA).
+
+    num_key_value_heads == num_attention_heads is plain multi-head attention, 1 is multi-query.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """hidden [B, S, d]; cos, sin [B, S, head_dim]; mask [B, 1, S, past + S] bool (True = may attend)
+        or None for plain causal attention over this call's tokens (and the whole cache when S == 1)."""
+        batch, seq, _ = hidden.shape
+        queries = self.q_proj(hidden).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        keys = self.k_proj(hidden).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        values = self.v_proj(hidden).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        queries, keys = apply_rotary(queries, cos, sin), apply_rotary(keys, cos, sin)
+        if cache is not None:
+            keys, values = cache.update(keys, values)  # [B, kv_heads, past + S, head_dim]
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            keys = keys.repeat_interleave(groups, dim=1)
+            values = values.repeat_interleave(groups, dim=1)
+        # is_causal aligns the triangle to the top-left corner, right only when queries and keys start
+        # together; every other case comes with an explicit mask
+        is_causal = mask is None and seq > 1
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, is_causal=is_causal)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+
+
+def build_attention_mask(attention_mask: Optional[torch.Tensor], past_length: int, seq_len: int,
+                         device) -> Optional[torch.Tensor]:
+    """The boolean mask [B or 1, 1, S, past + S] for SDPA, built once per forward for every layer.
+
+    attention_mask [B, past + S] marks real tokens with 1 and padding with 0 (left padding included).
+    Returns None where SDPA's own is_causal flag (or no mask at all, for one query) is exact, which
+    lets it pick its fastest kernel.
+    """
+    total = past_length + seq_len
+    if attention_mask is None and (past_length == 0 or seq_len == 1):
+        return None
+    query_slot = torch.arange(past_length, total, device=device)[:, None]  # [S, 1]
+    key_slot = torch.arange(total, device=device)[None, :]  # [1, past + S]
+    allowed = (key_slot <= query_slot)[None, None]  # [1, 1, S, past + S]
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != total:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions but the cache and "
+                             f"input hold {total}: pass the mask of the whole sequence so far")
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+        # a padding query before any real token would see no key at all, and an all-masked softmax row
+        # is NaN; let it see itself (its output is never used, but NaN would poison the MoE statistics)
+        allowed = allowed | (key_slot == query_slot)[None, None]
+    return allowed

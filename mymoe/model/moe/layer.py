@@ -1,0 +1,144 @@
+"""The MoE layer: router + dispatcher + grouped experts (+ always-on shared experts).
+
+    hidden -> router -> capacity keep mask -> dispatch (sort by expert) -> experts -> combine -> + shared
+
+The layer owns no communication: a dispatcher is handed to it (``LocalDispatcher`` by default, an
+all-to-all one from ``mymoe.parallel`` under expert parallelism, swapped in with ``set_dispatcher``).
+Capacity is decided once, on this rank's own tokens, before dispatch; dropped assignments contribute
+nothing and the residual connection carries their tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mymoe.config import MoEConfig
+from mymoe.model.layers import SwiGLU
+from mymoe.model.moe.dispatch import LocalDispatcher, capacity_keep_mask, compute_capacity
+from mymoe.model.moe.experts import GroupedExperts
+from mymoe.model.moe.router import Router
+
+
+@dataclass
+class MoEAux:
+    """What one MoE forward reports besides its output; every field but aux_loss is detached."""
+
+    aux_loss: torch.Tensor  # scalar, coefficient-weighted, to add to the training loss
+    tokens_per_expert: torch.Tensor  # [experts] kept assignments per global expert, from this rank's tokens
+    dropped_fraction: torch.Tensor  # share of the tokens * k assignments dropped by capacity
+    max_load_ratio: torch.Tensor  # max / mean of tokens_per_expert; 1 is perfectly balanced
+    load_balancing_loss: torch.Tensor  # the unweighted loss parts, for logging
+    seq_aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+
+    @property
+    def stats(self) -> dict:
+        """The router statistics of this layer as a plain dict, for logging."""
+        return {"tokens_per_expert": self.tokens_per_expert, "dropped_fraction": self.dropped_fraction,
+                "max_load_ratio": self.max_load_ratio, "load_balancing_loss": self.load_balancing_loss,
+                "seq_aux_loss": self.seq_aux_loss, "z_loss": self.z_loss}
+
+
+def _in_backward() -> bool:
+    # activation checkpointing re-runs the forward inside the backward pass; that re-run must not count
+    # the step's load a second time
+    return torch._C._current_graph_task_id() != -1
+
+
+class MoELayer(nn.Module):
+    def __init__(self, hidden_size: int, moe: MoEConfig, dispatcher=None, init_std: float = 0.02):
+        super().__init__()
+        self.moe = moe
+        self.num_experts = moe.n_routed_experts
+        self.top_k = moe.num_experts_per_tok
+        self.gate = Router(hidden_size, moe, init_std)
+        self.experts = GroupedExperts(moe.n_routed_experts, hidden_size, moe.moe_intermediate_size, init_std)
+        self.shared_experts = None
+        self.shared_expert_gate = None
+        if moe.n_shared_experts > 0:
+            shared_size = moe.shared_expert_intermediate_size or moe.n_shared_experts * moe.moe_intermediate_size
+            self.shared_experts = SwiGLU(hidden_size, shared_size)
+            for linear in (self.shared_experts.gate_proj, self.shared_experts.up_proj, self.shared_experts.down_proj):
+                nn.init.normal_(linear.weight, mean=0.0, std=init_std)
+            if moe.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+                nn.init.normal_(self.shared_expert_gate.weight, mean=0.0, std=init_std)
+        self.dispatcher = dispatcher or LocalDispatcher(moe.n_routed_experts)
+        self._check_dispatcher(self.dispatcher)
+        self._pending_load: Optional[torch.Tensor] = None
+
+    def set_dispatcher(self, dispatcher) -> None:
+        """Swap the dispatcher; the experts must already hold exactly its local experts (``experts.shard``)."""
+        self._check_dispatcher(dispatcher)
+        self.dispatcher = dispatcher
+
+    def _check_dispatcher(self, dispatcher) -> None:
+        if dispatcher.num_experts != self.num_experts:
+            raise ValueError(f"dispatcher routes {dispatcher.num_experts} experts but the layer has "
+                             f"n_routed_experts={self.num_experts}")
+        held = (self.experts.first_expert, self.experts.num_experts)
+        wanted = (dispatcher.first_local_expert, dispatcher.num_local_experts)
+        if held != wanted:
+            raise ValueError(f"the experts hold {held[1]} experts from global index {held[0]} but the dispatcher "
+                             f"serves {wanted[1]} from {wanted[0]}: call "
+                             f"layer.experts.shard({wanted[0]}, {wanted[1]}) before set_dispatcher")
+
+    def capacity(self, num_tokens: int) -> Optional[int]:
+        """Slots per expert for this many local tokens in the current mode; None when dropless."""
+        moe = self.moe
+        factor = moe.capacity_factor
+        if not self.training and moe.eval_capacity_factor is not None:
+            factor = moe.eval_capacity_factor
+        return compute_capacity(num_tokens, self.num_experts, self.top_k, factor, moe.min_capacity)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        """hidden [batch, seq, hidden] or [tokens, hidden] -> (output of the same shape, MoEAux)."""
+        batch_shape = tuple(hidden.shape[:2]) if hidden.dim() == 3 else None
+        tokens = hidden.reshape(-1, hidden.shape[-1])  # [tokens, hidden]
+        routing = self.gate(tokens, batch_shape)
+
+        capacity = self.capacity(tokens.shape[0])
+        keep = capacity_keep_mask(routing.expert_indices, routing.expert_weights, self.num_experts, capacity,
+                                  policy=self.moe.drop_policy)  # [tokens, k]
+        rows, tokens_per_local_expert, handle = self.dispatcher.dispatch(
+            tokens, routing.expert_indices, routing.expert_weights, keep)
+        expert_output = self.experts(rows, tokens_per_local_expert)
+        output = self.dispatcher.combine(expert_output, handle).to(hidden.dtype)
+
+        if self.shared_experts is not None:
+            shared = self.shared_experts(tokens)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+            output = output + shared
+
+        aux = self._aux(routing, keep)
+        if self.training and not _in_backward():
+            self._pending_load = aux.tokens_per_expert if self._pending_load is None else (
+                self._pending_load + aux.tokens_per_expert)
+        return output.view(hidden.shape), aux
+
+    @torch.no_grad()
+    def _aux(self, routing, keep: torch.Tensor) -> MoEAux:
+        # counted with index_add rather than bincount so that no step waits on the device
+        tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.int64, device=keep.device)
+        tokens_per_expert.index_add_(0, routing.expert_indices.reshape(-1), keep.reshape(-1).long())
+        load = tokens_per_expert.float()
+        dropped_fraction = 1.0 - load.sum() / keep.numel()
+        max_load_ratio = load.max() / load.mean().clamp(min=1e-9)
+        return MoEAux(routing.aux_loss, tokens_per_expert, dropped_fraction, max_load_ratio,
+                      routing.load_balancing_loss, routing.seq_aux_loss, routing.z_loss)
+
+    def pending_load(self) -> torch.Tensor:
+        """Kept assignments per global expert summed over the training forwards since the last bias update."""
+        if self._pending_load is None:
+            return torch.zeros(self.num_experts, dtype=torch.int64, device=self.gate.expert_bias.device)
+        return self._pending_load
+
+    def update_expert_bias(self, global_load: torch.Tensor) -> None:
+        """Apply the aux-loss-free bias update from the step's load (all-reduced over ranks by the trainer)
+        and start counting afresh."""
+        self.gate.update_bias(global_load)
+        self._pending_load = None

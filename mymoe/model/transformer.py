@@ -1,0 +1,296 @@
+"""The decoder-only MoE Transformer: blocks, the model, and the causal-LM head with its loss.
+
+Data flows: ids -> embed_tokens -> for each block: input_layernorm -> self_attn -> residual ->
+post_attention_layernorm -> mlp (dense SwiGLU for the first ``first_k_dense_replace`` layers, the MoE
+layer after) -> residual -> norm -> lm_head. Module names follow Hugging Face (Mixtral, Qwen2-MoE,
+DeepSeek-V3) so state dicts convert by renaming little.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mymoe.config import ModelConfig
+from mymoe.model.attention import Attention, KVCache, build_attention_mask
+from mymoe.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from mymoe.model.moe.layer import MoELayer
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, S, V]
+    loss: Optional[torch.Tensor] = None  # lm_loss + aux_loss: what to backpropagate
+    lm_loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None  # sum over MoE layers, already coefficient-weighted
+    router_stats: list = field(default_factory=list)  # one stats dict per MoE layer, in layer order
+    past_key_values: Optional[list] = None  # one KVCache per layer
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                                   config.head_dim)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = layer_index >= config.first_k_dense_replace
+        if self.is_moe:
+            self.mlp = MoELayer(config.hidden_size, config.moe, init_std=config.initializer_range)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, hidden, cos, sin, mask=None, cache=None):
+        """hidden [B, S, d] -> (hidden [B, S, d], MoEAux or None for a dense block)."""
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, mask, cache)
+        if not self.is_moe:
+            return hidden + self.mlp(self.post_attention_layernorm(hidden)), None
+        moe_output, aux = self.mlp(self.post_attention_layernorm(hidden))
+        return hidden + moe_output, aux
+
+
+class MoETransformer(nn.Module):
+    """Embedding, blocks and final norm: token ids in, final hidden states out."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                                          config.rope_scaling)
+        self.gradient_checkpointing = config.gradient_checkpointing
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):
+        """input_ids [B, S] -> (hidden [B, S, d], list of MoEAux, one per MoE layer)."""
+        batch, seq = input_ids.shape
+        past_length = past_key_values[0].length if past_key_values is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                # count real tokens only, so a left-padded row gets the positions it would have unpadded
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_length:]
+            else:
+                position_ids = torch.arange(past_length, past_length + seq, device=input_ids.device)
+                position_ids = position_ids.expand(batch, seq)
+        hidden = self.embed_tokens(input_ids)  # [B, S, d]
+        cos, sin = self.rotary_emb(position_ids, hidden.dtype)  # [B, S, head_dim]
+        mask = build_attention_mask(attention_mask, past_length, seq, input_ids.device)
+        # recomputation would write the cache twice, and there is no backward pass to save memory for
+        # without grad
+        recompute = self.gradient_checkpointing and past_key_values is None and torch.is_grad_enabled()
+        moe_aux = []
+        for i, layer in enumerate(self.layers):
+            cache = past_key_values[i] if past_key_values is not None else None
+            if recompute:
+                # non-reentrant checkpointing returns the MoE aux like any other output, so the aux
+                # loss keeps its graph; the RNG state is replayed, so router noise recomputes identically
+                hidden, aux = checkpoint(layer, hidden, cos, sin, mask, use_reentrant=False)
+            else:
+                hidden, aux = layer(hidden, cos, sin, mask, cache)
+            if aux is not None:
+                moe_aux.append(aux)
+        return self.norm(hidden), moe_aux
+
+
+class MoECausalLM(nn.Module):
+    """The MoE Transformer with a language-model head.
+
+    Labels come already shifted by the data reader (``labels[t]`` is the token after ``input_ids[t]``),
+    so the loss compares logits and labels position by position, with no shift inside; positions with
+    label -100 are ignored.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = MoETransformer(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            # one matrix reads tokens in and writes them out: fewer parameters, and in small models it
+            # often trains better
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------------------
+    # initialisation
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) weights, unit norms; o_proj and down_proj get std / sqrt(2 L).
+
+        The residual stream is a sum of 2 L block outputs (attention and FFN in each of L layers); with
+        the output projections scaled by 1 / sqrt(2 L) its variance at init stays that of one block's
+        output however deep the model is (GPT-2, Megatron's scaled_init_method).
+
+        Each parameter draws from its own generator, seeded by one number taken from torch's global RNG
+        and by the parameter's name: torch.manual_seed fixes the whole model, and no parameter's values
+        depend on which modules were built before it.
+        """
+        config = self.config
+        std = config.initializer_range
+        residual_std = std / math.sqrt(2 * config.num_hidden_layers)
+        base_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        done = set()  # a tied matrix is initialised once, under its first name (the embedding)
+        for module_name, module in self.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                if id(param) in done:
+                    continue
+                done.add(id(param))
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                generator = torch.Generator(device=param.device)
+                generator.manual_seed(base_seed ^ zlib.crc32(name.encode()))
+                if isinstance(module, RMSNorm):
+                    param.fill_(1.0)
+                elif param_name == "bias":
+                    param.zero_()
+                elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
+                    param.normal_(0.0, residual_std, generator=generator)
+                else:
+                    param.normal_(0.0, std, generator=generator)
+
+    # ------------------------------------------------------------------------------------------------
+    # forward and loss
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                past_key_values: Optional[list] = None, use_cache: bool = False) -> CausalLMOutput:
+        """input_ids, labels [B, S]; attention_mask [B, past + S] with 1 = token, 0 = padding (left padding
+        allowed); past_key_values: the list of KVCache returned by an earlier call with use_cache=True."""
+        if use_cache and past_key_values is None:
+            past_key_values = [KVCache() for _ in range(self.config.num_hidden_layers)]
+        hidden, moe_aux = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        logits = self.lm_head(hidden)  # [B, S, V]
+        aux_loss = sum((aux.aux_loss for aux in moe_aux), hidden.new_zeros((), dtype=torch.float32))
+        output = CausalLMOutput(logits=logits, aux_loss=aux_loss, router_stats=[aux.stats for aux in moe_aux],
+                                past_key_values=past_key_values)
+        if labels is not None:
+            output.lm_loss = causal_lm_loss(logits, labels)
+            output.loss = output.lm_loss + aux_loss
+        return output
+
+    def iter_moe_layers(self) -> Iterator[MoELayer]:
+        """The MoE layers in depth order (to swap dispatchers, or update expert biases after a step)."""
+        for block in self.model.layers:
+            if block.is_moe:
+                yield block.mlp
+
+    # ------------------------------------------------------------------------------------------------
+    # size and cost
+
+    def num_parameters(self, active_only: bool = False) -> int:
+        """All parameters (a tied matrix once), or only those one token touches: every dense weight,
+        the router and shared experts, and top-k of the routed experts. Counts the full model even
+        when this process holds only its share of the experts."""
+        total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        moe = self.config.moe
+        experts_counted = moe.num_experts_per_tok if active_only else moe.n_routed_experts
+        for layer in self.iter_moe_layers():
+            experts = layer.experts
+            per_expert = experts.num_parameters_per_expert()
+            total += per_expert * (experts_counted - experts.num_experts)
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token, for an MFU estimate.
+
+        6 per active weight that multiplies (the input embedding is a lookup, not a matmul, unless it is
+        tied to the head) plus the attention scores and mix: 12 * layers * heads * head_dim * seq_len
+        (PaLM, appendix B), counting the full square though causal kernels skip about half of it.
+        """
+        config = self.config
+        matmul_params = self.num_parameters(active_only=True)
+        if not config.tie_word_embeddings:
+            matmul_params -= self.model.embed_tokens.weight.numel()
+        attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+        return 6.0 * matmul_params + attention
+
+    # ------------------------------------------------------------------------------------------------
+    # generation
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
+                 generator: Optional[torch.Generator] = None, attention_mask: Optional[torch.Tensor] = None,
+                 use_cache: bool = True, eos_token_id: Optional[int] = None) -> torch.Tensor:
+        """Continue each prompt of input_ids [B, S] by up to max_new_tokens; returns [B, S + new].
+
+        temperature 0 is greedy. Prompts of different lengths are left-padded with attention_mask 0.
+        A row that has produced eos_token_id keeps emitting it until every row has, then generation stops.
+        The model runs in eval mode meanwhile (no router noise, eval capacity) and returns to its mode.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            return self._generate(input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                  generator, attention_mask, use_cache, eos_token_id)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, generator,
+                  attention_mask, use_cache, eos_token_id):
+        batch, prompt_length = input_ids.shape
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: let attention use its causal fast path
+        cache = None
+        if use_cache:
+            cache = [KVCache(max_length=prompt_length + max_new_tokens) for _ in range(self.config.num_hidden_layers)]
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        tokens, step_input = input_ids, input_ids
+        for _ in range(max_new_tokens):
+            logits = self(step_input, attention_mask=attention_mask, past_key_values=cache).logits[:, -1].float()
+            next_token = sample_next_token(logits, tokens, attention_mask, temperature, top_k, top_p,
+                                           repetition_penalty, generator)  # [B]
+            if eos_token_id is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+                finished |= next_token == eos_token_id
+            tokens = torch.cat((tokens, next_token[:, None]), dim=1)
+            if attention_mask is not None:
+                attention_mask = torch.cat((attention_mask, attention_mask.new_ones(batch, 1)), dim=1)
+            step_input = next_token[:, None] if use_cache else tokens
+            if eos_token_id is not None and bool(finished.all()):
+                break
+        return tokens
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over positions whose label is not -100 (0 when there are none), in fp32."""
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="sum")
+    return losses / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def sample_next_token(logits, tokens, attention_mask, temperature, top_k, top_p, repetition_penalty, generator):
+    """One token per row from logits [B, V] of the last position, as Hugging Face's logits processors do.
+
+    repetition_penalty divides positive and multiplies negative logits of tokens already in the row
+    (padding, where attention_mask is 0, excluded); top_k keeps the k largest; top_p keeps the smallest set whose probability
+    reaches top_p (always at least one token).
+    """
+    if repetition_penalty != 1.0:
+        real = torch.ones_like(tokens, dtype=logits.dtype) if attention_mask is None else attention_mask.to(logits.dtype)
+        seen = torch.zeros_like(logits).scatter_add_(1, tokens, real) > 0  # [B, V]
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= 1 - top_p
+        drop_sorted[:, -1] = False
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -1,0 +1,140 @@
+"""Collectives that say what they were doing when they fail, and autograd-aware data movement.
+
+A rank that dies or stalls surfaces on the others as a backend RuntimeError ("Timed out waiting 5000ms
+for recv", "Connection closed by peer"). `named_collective` re-raises it as a CollectiveError naming the
+collective and its purpose, so a user reads "all_to_all_single (MoE dispatch, layer 3) timed out after
+5 s" instead of a gloo source line.
+
+The autograd Functions move rows between ranks; each backward is the reverse movement:
+all-to-all <-> reverse all-to-all, all-gather <-> reduce-scatter.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out; the message names it, its purpose and the likely cause."""
+
+
+@contextlib.contextmanager
+def named_collective(name: str, timeout_seconds: Optional[float] = None):
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as error:  # DistBackendError is a RuntimeError
+        backend_said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "timed out" in str(error).lower() or "timeout" in str(error).lower():
+            after = f" after {timeout_seconds:g} s" if timeout_seconds else ""
+            raise CollectiveError(
+                f"{name} timed out{after}: a rank died or stalled (if a rank is merely slow, raise "
+                f"parallel.timeout_seconds). Backend said: {backend_said}") from error
+        raise CollectiveError(
+            f"{name} failed: a rank probably died or left early (its connection closed). "
+            f"Backend said: {backend_said}") from error
+
+
+def _all_to_all(rows: torch.Tensor, output_splits: list, input_splits: list, group, name: str,
+                timeout_seconds: Optional[float]) -> torch.Tensor:
+    received = rows.new_empty((sum(output_splits),) + tuple(rows.shape[1:]))
+    with named_collective(f"all_to_all_single ({name})", timeout_seconds):
+        dist.all_to_all_single(received, rows.contiguous(), output_splits, input_splits, group=group)
+    return received
+
+
+class AllToAll(torch.autograd.Function):
+    """Rows [sum(input_splits), ...] out, rows [sum(output_splits), ...] in; backward sends them home."""
+
+    @staticmethod
+    def forward(ctx, rows, output_splits, input_splits, group, name, timeout_seconds):
+        ctx.output_splits, ctx.input_splits = output_splits, input_splits
+        ctx.group, ctx.name, ctx.timeout_seconds = group, name, timeout_seconds
+        return _all_to_all(rows, output_splits, input_splits, group, name, timeout_seconds)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = _all_to_all(grad, ctx.input_splits, ctx.output_splits, ctx.group, f"{ctx.name}, backward",
+                           ctx.timeout_seconds)
+        return grad, None, None, None, None, None
+
+
+def all_to_all(rows, output_splits: list, input_splits: list, group, name: str,
+               timeout_seconds: Optional[float] = None) -> torch.Tensor:
+    return AllToAll.apply(rows, output_splits, input_splits, group, name, timeout_seconds)
+
+
+def _gather(chunk: torch.Tensor, group, name: str, timeout_seconds) -> torch.Tensor:
+    chunks = [torch.empty_like(chunk) for _ in range(dist.get_world_size(group))]
+    with named_collective(f"all_gather ({name})", timeout_seconds):
+        dist.all_gather(chunks, chunk.contiguous(), group=group)
+    return torch.cat(chunks)
+
+
+def _reduce_scatter(stacked: torch.Tensor, group, name: str, timeout_seconds) -> torch.Tensor:
+    chunks = [c.contiguous() for c in stacked.chunk(dist.get_world_size(group))]
+    mine = torch.empty_like(chunks[0])
+    with named_collective(f"reduce_scatter ({name})", timeout_seconds):
+        dist.reduce_scatter(mine, chunks, group=group)
+    return mine
+
+
+class AllGather(torch.autograd.Function):
+    """Equal chunks [n, ...] from every rank of the group -> [group_size * n, ...] in rank order."""
+
+    @staticmethod
+    def forward(ctx, chunk, group, name, timeout_seconds):
+        ctx.group, ctx.name, ctx.timeout_seconds = group, name, timeout_seconds
+        return _gather(chunk, group, name, timeout_seconds)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # every rank's copy of my chunk was used; its gradient is the sum over ranks
+        return _reduce_scatter(grad, ctx.group, f"{ctx.name}, backward", ctx.timeout_seconds), None, None, None
+
+
+class ReduceScatter(torch.autograd.Function):
+    """[group_size * n, ...] on every rank -> the sum over ranks of chunk `rank`, [n, ...]."""
+
+    @staticmethod
+    def forward(ctx, stacked, group, name, timeout_seconds):
+        ctx.group, ctx.name, ctx.timeout_seconds = group, name, timeout_seconds
+        return _reduce_scatter(stacked, group, name, timeout_seconds)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, ctx.group, f"{ctx.name}, backward", ctx.timeout_seconds), None, None, None
+
+
+def apply_flat(tensors: list, fn, device: torch.device, bucket_elements: int = 1 << 25) -> None:
+    """Run an in-place collective `fn(flat)` on the tensors packed into a few flat buffers, then unpack.
+
+    One collective per bucket instead of one per tensor; buckets hold one dtype and at most
+    `bucket_elements` elements (a single larger tensor gets its own). `device` is where the collective
+    runs (the GPU for nccl), whatever device the tensors live on.
+    """
+    by_dtype: dict = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for members in by_dtype.values():
+        bucket, size = [], 0
+        for tensor in members:
+            if bucket and size + tensor.numel() > bucket_elements:
+                _run_bucket(bucket, fn, device)
+                bucket, size = [], 0
+            bucket.append(tensor)
+            size += tensor.numel()
+        _run_bucket(bucket, fn, device)
+
+
+def _run_bucket(bucket: list, fn, device: torch.device) -> None:
+    flat = torch.cat([tensor.detach().reshape(-1).to(device) for tensor in bucket])
+    fn(flat)
+    offset = 0
+    for tensor in bucket:
+        tensor.detach().copy_(flat[offset: offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()

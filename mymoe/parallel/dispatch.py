@@ -1,0 +1,139 @@
+"""Dispatchers that send tokens to experts on other ranks of the expert-parallel group.
+
+Both have the interface of mymoe.model.moe.dispatch.LocalDispatcher, so the MoE layer does not know
+which one it holds:
+
+    rows, tokens_per_expert, handle = dispatcher.dispatch(hidden, expert_indices, expert_weights, keep)
+    out = dispatcher.combine(expert_output, handle)
+
+Capacity is applied by the layer before dispatch, on each rank's own tokens, so these only move rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from mymoe.model.moe.dispatch import Permutation, permute, unpermute
+from mymoe.parallel.collectives import AllGather, ReduceScatter, all_to_all, named_collective
+
+
+def _check_divisible(num_experts: int, group_size: int) -> int:
+    if num_experts % group_size:
+        raise ValueError(f"num_experts={num_experts} must be divisible by the expert-parallel size {group_size}")
+    return num_experts // group_size
+
+
+@dataclass
+class AllToAllHandle:
+    permutation: Permutation  # this rank's tokens -> rows sorted by global expert
+    expert_major_order: torch.Tensor  # [received rows] received position of each expert-major row
+    input_splits: list  # rows sent to each rank of the group
+    output_splits: list  # rows received from each rank
+
+
+class AllToAllDispatcher:
+    """Sort by expert, send each rank the rows for its experts, regroup them expert-major.
+
+    Forward:  permute (rows by global expert, hence by owner rank) -> exchange counts -> all-to-all rows
+              (they arrive grouped by source rank, then expert) -> sort expert-major.
+    Combine:  undo the sort -> reverse all-to-all -> weighted scatter back to token order.
+    Every step is differentiable; the all-to-all's backward is the reverse all-to-all.
+    """
+
+    def __init__(self, group, num_experts: int, name: str = "moe", timeout_seconds: Optional[float] = None):
+        self.group = group
+        self.group_size = dist.get_world_size(group)
+        self.num_experts = num_experts
+        self.num_local_experts = _check_divisible(num_experts, self.group_size)
+        self.first_local_expert = dist.get_rank(group) * self.num_local_experts
+        self.name = name
+        self.timeout_seconds = timeout_seconds
+
+    def _exchange_counts(self, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """[num_experts] rows I send per global expert -> [group_size, local experts] rows I receive."""
+        received = torch.empty_like(tokens_per_expert)
+        with named_collective(f"all_to_all_single (token counts, MoE dispatch, {self.name})", self.timeout_seconds):
+            dist.all_to_all_single(received, tokens_per_expert, group=self.group)
+        return received.view(self.group_size, self.num_local_experts)
+
+    def dispatch(self, hidden, expert_indices, expert_weights, keep):
+        rows, tokens_per_expert, permutation = permute(hidden, expert_indices, expert_weights, keep,
+                                                       self.num_experts)
+        received_counts = self._exchange_counts(tokens_per_expert)  # [source rank, local expert]
+        input_splits = tokens_per_expert.view(self.group_size, self.num_local_experts).sum(1).tolist()
+        output_splits = received_counts.sum(1).tolist()
+        received = all_to_all(rows, output_splits, input_splits, self.group, f"MoE dispatch, {self.name}",
+                              self.timeout_seconds)
+        # received rows are source-major; the experts need expert-major, so sort by local expert (stable
+        # keeps each expert's rows in source-rank order)
+        local_expert_of_row = torch.repeat_interleave(
+            torch.arange(self.num_local_experts, device=received_counts.device).repeat(self.group_size),
+            received_counts.reshape(-1))
+        expert_major_order = torch.argsort(local_expert_of_row, stable=True)
+        expert_rows = received.index_select(0, expert_major_order.to(received.device))
+        handle = AllToAllHandle(permutation, expert_major_order, input_splits, output_splits)
+        return expert_rows, received_counts.sum(0), handle
+
+    def combine(self, expert_output, handle: AllToAllHandle):
+        source_major = torch.empty_like(handle.expert_major_order)
+        source_major[handle.expert_major_order] = torch.arange(handle.expert_major_order.numel(),
+                                                               device=source_major.device)
+        received_order = expert_output.index_select(0, source_major.to(expert_output.device))
+        returned = all_to_all(received_order, handle.input_splits, handle.output_splits, self.group,
+                              f"MoE combine, {self.name}", self.timeout_seconds)
+        return unpermute(returned, handle.permutation)
+
+
+@dataclass
+class AllGatherHandle:
+    permutation: Permutation  # gathered tokens -> rows of this rank's experts
+    padded_tokens: int  # every rank's tokens padded to this many for equal chunks
+    num_tokens: int  # this rank's own tokens
+
+
+class AllGatherDispatcher:
+    """Every rank sees every token of the group and computes only its own experts' share.
+
+    Moves group_size times the tokens, but needs no count exchange before the data and no uneven splits:
+    a fine choice for small expert-parallel groups on fast links. Combine reduce-scatters the partial
+    outputs so each rank gets back the full mixture for its own tokens.
+    """
+
+    def __init__(self, group, num_experts: int, name: str = "moe", timeout_seconds: Optional[float] = None):
+        self.group = group
+        self.group_size = dist.get_world_size(group)
+        self.num_experts = num_experts
+        self.num_local_experts = _check_divisible(num_experts, self.group_size)
+        self.first_local_expert = dist.get_rank(group) * self.num_local_experts
+        self.name = name
+        self.timeout_seconds = timeout_seconds
+
+    def _gather(self, tensor: torch.Tensor, padded_tokens: int, what: str) -> torch.Tensor:
+        padding = tensor.new_zeros((padded_tokens - tensor.shape[0],) + tuple(tensor.shape[1:]))
+        return AllGather.apply(torch.cat([tensor, padding]), self.group, f"{what}, MoE dispatch, {self.name}",
+                               self.timeout_seconds)
+
+    def dispatch(self, hidden, expert_indices, expert_weights, keep):
+        num_tokens = hidden.shape[0]
+        counts = torch.tensor([num_tokens], device=expert_indices.device)
+        with named_collective(f"all_reduce (token count, MoE dispatch, {self.name})", self.timeout_seconds):
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=self.group)
+        padded_tokens = int(counts)
+        # dropped assignments and padding rows get expert -1, which no rank owns
+        marked = torch.where(keep, expert_indices, torch.full_like(expert_indices, -1))
+        padded_marked = torch.cat([marked, marked.new_full((padded_tokens - num_tokens, marked.shape[1]), -1)])
+        all_indices = self._gather(padded_marked, padded_tokens, "expert indices")  # [group * padded, k]
+        all_hidden = self._gather(hidden, padded_tokens, "hidden")  # [group * padded, hidden]
+        all_weights = self._gather(expert_weights, padded_tokens, "expert weights")  # [group * padded, k]
+        local_indices = all_indices - self.first_local_expert
+        mine = (local_indices >= 0) & (local_indices < self.num_local_experts)
+        rows, tokens_per_expert, permutation = permute(all_hidden, local_indices, all_weights, mine, self.num_local_experts)
+        return rows, tokens_per_expert, AllGatherHandle(permutation, padded_tokens, num_tokens)
+
+    def combine(self, expert_output, handle: AllGatherHandle):
+        partial = unpermute(expert_output, handle.permutation)  # [group * padded, hidden], my experts only
+        mixed = ReduceScatter.apply(partial, self.group, f"MoE combine, {self.name}", self.timeout_seconds)
+        return mixed[: handle.num_tokens]
