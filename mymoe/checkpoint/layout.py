@@ -1,0 +1,197 @@
+"""Trainer state <-> a flat dict of tensors addressed by global expert index, plus JSON-able extras.
+
+Stacked expert tensors ([E_local, ...], marked ``param.is_expert``) and their optimizer moments are cut
+into one tensor per expert, keyed by the expert's global index:
+
+    model.model.layers.1.mlp.experts.w_gate.expert_5               one expert's weight
+    optim.model.layers.1.mlp.experts.w_gate.exp_avg.expert_5       its AdamW first moment
+    model.model.layers.1.mlp.gate.expert_bias                      replicated tensors keep their name
+    rng.cpu.rank_0                                                 per-rank RNG state
+
+A rank saves the keys it holds and loads the keys its layout needs, so any expert-parallel size can
+load any checkpoint. Replicated tensors are the same key on every rank; DCP writes one copy.
+Everything that is not a tensor (step, reader state, optimizer hyperparameters) goes to the manifest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mymoe.checkpoint.storage import CheckpointError, tensor_crc32
+
+
+@dataclass(frozen=True)
+class ExpertRows:
+    """Which global experts the rows of a stacked expert tensor hold."""
+
+    first: int
+    count: int
+    total: int
+
+    def global_indices(self) -> range:
+        return range(self.first, self.first + self.count)
+
+
+def expert_key(key: str, expert: int) -> str:
+    return f"{key}.expert_{expert}"
+
+
+def expert_rows(model: nn.Module) -> dict[str, ExpertRows]:
+    """Parameter name -> global experts held, for every parameter marked ``is_expert``."""
+    rows = {}
+    for name, param in model.named_parameters():
+        if getattr(param, "is_expert", False):
+            owner = model.get_submodule(name.rpartition(".")[0])
+            rows[name] = ExpertRows(owner.first_expert, owner.num_experts, owner.num_global_experts)
+    return rows
+
+
+def optimizer_parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the optimizer's parameters in the order of its state_dict indices."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    ordered = []
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if id(param) not in names:
+                raise CheckpointError("the optimizer holds a parameter that is not in the model; build the optimizer "
+                                      "from model.parameters()")
+            ordered.append(names[id(param)])
+    return ordered
+
+
+def _put(tensors: dict, key: str, value: torch.Tensor, rows: Optional[ExpertRows]) -> None:
+    if rows is None or value.dim() == 0:
+        tensors[key] = value
+        return
+    for local, expert in enumerate(rows.global_indices()):
+        tensors[expert_key(key, expert)] = value[local]
+
+
+def flatten(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> tuple[dict, dict]:
+    """Trainer.state_dict() -> (tensors by key, JSON-able extras). Tensors are views of the live state."""
+    rows = expert_rows(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in state["model"].items():
+        _put(tensors, f"model.{name}", value, rows.get(name))
+
+    names = optimizer_parameter_names(model, optimizer)
+    optimizer_state = state["optimizer"]
+    optimizer_layout: dict[str, dict] = {}  # param name -> state key -> "tensor" or a plain value
+    for index, param_state in optimizer_state["state"].items():
+        name = names[index]
+        optimizer_layout[name] = {}
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                _put(tensors, f"optim.{name}.{key}", value, rows.get(name))
+                optimizer_layout[name][key] = "tensor"
+            else:
+                optimizer_layout[name][key] = value
+    param_groups = [{key: (list(value) if isinstance(value, tuple) else value)
+                     for key, value in group.items() if key != "params"}
+                    for group in optimizer_state["param_groups"]]
+
+    rng = state["rng"]
+    tensors[f"rng.cpu.rank_{rank}"] = rng["cpu"]
+    if rng.get("cuda") is not None:
+        tensors[f"rng.cuda.rank_{rank}"] = rng["cuda"]
+
+    extras = {"step": int(state["step"]), "tokens_seen": int(state["tokens_seen"]),
+              "train_reader": state["train_reader"], "optimizer_state": optimizer_layout,
+              "optimizer_param_groups": param_groups, "scheduler": {"step": int(state["step"])}}
+    return tensors, extras
+
+
+def expert_checksums(model: nn.Module, state_model: Optional[dict] = None) -> dict[str, dict[str, int]]:
+    """crc32 of every expert this rank holds: {param name: {global index: crc32}}. ``state_model`` (a model
+    state dict, e.g. a staged copy) is read instead of the live parameters when given."""
+    sums: dict[str, dict[str, int]] = {}
+    for name, rows in expert_rows(model).items():
+        value = state_model[name] if state_model is not None else model.get_parameter(name)
+        sums[name] = {str(expert): tensor_crc32(value[local]) for local, expert in enumerate(rows.global_indices())}
+    return sums
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading: destination tensors for this rank's layout, then back to Trainer.load_state_dict's format
+
+
+@dataclass
+class LoadTargets:
+    tensors: dict  # key -> tensor DCP fills in (views of the stacked buffers below for experts)
+    model: dict  # the model state dict to hand to Trainer.load_state_dict
+    optimizer_state: dict  # index -> {state key: tensor or value}
+
+
+def load_targets(template: dict, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], manifest: dict,
+                 saved_keys: dict[str, tuple[torch.Size, torch.dtype]]) -> LoadTargets:
+    """Fresh tensors, shaped for this rank's layout, for every key it must read.
+
+    ``template`` is the current Trainer.state_dict() (only shapes and dtypes are used); ``saved_keys`` maps
+    each key in the checkpoint to its saved (shape, dtype). A key missing or of another shape is refused here, by name.
+    """
+    rows = expert_rows(model)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def target(key: str, shape: torch.Size, dtype: torch.dtype, held: Optional[ExpertRows]) -> torch.Tensor:
+        if held is None:
+            _check(key, shape, saved_keys)
+            tensors[key] = torch.empty(shape, dtype=dtype)
+            return tensors[key]
+        stacked = torch.empty((held.count, *shape), dtype=dtype)  # [E_local, ...]
+        for local, expert in enumerate(held.global_indices()):
+            _check(expert_key(key, expert), shape, saved_keys)
+            tensors[expert_key(key, expert)] = stacked[local]
+        return stacked
+
+    model_state = {}
+    for name, value in template["model"].items():
+        held = rows.get(name) if value.dim() > 0 else None
+        model_state[name] = target(f"model.{name}", value.shape[1:] if held else value.shape, value.dtype, held)
+
+    optimizer_state: dict[int, dict] = {}
+    if optimizer is not None:
+        for index, name in enumerate(optimizer_parameter_names(model, optimizer)):
+            layout = manifest["optimizer_state"].get(name)
+            if layout is None:  # no state saved for it (e.g. a parameter that never had a gradient)
+                continue
+            optimizer_state[index] = {}
+            for key, kind in layout.items():
+                if kind != "tensor":
+                    optimizer_state[index][key] = kind
+                    continue
+                flat_key = f"optim.{name}.{key}"
+                held = rows.get(name)
+                if held is not None and expert_key(flat_key, held.first) in saved_keys:
+                    shape, dtype = saved_keys[expert_key(flat_key, held.first)]
+                elif flat_key in saved_keys:
+                    held, (shape, dtype) = None, saved_keys[flat_key]
+                else:
+                    raise CheckpointError(f"the checkpoint has no optimizer tensor '{flat_key}' for parameter {name}")
+                optimizer_state[index][key] = target(flat_key, torch.Size(shape), dtype, held)
+    return LoadTargets(tensors, model_state, optimizer_state)
+
+
+def _check(key: str, shape: torch.Size, saved_keys: dict) -> None:
+    if key not in saved_keys:
+        raise CheckpointError(f"the checkpoint has no tensor '{key}', which this model needs: it was saved from "
+                              f"a different architecture")
+    if torch.Size(saved_keys[key][0]) != shape:
+        raise CheckpointError(f"'{key}' was saved with shape {list(saved_keys[key][0])} but this model needs "
+                              f"{list(shape)}: the checkpoint is from a different architecture")
+
+
+def restore_param_groups(current: list[dict], saved: list[dict]) -> list[dict]:
+    """The current groups' parameter indices with the saved hyperparameters (tuples restored)."""
+    if len(current) != len(saved):
+        raise CheckpointError(f"the checkpoint's optimizer has {len(saved)} parameter groups but this one has "
+                              f"{len(current)}: was it built with different settings?")
+    groups = []
+    for now, then in zip(current, saved):
+        group = dict(now)
+        for key, value in then.items():
+            group[key] = tuple(value) if isinstance(now.get(key), tuple) else value
+        groups.append(group)
+    return groups

@@ -1,0 +1,350 @@
+"""CheckpointManager: sharded save with an atomic commit, keep-last-N, optional async save, and resume.
+
+A save, on every rank at once:
+
+    1. rank 0 clears step_N.partial/ (left by a save that died), all ranks wait for it
+    2. DCP writes each rank's own tensors into step_N.partial/ (one file per rank, fsynced); rank 0 writes
+       DCP's index after every rank has reported its writes
+    3. each rank checksums its file; rank 0 gathers them with every expert's crc32 into manifest.json,
+       renames step_N.partial -> step_N, fsyncs the folder, then points `latest` at it (write + rename)
+    4. rank 0 deletes committed steps beyond keep_last and tells every rank the save is done
+
+A crash anywhere before the rename leaves only a .partial folder, which nothing reads, and `latest` still
+names the previous step. With async_save the state is first copied (the only part the training step
+waits for) and steps 1-4 run on a thread over a process group of their own.
+"""
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from mymoe.checkpoint.layout import flatten, load_targets, restore_param_groups
+from mymoe.checkpoint.storage import (
+    FORMAT_VERSION, MANIFEST, METADATA, CheckpointError, SafeFileSystemReader, TensorsOnlyLoadPlanner, file_crc32,
+    fsync_directory, read_dcp_metadata, read_manifest, tensor_crc32, verify_files, write_json_durably)
+from mymoe.config import Config
+
+LATEST = "latest"
+STEP_PREFIX = "step_"
+PARTIAL_SUFFIX = ".partial"
+
+# model fields that change the shape or meaning of the weights; the rest (noise, capacity, checkpointing)
+# may change between runs
+ARCHITECTURE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "tie_word_embeddings", "first_k_dense_replace", "rope_theta",
+    "moe.n_routed_experts", "moe.num_experts_per_tok", "moe.moe_intermediate_size", "moe.n_shared_experts",
+    "moe.shared_expert_intermediate_size", "moe.shared_expert_gate", "moe.scoring_func",
+)
+
+
+def step_directory_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def committed_steps(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every committed checkpoint under root, oldest first."""
+    found = []
+    if root.is_dir():
+        for path in root.iterdir():
+            name = path.name
+            if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit() and (path / MANIFEST).exists():
+                found.append((int(name[len(STEP_PREFIX):]), path))
+    return sorted(found)
+
+
+def resolve_checkpoint(root: str | Path, step: Optional[int] = None) -> Optional[Path]:
+    """The folder of `step`, or of the newest committed checkpoint (what `latest` names); None if there is none.
+
+    `root` may also be a step folder itself.
+    """
+    root = Path(root)
+    if (root / MANIFEST).exists() and step is None:
+        return root
+    if step is not None:
+        path = root / step_directory_name(step)
+        if not (path / MANIFEST).exists():
+            available = ", ".join(str(s) for s, _ in committed_steps(root)) or "none"
+            raise CheckpointError(f"no committed checkpoint for step {step} in {root} (available steps: {available})")
+        return path
+    latest = root / LATEST
+    if latest.exists():
+        path = root / latest.read_text().strip()
+        if (path / MANIFEST).exists():
+            return path
+    steps = committed_steps(root)  # `latest` lost or stale: the newest committed folder is still a checkpoint
+    return steps[-1][1] if steps else None
+
+
+def _get(values: dict, dotted: str):
+    for key in dotted.split("."):
+        values = values.get(key, {}) if isinstance(values, dict) else {}
+    return values if values != {} else None
+
+
+def architecture_differences(saved_model: dict, current_model: dict) -> list[str]:
+    """`field: checkpoint X, this run Y` for each architecture field that differs."""
+    return [f"model.{name}: checkpoint {_get(saved_model, name)!r}, this run {_get(current_model, name)!r}"
+            for name in ARCHITECTURE_FIELDS if _get(saved_model, name) != _get(current_model, name)]
+
+
+def check_compatible(manifest: dict, config: Config, directory: Path) -> None:
+    """Refuse a checkpoint of another architecture or tokenizer, saying what differs."""
+    differences = architecture_differences(manifest["config"]["model"], config.to_dict()["model"])
+    saved_tokenizer = manifest.get("tokenizer")
+    current_tokenizer = tokenizer_fingerprint(config)
+    if saved_tokenizer and current_tokenizer and saved_tokenizer["crc32"] != current_tokenizer["crc32"]:
+        differences.append(f"data.tokenizer: checkpoint {saved_tokenizer['path']} (crc32 {saved_tokenizer['crc32']:08x}), "
+                           f"this run {current_tokenizer['path']} (crc32 {current_tokenizer['crc32']:08x})")
+    if differences:
+        raise CheckpointError(f"{directory} was saved from a different model and cannot be loaded into this one:\n  "
+                              + "\n  ".join(differences)
+                              + "\nuse the checkpoint's settings, or start from scratch with --train.resume=false "
+                                "and another --train.out_dir")
+
+
+def tokenizer_fingerprint(config: Config) -> Optional[dict]:
+    path = config.data.tokenizer
+    if not path or not Path(path).is_file():
+        return None
+    return {"path": str(path), "crc32": file_crc32(Path(path))[1]}
+
+
+def expert_checksums_of(tensors: dict) -> dict[str, dict[str, int]]:
+    """{param name: {global expert: crc32}} of the per-expert model tensors in a flat checkpoint dict."""
+    sums: dict[str, dict[str, int]] = {}
+    for key, value in tensors.items():
+        if key.startswith("model.") and ".expert_" in key:
+            name, _, expert = key[len("model."):].rpartition(".expert_")
+            sums.setdefault(name, {})[expert] = tensor_crc32(value)
+    return sums
+
+
+class CheckpointManager:
+    """Sharded checkpoints of a Trainer under `root_dir` (collective: every rank constructs and calls it).
+
+    The trainer is reached through its seam, `state_dict()` / `load_state_dict()`, plus its `model` and
+    `optimizer` attributes for parameter names and the expert layout.
+    """
+
+    def __init__(self, root_dir: str | Path, config: Config, ctx, thread_count: int = 1, verbose: bool = True):
+        self.root = Path(root_dir)
+        self.config, self.ctx = config, ctx
+        self.keep_last = config.train.keep_last
+        self.async_save = config.train.async_save
+        self.thread_count = thread_count
+        self.verbose = verbose and ctx.rank == 0
+        # checkpoint collectives get their own gloo group: it moves only small objects, works next to nccl,
+        # and an async save's thread never shares a group with the training step
+        self.group = dist.new_group(backend="gloo") if ctx.is_distributed else None
+        self._thread: Optional[threading.Thread] = None
+        self._thread_error: Optional[BaseException] = None
+        self.last_save_seconds = 0.0
+
+    # ------------------------------------------------------------------------------------------------
+    # save
+
+    def save(self, trainer) -> None:
+        """Save the trainer's state as step_<trainer.step>; returns once committed, or once staged if async."""
+        self.wait()
+        start = time.perf_counter()
+        state = trainer.state_dict()
+        tensors, extras = flatten(state, trainer.model, trainer.optimizer, self.ctx.rank)
+        if self.async_save:
+            # the staged copy is what makes the save safe to overlap with the next optimizer steps
+            tensors = {key: value.detach().to("cpu", copy=True) for key, value in tensors.items()}
+
+            def background():
+                try:
+                    self._write(tensors, extras, start)
+                except BaseException as error:  # re-raised on the training thread by wait()
+                    self._thread_error = error
+
+            self._thread = threading.Thread(target=background, name="mymoe-checkpoint", daemon=True)
+            self._thread.start()
+        else:
+            self._write(tensors, extras, start)
+
+    def wait(self) -> None:
+        """Block until an async save has committed; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._thread_error is not None:
+            error, self._thread_error = self._thread_error, None
+            raise error
+
+    def _write(self, tensors: dict, extras: dict, start: float) -> None:
+        rank, step = self.ctx.rank, extras["step"]
+        final = self.root / step_directory_name(step)
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(f"{STEP_PREFIX}*{PARTIAL_SUFFIX}"):
+                shutil.rmtree(stale)
+            partial.mkdir()
+        self._barrier()
+        writer = FileSystemWriter(partial, single_file_per_rank=True, sync_files=True,
+                                  thread_count=self.thread_count, overwrite=True)
+        dcp.save(tensors, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
+        own_files = sorted(partial.glob(f"__{rank}_*"))
+        if rank == 0:
+            own_files.append(partial / METADATA)
+        report = {"files": {path.name: dict(zip(("bytes", "crc32"), file_crc32(path))) for path in own_files},
+                  "experts": expert_checksums_of(tensors)}
+        reports = self._gather(report)
+        error = None
+        if rank == 0:
+            try:
+                self._commit(partial, final, extras, reports)
+            except BaseException as commit_error:
+                error = f"{type(commit_error).__name__}: {commit_error}"
+        error = self._broadcast(error)
+        if error is not None:
+            raise CheckpointError(f"saving step {step} to {final} failed on rank 0: {error}")
+        self.last_save_seconds = time.perf_counter() - start
+        if self.verbose:
+            size = sum(info["bytes"] for report in reports for info in report["files"].values())
+            print(f"checkpoint: step {step} saved to {final} ({size / 2**20:.1f} MiB, "
+                  f"{self.last_save_seconds:.2f} s{', async' if self.async_save else ''})", flush=True)
+
+    def _commit(self, partial: Path, final: Path, extras: dict, reports: list[dict]) -> None:
+        files, experts = {}, {}
+        for report in reports:
+            files.update(report["files"])
+            for name, sums in report["experts"].items():
+                experts.setdefault(name, {}).update(sums)
+        manifest = {"format_version": FORMAT_VERSION, **extras, "config": self.config.to_dict(),
+                    "world_size": self.ctx.world_size, "expert_parallel_size": self.ctx.expert_parallel_size,
+                    "files": files, "expert_checksums": experts, "tokenizer": tokenizer_fingerprint(self.config),
+                    "torch_version": torch.__version__, "saved_at": time.time()}
+        write_json_durably(partial / MANIFEST, manifest)
+        fsync_directory(partial)
+        if final.exists():  # the same step saved again (a resumed run): the new one replaces it
+            shutil.rmtree(final)
+        partial.rename(final)
+        fsync_directory(self.root)
+        latest = self.root / LATEST
+        temporary = latest.with_name(LATEST + ".tmp")
+        temporary.write_text(final.name + "\n")
+        temporary.replace(latest)
+        fsync_directory(self.root)
+        if self.keep_last > 0:
+            for _, old in committed_steps(self.root)[:-self.keep_last]:
+                shutil.rmtree(old)
+
+    # ------------------------------------------------------------------------------------------------
+    # load
+
+    def latest(self) -> Optional[Path]:
+        """The newest committed checkpoint folder as rank 0 sees it (every rank gets the same answer)."""
+        found = resolve_checkpoint(self.root) if self.ctx.rank == 0 else None
+        found = self._broadcast(None if found is None else str(found))
+        return None if found is None else Path(found)
+
+    def load_latest(self, trainer) -> bool:
+        """Resume from the newest committed checkpoint; False (and nothing changed) when there is none."""
+        self.wait()
+        directory = self.latest()
+        if directory is None:
+            return False
+        self.load(trainer, directory)
+        return True
+
+    def load(self, trainer, directory: str | Path) -> None:
+        """Load a checkpoint saved at any world size and expert-parallel size into this trainer's layout."""
+        start = time.perf_counter()
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        check_compatible(manifest, self.config, directory)
+        self.verify(directory, manifest)
+        template = trainer.state_dict()
+        targets, rng = read_tensors(directory, manifest, template, trainer.model, trainer.optimizer,
+                                    self.ctx.rank, self.group)
+        optimizer = {"state": targets.optimizer_state,
+                     "param_groups": restore_param_groups(template["optimizer"]["param_groups"],
+                                                          manifest["optimizer_param_groups"])}
+        trainer.load_state_dict({"step": manifest["step"], "tokens_seen": manifest["tokens_seen"],
+                                 "model": targets.model, "optimizer": optimizer,
+                                 "train_reader": manifest["train_reader"], "rng": rng})
+        if self.verbose:
+            print(f"checkpoint: resumed from {directory} (step {manifest['step']}, saved at world size "
+                  f"{manifest['world_size']} / EP {manifest['expert_parallel_size']}, loaded at "
+                  f"{self.ctx.world_size} / EP {self.ctx.expert_parallel_size}, {time.perf_counter() - start:.2f} s)",
+                  flush=True)
+
+    def verify(self, directory: Path, manifest: dict) -> None:
+        """Check every file's size and crc32, the files split over the ranks; all ranks raise alike."""
+        names = sorted(manifest["files"])
+        mine = {name: manifest["files"][name] for name in names[self.ctx.rank::self.ctx.world_size]}
+        problems = [p for report in self._gather(verify_files(directory, mine)) for p in report]
+        if problems:
+            raise CheckpointError(f"checkpoint {directory} is damaged:\n  " + "\n  ".join(problems)
+                                  + "\nload an older step (see the step_* folders) or re-save it")
+
+    # ------------------------------------------------------------------------------------------------
+    # collectives on the checkpoint group (no-ops in a single process)
+
+    def _barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+    def _gather(self, value) -> list:
+        if self.group is None:
+            return [value]
+        values = [None] * self.ctx.world_size
+        dist.all_gather_object(values, value, group=self.group)
+        return values
+
+    def _broadcast(self, value):
+        if self.group is None:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+
+def saved_tensor_keys(directory: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    metadata = read_dcp_metadata(directory)
+    return {key: (entry.size, entry.properties.dtype) for key, entry in metadata.state_dict_metadata.items()
+            if isinstance(entry, TensorStorageMetadata)}
+
+
+def read_tensors(directory: Path, manifest: dict, template: dict, model, optimizer, rank: int, group=None):
+    """Read this rank's share of a checkpoint through DCP: (LoadTargets, rng state). The expert weights read
+    are checked against the crc32s recorded at save."""
+    saved = saved_tensor_keys(directory)
+    targets = load_targets(template, model, optimizer, manifest, saved)
+    rng_rank = rank if f"rng.cpu.rank_{rank}" in saved else 0  # a new rank starts from rank 0's stream
+    rng = {"cpu": torch.empty(saved[f"rng.cpu.rank_{rng_rank}"][0], dtype=torch.uint8), "cuda": None}
+    targets.tensors[f"rng.cpu.rank_{rng_rank}"] = rng["cpu"]
+    if f"rng.cuda.rank_{rng_rank}" in saved and torch.cuda.is_available():
+        rng["cuda"] = torch.empty(saved[f"rng.cuda.rank_{rng_rank}"][0], dtype=torch.uint8)
+        targets.tensors[f"rng.cuda.rank_{rng_rank}"] = rng["cuda"]
+    try:
+        dcp.load(targets.tensors, storage_reader=SafeFileSystemReader(directory), planner=TensorsOnlyLoadPlanner(),
+                 process_group=group, no_dist=group is None)
+    except CheckpointError:
+        raise
+    except Exception as error:
+        raise CheckpointError(f"reading tensors from {directory} failed: {error}") from None
+    check_expert_checksums(targets.tensors, manifest, directory)
+    return targets, rng
+
+
+def check_expert_checksums(tensors: dict, manifest: dict, directory: Path) -> None:
+    saved = manifest["expert_checksums"]
+    for name, sums in expert_checksums_of(tensors).items():
+        for expert, crc in sums.items():
+            if saved.get(name, {}).get(expert) != crc:
+                raise CheckpointError(f"expert {expert} of {name} read from {directory} does not match the crc32 "
+                                      f"recorded at save: the checkpoint is corrupt")

@@ -1,0 +1,173 @@
+"""What lies on disk, and reading it back without running anyone's code.
+
+A committed checkpoint is one directory per step:
+
+    step_00000100/
+      __0_0.distcp ...   torch.distributed.checkpoint data, one file per rank (its experts, its optimizer
+                         slices, and the replicated tensors DCP assigned to it)
+      .metadata          DCP's index of every tensor: global shape, dtype, which file and offset
+      manifest.json      step, data-reader state, optimizer hyperparameters, resolved config, and a
+                         size + crc32 for every file above and for every expert's weights
+    latest               the name of the newest committed step directory
+
+Loading never unpickles anything that could run code: tensor files go through
+``torch.load(weights_only=True)`` (DCP's own reader), the DCP index is read with an unpickler that only
+knows DCP's metadata classes and torch dtypes, and non-tensor values (which DCP would unpickle freely)
+are never written or requested: they live in manifest.json.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+MANIFEST = "manifest.json"
+METADATA = ".metadata"
+FORMAT_VERSION = 1
+CHUNK_BYTES = 16 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, corrupt, unsafe or from another model; the message says which
+    file or field and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# checksums
+
+
+def file_crc32(path: Path) -> tuple[int, int]:
+    """(size in bytes, crc32) of a file, read in chunks."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return size, crc
+
+
+def tensor_crc32(tensor: torch.Tensor) -> int:
+    """crc32 of a tensor's bytes in row-major order (any dtype, any device)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return zlib.crc32(flat.view(torch.uint8).numpy())
+
+
+def verify_files(directory: Path, files: dict[str, dict]) -> list[str]:
+    """Problems found checking each file against its recorded size and crc32 (empty when all are sound)."""
+    problems = []
+    for name, expected in files.items():
+        path = directory / name
+        if not path.exists():
+            problems.append(f"{path} is missing (the checkpoint lists it with {expected['bytes']} bytes)")
+            continue
+        size, crc = file_crc32(path)
+        if size != expected["bytes"]:
+            problems.append(f"{path} is {size} bytes but was saved with {expected['bytes']} (truncated or overwritten)")
+        elif crc != expected["crc32"]:
+            problems.append(f"{path} fails its checksum (crc32 {crc:08x}, saved {expected['crc32']:08x}): "
+                            f"the file is corrupt")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# manifest
+
+
+def write_json_durably(path: Path, value: Any) -> None:
+    """Write to a temporary name, fsync, then rename: readers see the old file or the whole new one."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: {directory} is not a committed checkpoint (a save that did not "
+                              f"finish leaves no manifest); pick another step or delete the directory")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}): the manifest is corrupt") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format_version={manifest.get('format_version')!r}; this version of "
+                              f"mymoe reads format {FORMAT_VERSION}")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading DCP's index and data safely
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Rebuilds DCP's Metadata and nothing else: any other global in the pickle is refused."""
+
+    ALLOWED_CLASSES = {
+        ("torch.distributed.checkpoint.metadata", name) for name in (
+            "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+            "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+    } | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+         ("torch.serialization", "_get_layout"),  # turns a layout's name back into torch.strided etc.
+         ("pathlib", "PosixPath"), ("collections", "OrderedDict")}  # the path DCP saved to; plain data
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED_CLASSES:
+            return super().find_class(module, name)
+        if module == "torch":  # dtypes, layouts and memory formats pickle as torch.<name>
+            value = getattr(torch, name, None)
+            if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+                return value
+        raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}': a DCP index holds only "
+                                     f"metadata classes, and this one could run code")
+
+
+def read_dcp_metadata(directory: Path) -> Metadata:
+    path = directory / METADATA
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint has no DCP index") from None
+    except Exception as error:
+        raise CheckpointError(f"{path} cannot be read safely: {error}") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{path} holds a {type(metadata).__name__}, not DCP metadata")
+    return metadata
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with the index read by the restricted unpickler above."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = read_dcp_metadata(Path(self.path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class TensorsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, refusing pickled (non-tensor) items, which it would otherwise unpickle freely."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        raise CheckpointError(f"checkpoint item '{read_item.dest_index.fqn}' is a pickled object; mymoe "
+                              f"checkpoints hold tensors only and pickled objects are never loaded")
