@@ -16,8 +16,10 @@ waits for) and steps 1-4 run on a thread over a process group of their own.
 from __future__ import annotations
 
 import shutil
+import contextlib
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mymoe.checkpoint.layout import flatten, load_targets, restore_param_groups
@@ -195,7 +198,8 @@ class CheckpointManager:
         self._barrier()
         writer = FileSystemWriter(partial, single_file_per_rank=True, sync_files=True,
                                   thread_count=self.thread_count, overwrite=True)
-        dcp.save(tensors, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
+        with _quiet_single_process(self.group is None):
+            dcp.save(tensors, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
         own_files = sorted(partial.glob(f"__{rank}_*"))
         if rank == 0:
             own_files.append(partial / METADATA)
@@ -313,6 +317,15 @@ class CheckpointManager:
         return box[0]
 
 
+@contextlib.contextmanager
+def _quiet_single_process(single: bool):
+    """DCP warns on every single-process save and load that it assumes one process; here that is intended."""
+    with warnings.catch_warnings():
+        if single:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def saved_tensor_keys(directory: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
     metadata = read_dcp_metadata(directory)
     return {key: (entry.size, entry.properties.dtype) for key, entry in metadata.state_dict_metadata.items()
@@ -331,11 +344,12 @@ def read_tensors(directory: Path, manifest: dict, template: dict, model, optimiz
         rng["cuda"] = torch.empty(saved[f"rng.cuda.rank_{rng_rank}"][0], dtype=torch.uint8)
         targets.tensors[f"rng.cuda.rank_{rng_rank}"] = rng["cuda"]
     try:
-        dcp.load(targets.tensors, storage_reader=SafeFileSystemReader(directory), planner=TensorsOnlyLoadPlanner(),
-                 process_group=group, no_dist=group is None)
+        with _quiet_single_process(group is None):
+            dcp.load(targets.tensors, storage_reader=SafeFileSystemReader(directory),
+                     planner=TensorsOnlyLoadPlanner(), process_group=group, no_dist=group is None)
     except CheckpointError:
         raise
-    except Exception as error:
+    except (Exception, CheckpointException) as error:  # DCP's own exception is a BaseException
         raise CheckpointError(f"reading tensors from {directory} failed: {error}") from None
     check_expert_checksums(targets.tensors, manifest, directory)
     return targets, rng

@@ -1,0 +1,408 @@
+"""Sharded checkpoints: exact resume, resharding across expert-parallel and world sizes, atomic commit,
+corruption and unsafe-pickle refusal, architecture checks, keep-last and async save.
+
+The fast tests train a tiny model in this process; the slow ones spawn gloo ranks (tests/dist_utils.py)
+or torchrun. Every run trains a 2-layer, 4-expert model on a few thousand random tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from mymoe.checkpoint import CheckpointError, CheckpointManager, expert_checksums, load_model, resolve_checkpoint
+from mymoe.config import config_from_dict, validate
+from mymoe.parallel import ParallelContext
+
+GLOBAL_BATCH = 4  # samples per step on every layout: micro_batch_size = GLOBAL_BATCH / world_size
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers (module level, so spawned ranks can import them)
+
+
+def write_dataset(prefix: str, num_tokens: int = 4000, vocab_size: int = 64, seed: int = 0) -> None:
+    """A Megatron .bin/.idx pair of random uint16 tokens in four documents."""
+    tokens = np.random.default_rng(seed).integers(0, vocab_size, num_tokens).astype(np.uint16)
+    lengths = np.full(4, num_tokens // 4, dtype=np.int32)
+    pointers = np.concatenate([[0], np.cumsum(lengths[:-1]) * 2]).astype(np.int64)
+    tokens[:int(lengths.sum())].tofile(prefix + ".bin")
+    with open(prefix + ".idx", "wb") as f:
+        f.write(b"MMIDIDX\x00\x00" + np.uint64(1).tobytes() + np.uint8(8).tobytes())
+        f.write(np.uint64(len(lengths)).tobytes() + np.uint64(len(lengths) + 1).tobytes())
+        f.write(lengths.tobytes() + pointers.tobytes() + np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
+
+
+def tiny_config(workdir, world_size: int = 1, expert_parallel_size: int = 1, max_steps: int = 6,
+                model: dict | None = None, moe: dict | None = None, train: dict | None = None):
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (workdir / "data.bin").exists():
+        write_dataset(str(workdir / "data"))
+    config = config_from_dict({
+        "model": {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                  "num_attention_heads": 2, "num_key_value_heads": 1, **(model or {}),
+                  "moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                          "bias_update_rate": 0.01, "router_aux_loss_coef": 0.0, **(moe or {})}},
+        "parallel": {"expert_parallel_size": expert_parallel_size, "backend": "gloo"},
+        "train": {"max_steps": max_steps, "micro_batch_size": GLOBAL_BATCH // world_size, "eval_interval": 0,
+                  "warmup_steps": 2, "precision": "fp32", "keep_last": 10, "out_dir": str(workdir / "run"),
+                  **(train or {})},
+        "data": {"train_prefixes": [str(workdir / "data")], "seq_len": 16}})
+    return validate(config)
+
+
+def parameter_crcs(model) -> dict[str, int]:
+    return {name: zlib.crc32(p.detach().contiguous().view(-1).view(torch.uint8).numpy())
+            for name, p in model.state_dict().items()}
+
+
+def train_worker(rank, world_size, workdir, expert_parallel_size, stop_at, save_at, config_overrides):
+    """Resume from workdir/run/checkpoints if there is a checkpoint, train to `stop_at`, saving at `save_at`."""
+    from mymoe.checkpoint import read_manifest
+    from mymoe.parallel import init_distributed, shutdown
+    from mymoe.train.loop import Trainer
+
+    config = tiny_config(workdir, world_size, expert_parallel_size, max_steps=stop_at, **config_overrides)
+    ctx = init_distributed(config)
+    try:
+        trainer = Trainer(config, ctx)
+        manager = CheckpointManager(Path(config.train.out_dir) / "checkpoints", config, ctx, verbose=False)
+        held = None
+        if manager.load_latest(trainer):
+            saved = read_manifest(manager.latest())["expert_checksums"]
+            held = {name: {expert: crc == saved[name][expert] for expert, crc in sums.items()}
+                    for name, sums in expert_checksums(trainer.model).items()}
+        losses = []
+        while trainer.step < stop_at:
+            losses.append(trainer.train_step()["loss"])
+            if trainer.step in save_at:
+                manager.save(trainer)
+        manager.wait()
+        return {"losses": losses, "held": held, "reader": trainer.train_reader.state_dict(),
+                "first_expert": [layer.experts.first_expert for layer in trainer.model.iter_moe_layers()]}
+    finally:
+        shutdown()
+
+
+def run_layout(workdir, world_size, expert_parallel_size, stop_at, save_at=(), config_overrides=None):
+    results = run_distributed(train_worker, world_size, args=(str(workdir), expert_parallel_size, stop_at,
+                                                              tuple(save_at), config_overrides or {}),
+                              init_process_group=False, timeout=90)
+    return [r.value for r in results]
+
+
+def copy_checkpoint(source_workdir: Path, target_workdir: Path, step: int) -> None:
+    """A fresh run folder whose only checkpoint is `step` of the source run."""
+    name = f"step_{step:08d}"
+    target = target_workdir / "run" / "checkpoints"
+    target.mkdir(parents=True)
+    shutil.copytree(source_workdir / "run" / "checkpoints" / name, target / name)
+    (target / "latest").write_text(name + "\n")
+    for suffix in (".bin", ".idx"):
+        shutil.copy(source_workdir / f"data{suffix}", target_workdir / f"data{suffix}")
+
+
+def train_in_process(workdir, stop_at, save_at=(), config=None):
+    """Single process, no process group: (trainer, manager, losses)."""
+    from mymoe.train.loop import Trainer
+
+    config = config or tiny_config(workdir, max_steps=stop_at)
+    trainer = Trainer(config, ParallelContext())
+    manager = CheckpointManager(Path(config.train.out_dir) / "checkpoints", config, ParallelContext(), verbose=False)
+    manager.load_latest(trainer)
+    losses = []
+    while trainer.step < stop_at:
+        losses.append(trainer.train_step()["loss"])
+        if trainer.step in save_at:
+            manager.save(trainer)
+    manager.wait()
+    return trainer, manager, losses
+
+
+def rewrite_manifest_entry(directory: Path, name: str) -> None:
+    """Record a tampered file's real size and crc, so only the loader's own defences stand in the way."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    data = (directory / name).read_bytes()
+    manifest["files"][name] = {"bytes": len(data), "crc32": zlib.crc32(data)}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+class RunsCode:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# fast: one process
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A single-process run saved at step 3 (and 6); returns its workdir."""
+    workdir = tmp_path_factory.mktemp("saved_run")
+    train_in_process(workdir, stop_at=6, save_at=(3, 6))
+    return workdir
+
+
+def fresh_copy(saved_run: Path, tmp_path: Path, step: int = 3) -> Path:
+    copy_checkpoint(saved_run, tmp_path, step)
+    return tmp_path / "run" / "checkpoints" / f"step_{step:08d}"
+
+
+def test_resume_in_process_is_bit_exact_with_router_noise(tmp_path):
+    """2N steps == N steps, stop, resume, N more: losses, parameters and data position, with router noise
+    so the RNG state must come back too."""
+    noisy = dict(moe={"router_noise_std": 0.5, "router_jitter_noise": 0.1})
+    straight, _, straight_losses = train_in_process(tmp_path / "a", 6, config=tiny_config(tmp_path / "a", **noisy))
+    config = tiny_config(tmp_path / "b", **noisy)
+    train_in_process(tmp_path / "b", 3, save_at=(3,), config=config)
+    resumed, _, resumed_losses = train_in_process(tmp_path / "b", 6, config=config)
+    assert resumed_losses == straight_losses[3:]
+    assert parameter_crcs(resumed.model) == parameter_crcs(straight.model)
+    assert resumed.train_reader.state_dict() == straight.train_reader.state_dict()
+    assert resumed.optimizer.state_dict()["state"][0]["step"] == straight.optimizer.state_dict()["state"][0]["step"]
+
+
+def test_flipped_byte_is_caught_and_names_the_file(saved_run, tmp_path):
+    directory = fresh_copy(saved_run, tmp_path)
+    shard = directory / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp fails its checksum"):
+        load_model(directory)
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp fails its checksum"):
+        train_in_process(tmp_path, 4)
+
+
+def test_truncated_and_missing_shards_are_named(saved_run, tmp_path):
+    directory = fresh_copy(saved_run, tmp_path)
+    shard = directory / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp is 1000 bytes but was saved with"):
+        load_model(directory)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp is missing"):
+        load_model(directory)
+
+
+def test_pickled_code_in_the_index_is_refused(saved_run, tmp_path):
+    directory = fresh_copy(saved_run, tmp_path)
+    marker = tmp_path / "code_ran"
+    (directory / ".metadata").write_bytes(pickle.dumps(RunsCode(str(marker))))
+    rewrite_manifest_entry(directory, ".metadata")
+    with pytest.raises(CheckpointError, match=r"refusing to load global '(builtins|io)\.open'"):
+        load_model(directory)
+    assert not marker.exists()
+
+
+def test_pickled_code_in_a_shard_is_refused(saved_run, tmp_path):
+    """A tensor entry pointed at a pickle that would run code: torch.load(weights_only=True) refuses it."""
+    from mymoe.checkpoint.storage import read_dcp_metadata
+
+    directory = fresh_copy(saved_run, tmp_path)
+    marker = tmp_path / "code_ran"
+    payload = io.BytesIO()
+    torch.save({"weights": RunsCode(str(marker))}, payload)
+    shard = directory / "__0_0.distcp"
+    offset = shard.stat().st_size
+    with open(shard, "ab") as f:
+        f.write(payload.getvalue())
+    metadata = read_dcp_metadata(directory)
+    index = next(i for i in metadata.storage_data if i.fqn.startswith("model.model.embed_tokens"))
+    metadata.storage_data[index] = dataclasses.replace(metadata.storage_data[index], offset=offset,
+                                                       length=len(payload.getvalue()))
+    (directory / ".metadata").write_bytes(pickle.dumps(metadata))
+    rewrite_manifest_entry(directory, ".metadata")
+    rewrite_manifest_entry(directory, "__0_0.distcp")
+    with pytest.raises(CheckpointError, match=r"(?s)reading tensors from .* failed.*Weights only load failed"):
+        load_model(directory)
+    assert not marker.exists()
+
+
+def test_other_architecture_or_vocabulary_is_refused_with_the_difference(saved_run, tmp_path):
+    fresh_copy(saved_run, tmp_path)
+    config = tiny_config(tmp_path, model={"vocab_size": 96}, moe={"n_routed_experts": 8})
+    with pytest.raises(CheckpointError) as error:
+        train_in_process(tmp_path, 4, config=config)
+    assert "model.vocab_size: checkpoint 64, this run 96" in str(error.value)
+    assert "model.moe.n_routed_experts: checkpoint 4, this run 8" in str(error.value)
+
+
+def test_noise_and_capacity_may_change_between_runs(saved_run, tmp_path):
+    fresh_copy(saved_run, tmp_path)
+    config = tiny_config(tmp_path, max_steps=4, moe={"router_noise_std": 0.1, "capacity_factor": 2.0})
+    trainer, _, losses = train_in_process(tmp_path, 4, config=config)
+    assert trainer.step == 4 and len(losses) == 1
+
+
+def test_keep_last_and_latest(tmp_path):
+    config = tiny_config(tmp_path, train={"keep_last": 2})
+    train_in_process(tmp_path, 5, save_at=(1, 2, 3, 4, 5), config=config)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004", "step_00000005"]
+    assert resolve_checkpoint(root) == root / "step_00000005"
+    (root / "latest").unlink()  # lost pointer: the newest committed folder is still found
+    assert resolve_checkpoint(root) == root / "step_00000005"
+
+
+def test_async_save_writes_the_same_state_as_a_sync_save(tmp_path):
+    train_in_process(tmp_path / "sync", 4, save_at=(2,))
+    config = tiny_config(tmp_path / "async", train={"async_save": True})
+    train_in_process(tmp_path / "async", 4, save_at=(2,), config=config)  # trains on while step 2 is written
+
+    def manifest(workdir):
+        return json.loads((workdir / "run" / "checkpoints" / "step_00000002" / "manifest.json").read_text())
+
+    sync, background = manifest(tmp_path / "sync"), manifest(tmp_path / "async")
+    assert sync["expert_checksums"] == background["expert_checksums"]
+    assert sync["files"]["__0_0.distcp"] == background["files"]["__0_0.distcp"]
+
+
+def test_load_model_holds_every_expert_of_an_in_process_run(saved_run):
+    model, config, manifest = load_model(saved_run / "run" / "checkpoints", step=3)
+    assert manifest["step"] == 3 and config.model.vocab_size == 64
+    assert {name: {e: True for e in sums} for name, sums in expert_checksums(model).items()} == \
+        {name: {e: sums[e] == manifest["expert_checksums"][name][e] for e in sums}
+         for name, sums in expert_checksums(model).items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# slow: spawned gloo ranks
+
+
+def crash_worker(rank, world_size, workdir):
+    """Save step 2, then die by SIGKILL half-way through writing step 3's shard."""
+    import torch.distributed.checkpoint.filesystem as filesystem
+
+    train_in_process(workdir, 2, save_at=(2,))
+    original = filesystem._write_item
+
+    def write_then_die(transforms, stream, data, *args, **kwargs):
+        stream.write(b"\0" * 100)
+        stream.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    filesystem._write_item = write_then_die
+    train_in_process(workdir, 3, save_at=(3,))
+
+
+@pytest.mark.slow
+def test_save_killed_half_way_leaves_latest_loadable(tmp_path):
+    results = run_distributed(crash_worker, 1, args=(str(tmp_path),), init_process_group=False, timeout=60,
+                              raise_errors=False)
+    assert results[0].exitcode == -signal.SIGKILL
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "step_00000003.partial").is_dir() and not (root / "step_00000003").exists()
+    assert (root / "latest").read_text().strip() == "step_00000002"
+    model, _, manifest = load_model(root)
+    assert manifest["step"] == 2
+    trainer, _, _ = train_in_process(tmp_path, 4, save_at=(4,))  # resumes from 2; the next save clears the debris
+    assert trainer.step == 4 and not (root / "step_00000003.partial").exists()
+
+
+@pytest.fixture(scope="module")
+def ep2_reference(tmp_path_factory):
+    """EP=2 on 2 ranks: 6 steps, saved at 3 and 6; the losses of steps 4-6 are the reference."""
+    workdir = tmp_path_factory.mktemp("ep2_reference")
+    results = run_layout(workdir, world_size=2, expert_parallel_size=2, stop_at=6, save_at=(3, 6))
+    return workdir, results[0]["losses"]
+
+
+@pytest.mark.slow
+def test_resume_on_two_ranks_is_bit_exact(ep2_reference, tmp_path):
+    """N steps + stop + resume for N more == 2N straight: losses, every saved tensor (parameters, AdamW
+    moments, RNG) and the data position, at EP=2 on 2 ranks."""
+    reference_dir, reference_losses = ep2_reference
+    copy_checkpoint(reference_dir, tmp_path, step=3)
+    results = run_layout(tmp_path, world_size=2, expert_parallel_size=2, stop_at=6, save_at=(6,))
+    assert results[0]["losses"] == reference_losses[3:]
+
+    def manifest(workdir):
+        return json.loads((workdir / "run" / "checkpoints" / "step_00000006" / "manifest.json").read_text())
+
+    straight, resumed = manifest(reference_dir), manifest(tmp_path)
+    assert resumed["train_reader"] == straight["train_reader"]
+    assert resumed["expert_checksums"] == straight["expert_checksums"]
+    shards = {name: info for name, info in straight["files"].items() if name.endswith(".distcp")}
+    assert {name: resumed["files"][name] for name in shards} == shards  # byte-identical shards
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size, expert_parallel_size", [(1, 1), (4, 4)])
+def test_resume_at_another_world_and_expert_parallel_size(ep2_reference, tmp_path, world_size,
+                                                          expert_parallel_size):
+    reference_dir, reference_losses = ep2_reference
+    copy_checkpoint(reference_dir, tmp_path, step=3)
+    results = run_layout(tmp_path, world_size, expert_parallel_size, stop_at=6)
+    np.testing.assert_allclose(results[0]["losses"], reference_losses[3:], rtol=0, atol=1e-6)
+    experts_per_rank = 4 // expert_parallel_size
+    for rank, result in enumerate(results):
+        # every rank holds exactly its experts, each equal to the one saved
+        expected = [str(e) for e in range(rank % expert_parallel_size * experts_per_rank,
+                                          (rank % expert_parallel_size + 1) * experts_per_rank)]
+        for name, matches in result["held"].items():
+            assert sorted(matches) == expected and all(matches.values()), (rank, name, matches)
+
+
+TORCHRUN_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_checkpoint import tiny_config
+from mymoe.train import loop
+
+kill_at = int(sys.argv[1])
+original = loop.Trainer.train_step
+
+def train_step(self):
+    if (self.step == kill_at and self.ctx.rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"):
+        os.kill(os.getpid(), signal.SIGKILL)  # a lost worker, mid-run
+    return original(self)
+
+loop.Trainer.train_step = train_step
+config = tiny_config(sys.argv[2], world_size=2, expert_parallel_size=2, max_steps=8,
+                     train={{"checkpoint_interval": 2}})
+result = loop.run(config, progress=False)
+if int(os.environ["RANK"]) == 0:
+    print("FINAL_LOSS", repr(result.losses[-1]), "RESUMED_AT", 8 - len(result.losses), flush=True)
+"""
+
+
+def run_torchrun(tmp_path: Path, workdir: Path, kill_at: int) -> tuple[float, int]:
+    script = tmp_path / "train_with_kill.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--max-restarts=1", "--monitor-interval=0.2", str(script), str(kill_at), str(workdir)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    line = [line for line in done.stdout.splitlines() if line.startswith("FINAL_LOSS")][-1].split()
+    return float(line[1]), int(line[3])
+
+
+@pytest.mark.slow
+def test_worker_killed_under_torchrun_recovers_to_the_same_final_loss(tmp_path):
+    straight_loss, started_at = run_torchrun(tmp_path, tmp_path / "straight", kill_at=-1)
+    recovered_loss, resumed_at = run_torchrun(tmp_path, tmp_path / "killed", kill_at=5)
+    assert started_at == 0 and resumed_at == 4  # the restart resumed from the step-4 checkpoint
+    assert recovered_loss == straight_loss
