@@ -1,0 +1,186 @@
+"""Expert-parallel MoE layer against DeepSpeed's MoE, forward + backward, in one torchrun job.
+
+    torchrun --nproc_per_node=2 benchmarks/moe_ep.py [--repeats 5] [--dispatcher overlap]
+
+Both layers get the same router and expert weights and the same input, so they route identically and do
+the same expert work (DeepSpeed is given a SwiGLU nn.Module expert); the benchmark checks their outputs
+agree before timing. Ours runs dropless; DeepSpeed runs with drop_tokens=False, which pads every expert
+to the busiest expert's count. Repetitions interleave the two layers and both workloads so that noise
+from other processes on the machine falls on all of them alike; the median of the repetitions counts.
+
+Prints global tokens/s for each layer and workload, the share of our layer's time spent inside
+all-to-all calls, and ends with one line:
+    RESULT coarse_vs_deepspeed=<r> fine_vs_deepspeed=<r> a2a_share=<fraction>
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mymoe.config import MoEConfig
+from mymoe.model.layers import SwiGLU
+from mymoe.model.moe.layer import MoELayer
+from mymoe.parallel import build_context
+from mymoe.parallel.parallelize import DISPATCHERS
+
+
+@dataclass
+class Workload:
+    name: str
+    tokens_per_rank: int
+    hidden_size: int
+    ffn_size: int
+    num_experts: int
+    top_k: int
+
+
+WORKLOADS = [Workload("coarse", 2048, 512, 1024, 8, 2), Workload("fine", 2048, 512, 256, 64, 6)]
+
+
+class AllToAllClock:
+    """Wall time spent inside torch.distributed.all_to_all_single (waiting on peers included)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._original = dist.all_to_all_single
+
+    def install(self):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return self._original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        dist.all_to_all_single = timed
+
+
+def build_ours(workload: Workload, ctx, dispatcher_name: str) -> MoELayer:
+    moe = MoEConfig(n_routed_experts=workload.num_experts, num_experts_per_tok=workload.top_k,
+                    moe_intermediate_size=workload.ffn_size, router_aux_loss_coef=0.01)
+    torch.manual_seed(0)  # same full-size init on every rank, then each keeps its slice
+    layer = MoELayer(workload.hidden_size, moe)
+    dispatcher = DISPATCHERS[dispatcher_name](ctx.expert_parallel_group, workload.num_experts, name=workload.name,
+                                              timeout_seconds=ctx.timeout_seconds)
+    layer.experts.shard(dispatcher.first_local_expert, dispatcher.num_local_experts)
+    layer.set_dispatcher(dispatcher)
+    return layer
+
+
+def build_deepspeed(workload: Workload, ours: MoELayer, expert_parallel_size: int):
+    from deepspeed.moe.layer import MoE
+
+    layer = MoE(workload.hidden_size, SwiGLU(workload.hidden_size, workload.ffn_size), workload.num_experts,
+                ep_size=expert_parallel_size, k=workload.top_k, drop_tokens=False, use_rts=False,
+                top2_2nd_expert_sampling=False)
+    layer.set_deepspeed_parallelism()  # deepspeed.initialize would do this; it makes the ep groups
+    with torch.no_grad():  # our weights, so both route alike and do the same expert work
+        layer.deepspeed_moe.gate.wg.weight.copy_(ours.gate.weight)
+        local_experts = layer.deepspeed_moe.experts.deepspeed_experts
+        for index, expert in enumerate(local_experts):
+            expert.gate_proj.weight.copy_(ours.experts.w_gate[index].t())
+            expert.up_proj.weight.copy_(ours.experts.w_up[index].t())
+            expert.down_proj.weight.copy_(ours.experts.w_down[index].t())
+    return layer
+
+
+def step_ours(layer, hidden, upstream):
+    output, aux = layer(hidden)
+    ((output * upstream).sum() + aux.aux_loss).backward()
+    return output
+
+
+def step_deepspeed(layer, hidden, upstream):
+    output, l_aux, _ = layer(hidden)
+    ((output * upstream).sum() + 0.01 * l_aux).backward()
+    return output
+
+
+def timed(step, layer, hidden, upstream) -> float:
+    layer.zero_grad(set_to_none=True)
+    dist.barrier()
+    start = time.perf_counter()
+    step(layer, hidden, upstream)
+    elapsed = torch.tensor([time.perf_counter() - start])
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step is done when the slowest rank is
+    return float(elapsed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions of each layer and workload")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
+    parser.add_argument("--dispatcher", default="alltoall", choices=sorted(DISPATCHERS))
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.utils import logger as deepspeed_logger
+
+    deepspeed_logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="gloo")  # the default group both layers share
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    ctx = build_context(world_size, device=torch.device("cpu"), timeout_seconds=600)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"MoE layer forward+backward, {world_size} ranks, EP={world_size}, 1 thread each, dispatcher "
+        f"{args.dispatcher} vs DeepSpeed MoE (drop_tokens=False), {args.warmup} warm-up + {args.repeats} timed "
+        f"repetitions, interleaved")
+
+    layers, inputs = {}, {}
+    for workload in WORKLOADS:
+        ours = build_ours(workload, ctx, args.dispatcher)
+        theirs = build_deepspeed(workload, ours, world_size)
+        generator = torch.Generator().manual_seed(10 + rank)
+        hidden = torch.randn(workload.tokens_per_rank, workload.hidden_size, generator=generator)
+        upstream = torch.randn(workload.tokens_per_rank, workload.hidden_size, generator=generator)
+        difference = (step_ours(ours, hidden, upstream) - step_deepspeed(theirs, hidden, upstream)).detach().abs().max()
+        dist.all_reduce(difference, op=dist.ReduceOp.MAX)
+        say(f"  {workload.name}: outputs of the two layers differ by at most {float(difference):.2e}")
+        layers[workload.name], inputs[workload.name] = (ours, theirs), (hidden, upstream)
+
+    clock = AllToAllClock()
+    clock.install()
+    seconds = {(w.name, who): [] for w in WORKLOADS for who in ("ours", "deepspeed")}
+    a2a_seconds = 0.0
+    for repeat in range(args.warmup + args.repeats):
+        for workload in WORKLOADS:
+            ours, theirs = layers[workload.name]
+            hidden, upstream = inputs[workload.name]
+            clock.seconds = 0.0
+            ours_seconds = timed(step_ours, ours, hidden, upstream)
+            ours_a2a = torch.tensor([clock.seconds])
+            theirs_seconds = timed(step_deepspeed, theirs, hidden, upstream)
+            if repeat >= args.warmup:
+                seconds[workload.name, "ours"].append(ours_seconds)
+                seconds[workload.name, "deepspeed"].append(theirs_seconds)
+                dist.all_reduce(ours_a2a)
+                a2a_seconds += float(ours_a2a) / world_size
+        say(f"  repetition {repeat + 1}/{args.warmup + args.repeats}"
+            f"{' (warm-up)' if repeat < args.warmup else ''} done")
+
+    ratios = {}
+    for workload in WORKLOADS:
+        global_tokens = workload.tokens_per_rank * world_size
+        ours = statistics.median(seconds[workload.name, "ours"])
+        theirs = statistics.median(seconds[workload.name, "deepspeed"])
+        ratios[workload.name] = theirs / ours
+        say(f"  {workload.name:6s} ours {global_tokens / ours:9.0f} tok/s   deepspeed {global_tokens / theirs:9.0f} "
+            f"tok/s   ratio {ratios[workload.name]:.2f}")
+    ours_total = sum(sum(seconds[w.name, "ours"]) for w in WORKLOADS)
+    a2a_share = a2a_seconds / ours_total
+    say(f"  share of our layer's time inside all_to_all_single: {a2a_share:.3f}")
+    say(f"RESULT coarse_vs_deepspeed={ratios['coarse']:.2f} fine_vs_deepspeed={ratios['fine']:.2f} "
+        f"a2a_share={a2a_share:.3f}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
