@@ -1,12 +1,16 @@
 """The training loop: reads like a recipe, each ingredient built by its own module.
 
-    ids -> model (router -> dispatch -> experts -> combine) -> lm loss + aux -> backward
+    ids -> model (router -> dispatch -> experts -> combine) -> lm loss + ramped aux -> backward
     -> reduce grads (world for dense, expert-data-parallel for experts) -> clip on the true global norm
-    -> optimizer step -> expert-bias update from the step's load -> metrics -> (checkpoint)
+    -> optimizer step -> expert-bias update from the step's load -> metrics -> (eval) -> (checkpoint)
+
+With ``--deepspeed`` the middle (reduction, clipping, step, ZeRO partitioning) is DeepSpeed's engine;
+everything else is the same code.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,44 +24,48 @@ from mymoe.data import build_train_reader
 from mymoe.model import MoECausalLM
 from mymoe.parallel import ParallelContext, clip_grad_norm_, init_distributed, parallelize, reduce_gradients, shutdown
 from mymoe.train.metrics import MetricsLogger, peak_flops_per_second
-from mymoe.train.optim import Schedule, aux_loss_scale, build_optimizer
+from mymoe.train.optim import Schedule, aux_loss_scale, build_optimizer, parameter_groups, total_steps
 
 
 @dataclass
 class TrainResult:
     steps: int
-    losses: list = field(default_factory=list)  # global mean loss of every step, for tests and summaries
+    tokens_seen: int = 0
+    losses: list = field(default_factory=list)  # global mean loss of every step of this run
     eval_losses: list = field(default_factory=list)
     out_dir: str = ""
 
 
 def autocast_context(config: Config, device: torch.device):
+    """bf16 autocast on GPUs (precision auto or bf16) and on CPU only when asked (precision bf16)."""
     precision = config.train.precision
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def world_mean(value: torch.Tensor, ctx: ParallelContext) -> float:
-    value = value.detach().float().clone()
-    if ctx.world_size > 1:
-        dist.all_reduce(value)
-        value /= ctx.world_size
-    return float(value)
+def world_mean(values: list[float], ctx: ParallelContext) -> list[float]:
+    """Mean over all ranks of each value, in one collective."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    if ctx.is_distributed:
+        dist.all_reduce(tensor)
+        tensor /= ctx.world_size
+    return tensor.tolist()
 
 
-def build_readers(config: Config, ctx: ParallelContext):
-    data, tr = config.data, config.train
+def build_reader(config: Config, ctx: ParallelContext, split: str):
+    """Every rank reads its own slice of each global batch: under expert parallelism all ranks are
+    data-parallel for the tokens they feed in, whichever experts they hold. The "valid" split is read
+    in file order, so each evaluation sees the same batches; None when there is no held-out split."""
+    data, train = config.data, config.train
+    common = dict(seq_len=data.seq_len, micro_batch_size=train.micro_batch_size, dp_rank=ctx.rank,
+                  dp_world_size=ctx.world_size, seed=train.seed)
+    if split == "valid":
+        return build_train_reader(data.valid_prefixes, None, shuffle=False, **common) if data.valid_prefixes else None
     if not data.train_prefixes:
         raise ValueError("data.train_prefixes is empty: preprocess a corpus with `python -m data_tools preprocess` "
                          "and pass --data.train_prefixes=[path/prefix]")
-    common = dict(seq_len=data.seq_len, micro_batch_size=tr.micro_batch_size, dp_rank=ctx.rank,
-                  dp_world_size=ctx.world_size)
-    train_reader = build_train_reader(data.train_prefixes, data.train_weights, seed=tr.seed, **common)
-    valid_reader = None
-    if data.valid_prefixes:
-        valid_reader = build_train_reader(data.valid_prefixes, None, seed=tr.seed + 1, **common)
-    return train_reader, valid_reader
+    return build_train_reader(data.train_prefixes, data.train_weights, **common)
 
 
 class Trainer:
@@ -65,23 +73,27 @@ class Trainer:
 
     def __init__(self, config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] = None):
         self.config, self.ctx = config, ctx
-        torch.manual_seed(config.train.seed)
+        train = config.train
+        torch.manual_seed(train.seed)  # the same initial model on every rank (parallelize also broadcasts it)
         self.model = MoECausalLM(config.model)
         parallelize(self.model, ctx)
         self.model.to(ctx.device)
-        self.optimizer = build_optimizer(self.model, config.train)
+        torch.manual_seed(train.seed + ctx.rank)  # router noise and the like differ per rank, reproducibly
         self.engine = None
         if deepspeed_config is not None:
             from mymoe.train.deepspeed_engine import initialize_deepspeed
 
-            self.engine, self.optimizer = initialize_deepspeed(self.model, self.optimizer, config, ctx, deepspeed_config)
+            self.engine, self.optimizer = initialize_deepspeed(self.model, config, ctx, deepspeed_config)
+        else:
+            self.optimizer = build_optimizer(parameter_groups(self.model, train.weight_decay), train)
         self.forward = self.engine if self.engine is not None else self.model
-        self.schedule = Schedule(self.optimizer, config.train)
-        self.train_reader, self.valid_reader = build_readers(config, ctx)
+        self.train_reader = build_reader(config, ctx, "train")
+        self.tokens_per_step = (train.micro_batch_size * config.data.seq_len * train.gradient_accumulation_steps
+                                * ctx.world_size)
+        self.total_steps = total_steps(train, self.tokens_per_step)
+        self.schedule = Schedule(self.optimizer, train, self.total_steps)
         self.step = 0
         self.tokens_seen = 0
-        self.tokens_per_step = (config.train.micro_batch_size * config.data.seq_len
-                                * config.train.gradient_accumulation_steps * ctx.world_size)
 
     # --- the checkpoint seam -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -101,29 +113,28 @@ class Trainer:
 
     # --- one step ------------------------------------------------------------------------------------
     def train_step(self) -> dict:
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns world-mean metrics."""
         config, ctx = self.config, self.ctx
         accumulation = config.train.gradient_accumulation_steps
         lr = self.schedule.apply(self.step)
         aux_scale = aux_loss_scale(self.step, config.train)
         self.model.train()
-        totals = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
-        stats = []
+        sums = None  # [loss, lm_loss, aux_loss, z_loss, load_balancing_loss, dropped per layer...]
         for _ in range(accumulation):
             input_ids, labels = self.train_reader.next_batch()
-            input_ids, labels = input_ids.to(ctx.device), labels.to(ctx.device)
             with autocast_context(config, ctx.device):
-                out = self.forward(input_ids, labels=labels)
+                out = self.forward(input_ids.to(ctx.device), labels=labels.to(ctx.device))
             loss = out.lm_loss + aux_scale * out.aux_loss
             if self.engine is not None:
-                # DeepSpeed scales by 1/accumulation itself and counts micro-steps in step()
-                self.engine.backward(loss)
-                self.engine.step()
+                self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+                self.engine.step()  # a no-op until the last micro-batch of the step
             else:
                 (loss / accumulation).backward()
-            totals["loss"] += float(loss.detach()) / accumulation
-            totals["lm_loss"] += float(out.lm_loss.detach()) / accumulation
-            totals["aux_loss"] += float(torch.as_tensor(out.aux_loss).detach()) / accumulation
             stats = out.router_stats
+            micro = [float(loss.detach()), float(out.lm_loss.detach()), float(out.aux_loss.detach()),
+                     sum(float(s["z_loss"]) for s in stats), sum(float(s["load_balancing_loss"]) for s in stats)]
+            micro += [float(s["dropped_fraction"]) for s in stats]
+            sums = micro if sums is None else [a + b for a, b in zip(sums, micro)]
         if self.engine is not None:
             grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         else:
@@ -134,18 +145,18 @@ class Trainer:
         expert_loads = self.update_expert_biases()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        result = {key: world_mean(torch.tensor(value), ctx) for key, value in totals.items()}
-        result.update(lr=lr, grad_norm=grad_norm, expert_loads=expert_loads,
-                      dropped=[float(s["dropped_fraction"]) for s in stats],
-                      z_loss=sum(float(s.get("z_loss", 0.0)) for s in stats))
-        return result
+        means = world_mean([value / accumulation for value in sums], ctx)
+        loss, lm_loss, aux_loss, z_loss, balance_loss = means[:5]
+        return {"loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss,
+                "load_balancing_loss": balance_loss, "lr": lr, "aux_loss_scale": aux_scale, "grad_norm": grad_norm,
+                "expert_loads": expert_loads, "dropped": means[5:]}
 
     def update_expert_biases(self) -> list[list[float]]:
         """Sum each layer's load over all ranks, update aux-loss-free biases, return loads for logging."""
         loads = []
         for layer in self.model.iter_moe_layers():
-            load = layer.pending_load().to(self.ctx.device, torch.float32)
-            if self.ctx.world_size > 1:
+            load = layer.pending_load().to(self.ctx.device, torch.float32)  # [experts], this rank's tokens
+            if self.ctx.is_distributed:
                 dist.all_reduce(load)
             layer.update_expert_bias(load)
             loads.append(load.cpu().tolist())
@@ -153,81 +164,94 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
-        if self.valid_reader is None:
+        """Mean lm loss over the first eval_steps batches of the held-out split (the same ones every time)."""
+        valid_reader = build_reader(self.config, self.ctx, "valid")
+        if valid_reader is None:
             return None
         self.model.eval()
-        total = torch.zeros((), device=self.ctx.device)
+        total = 0.0
         for _ in range(self.config.train.eval_steps):
-            input_ids, labels = self.valid_reader.next_batch()
+            input_ids, labels = valid_reader.next_batch()
             with autocast_context(self.config, self.ctx.device):
                 out = self.model(input_ids.to(self.ctx.device), labels=labels.to(self.ctx.device))
-            total += out.lm_loss.float()
-        return world_mean(total / self.config.train.eval_steps, self.ctx)
+            total += float(out.lm_loss)
+        self.model.train()
+        return world_mean([total / self.config.train.eval_steps], self.ctx)[0]
 
     def finished(self) -> bool:
-        tr = self.config.train
-        return self.step >= tr.max_steps or (tr.max_tokens is not None and self.tokens_seen >= tr.max_tokens)
+        return self.step >= self.total_steps
+
+
+def checkpoint_manager(config: Config, ctx: ParallelContext):
+    from mymoe.checkpoint import CheckpointManager  # imported late: it is not needed to build a Trainer
+
+    return CheckpointManager(Path(config.train.out_dir) / "checkpoints", config, ctx)
 
 
 def run(config: Config, deepspeed_config: Optional[str] = None, progress: bool = True) -> TrainResult:
+    """Join the job, train to the end, save the last checkpoint, leave the job."""
     ctx = init_distributed(config)
     try:
-        return _run(config, ctx, deepspeed_config, progress)
+        return train(config, ctx, deepspeed_config, progress)
     finally:
         shutdown()
 
 
-def _run(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str], progress: bool) -> TrainResult:
-    from mymoe.checkpoint import CheckpointManager
-
+def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] = None,
+          progress: bool = True) -> TrainResult:
     trainer = Trainer(config, ctx, deepspeed_config)
-    out_dir = Path(config.train.out_dir)
-    checkpoints = CheckpointManager(out_dir / "checkpoints", config, ctx)
-    if config.train.resume:
+    # ZeRO keeps flat optimizer partitions that the sharded checkpoint layout (per parameter, experts by
+    # global index) cannot address yet, so the DeepSpeed path trains without checkpoints
+    checkpoints = checkpoint_manager(config, ctx) if trainer.engine is None else None
+    if checkpoints is not None and config.train.resume:
         checkpoints.load_latest(trainer)
-    is_main = ctx.rank == 0
-    logger = MetricsLogger(str(out_dir), config.train.max_steps, enabled=is_main,
-                           dead_expert_window=config.train.dead_expert_window, start_step=trainer.step,
+    train_config, out_dir = config.train, Path(config.train.out_dir)
+    logger = MetricsLogger(str(out_dir), trainer.total_steps, enabled=ctx.rank == 0,
+                           dead_expert_window=train_config.dead_expert_window, start_step=trainer.step,
                            progress=progress)
-    if is_main:
-        config_text = (f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters "
-                       f"({trainer.model.num_parameters(active_only=True) / 1e6:.2f}M active), "
-                       f"world {ctx.world_size} = EP {ctx.expert_parallel_size} x EDP {ctx.expert_data_parallel_size}, "
-                       f"{trainer.tokens_per_step} tokens/step, from step {trainer.step}")
-        logger.write(config_text)
-    flops_per_token = trainer.model.flops_per_token(config.data.seq_len)
+    model = trainer.model
+    logger.write(f"model: {model.num_parameters() / 1e6:.2f}M parameters ({model.num_parameters(active_only=True) / 1e6:.2f}M "
+                 f"active); world {ctx.world_size} = EP {ctx.expert_parallel_size} x EDP {ctx.expert_data_parallel_size}"
+                 f"{' (DeepSpeed ' + deepspeed_config + ')' if deepspeed_config else ''}; {trainer.tokens_per_step:,} "
+                 f"tokens/step; steps {trainer.step} -> {trainer.total_steps}; logs in {out_dir}")
+    flops_per_token = model.flops_per_token(config.data.seq_len)
     peak = peak_flops_per_second(ctx.device) * ctx.world_size
     result = TrainResult(steps=trainer.step, out_dir=str(out_dir))
     try:
         while not trainer.finished():
             start = time.perf_counter()
             metrics = trainer.train_step()
-            elapsed = time.perf_counter() - start
-            tokens_per_second = trainer.tokens_per_step / elapsed
-            result.losses.append(metrics["loss"])
-            logger.progress(trainer.step, metrics["loss"], tokens_per_second)
+            tokens_per_second = trainer.tokens_per_step / (time.perf_counter() - start)
             step = trainer.step
-            if step % config.train.log_interval == 0 or trainer.finished():
-                scalars = {"loss": metrics["loss"], "lm_loss": metrics["lm_loss"], "aux_loss": metrics["aux_loss"],
-                           "z_loss": metrics["z_loss"], "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
-                           "tokens_per_second": tokens_per_second, "tokens_seen": trainer.tokens_seen,
-                           "mfu": flops_per_token * tokens_per_second / peak}
+            result.losses.append(metrics["loss"])
+            logger.progress(step, metrics["loss"], tokens_per_second)
+            logger.observe_experts(step, metrics["expert_loads"])
+            if step % train_config.log_interval == 0 or trainer.finished():
+                scalars = {key: metrics[key] for key in ("loss", "lm_loss", "aux_loss", "z_loss", "load_balancing_loss",
+                                                         "lr", "aux_loss_scale", "grad_norm")}
+                scalars.update(tokens_per_second=tokens_per_second, tokens_seen=trainer.tokens_seen,
+                               mfu=flops_per_token * tokens_per_second / peak,
+                               dropped_fraction=sum(metrics["dropped"]) / max(len(metrics["dropped"]), 1))
                 logger.log(step, scalars, metrics["expert_loads"], metrics["dropped"])
-            if config.train.eval_interval and (step % config.train.eval_interval == 0 or trainer.finished()):
+            if train_config.eval_interval and (step % train_config.eval_interval == 0 or trainer.finished()):
                 eval_loss = trainer.evaluate()
                 if eval_loss is not None:
                     result.eval_losses.append(eval_loss)
-                    logger.log(step, {"eval/loss": eval_loss, "eval/perplexity": float(torch.tensor(eval_loss).exp())})
-                    logger.write(f"step {step}: eval loss {eval_loss:.4f} "
-                                 f"perplexity {float(torch.tensor(eval_loss).exp()):.2f}")
-            if config.train.checkpoint_interval and step % config.train.checkpoint_interval == 0 and not trainer.finished():
+                    perplexity = math.exp(min(eval_loss, 50.0))
+                    logger.log(step, {"eval/loss": eval_loss, "eval/perplexity": perplexity})
+                    logger.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity:.2f}")
+            if checkpoints is not None and train_config.checkpoint_interval \
+                    and step % train_config.checkpoint_interval == 0 and not trainer.finished():
                 checkpoints.save(trainer)
-        checkpoints.save(trainer)
-        checkpoints.wait()
+        if checkpoints is not None:
+            checkpoints.save(trainer)
+            checkpoints.wait()
     finally:
         logger.close()
-    result.steps = trainer.step
-    if is_main:
-        print(f"trained {trainer.step} steps, {trainer.tokens_seen:,} tokens; final loss "
-              f"{result.losses[-1] if result.losses else float('nan'):.4f}; checkpoint in {checkpoints.root}", flush=True)
+    result.steps, result.tokens_seen = trainer.step, trainer.tokens_seen
+    final = f"{result.losses[-1]:.4f}" if result.losses else "n/a (nothing left to train)"
+    saved = f"checkpoint in {checkpoints.root}" if checkpoints is not None else "no checkpoint (DeepSpeed path)"
+    logger.write(f"trained to step {trainer.step} ({trainer.tokens_seen:,} tokens); final loss {final}; "
+                 f"metrics in {out_dir / 'metrics.jsonl'}; {saved}")
     return result
+

@@ -1,56 +1,61 @@
 """What a run tells people: a progress bar, TensorBoard events, JSON lines, and expert-health warnings.
 
-Only rank 0 writes. Every scalar goes to both TensorBoard and ``metrics.jsonl`` (one JSON object per
-logged step) so a run can be plotted without TensorBoard; per-layer expert loads go to the JSON lines
-too, which is what ``python -m mymoe.train.heatmap`` renders.
+Only rank 0 writes. Every scalar goes both to TensorBoard (``<out_dir>/tensorboard``) and to
+``<out_dir>/metrics.jsonl`` (one JSON object per logged step), so a run can be plotted without
+TensorBoard. Per-layer expert loads go to both as well: a TensorBoard histogram per MoE layer whose
+buckets are the experts (the bar of expert e is its token count), and the raw counts in the JSON lines,
+which is what ``python -m mymoe.train.heatmap`` renders.
 """
 from __future__ import annotations
 
 import json
+import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+# bf16 tensor-core peaks by device name, the MFU denominator on GPUs
+GPU_PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("A10", 125e12),
+                  ("V100", 125e12), ("4090", 165e12), ("3090", 71e12))
+
 
 def peak_flops_per_second(device: torch.device) -> float:
-    """Peak dense throughput used as the MFU denominator.
+    """Peak dense throughput of one process's device, the MFU denominator.
 
-    On CUDA a table of bf16 tensor-core peaks by device name; elsewhere there is no published number to
-    trust, so we measure this machine's fp32 matmul rate once (a few tenths of a second).
+    On CUDA a table of bf16 tensor-core peaks by device name; on CPU there is no published number to
+    trust, so we measure this process's fp32 matmul rate once (a few tenths of a second). MFU on CPU
+    is therefore "fraction of what a plain matmul achieves here", a useful relative number.
     """
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12),
-                          ("A10", 125e12), ("V100", 125e12), ("4090", 165e12), ("3090", 71e12)):
-            if key in name:
-                return peak
-        return 100e12
-    size = 512
+        return next((peak for key, peak in GPU_PEAK_FLOPS if key in name), 100e12)
+    size = 256
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
-    repeats, start = 20, time.perf_counter()
+    repeats, start = 10, time.perf_counter()
     for _ in range(repeats):
         a @ b
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
 class ExpertHealth:
-    """Warns when an expert gets no tokens, or more than its fair share x `saturation`, for a whole window."""
+    """Warns once when an expert gets no tokens, or more than `saturation` x its fair share, for
+    `window` consecutive steps."""
 
     def __init__(self, window: int, saturation: float = 4.0):
         self.window, self.saturation = window, saturation
-        self.idle_steps: dict = {}
+        self.idle_steps: dict = {}  # (layer, expert) -> consecutive steps without tokens
         self.saturated_steps: dict = {}
         self.warned: set = set()
 
     def observe(self, step: int, loads: list[list[float]]) -> list[str]:
+        """Feed one step's per-layer loads; return the warnings that became due at this step."""
         messages = []
         for layer, layer_loads in enumerate(loads):
             total = sum(layer_loads)
-            if total <= 0:
+            if total <= 0 or self.window <= 0:
                 continue
             fair = total / len(layer_loads)
             for expert, load in enumerate(layer_loads):
@@ -58,11 +63,13 @@ class ExpertHealth:
                 self.idle_steps[key] = self.idle_steps.get(key, 0) + 1 if load == 0 else 0
                 self.saturated_steps[key] = (self.saturated_steps.get(key, 0) + 1
                                              if load > self.saturation * fair else 0)
-                for kind, counter in (("dead (no tokens)", self.idle_steps), ("saturated", self.saturated_steps)):
+                for kind, counter in (("dead (no tokens)", self.idle_steps),
+                                      (f"saturated (over {self.saturation:g}x its fair share)", self.saturated_steps)):
                     if counter[key] >= self.window and (kind, key) not in self.warned:
                         self.warned.add((kind, key))
-                        messages.append(f"step {step}: expert {expert} of MoE layer {layer} has been {kind} "
-                                        f"for {self.window} steps; consider aux-loss or bias balancing")
+                        messages.append(f"step {step}: expert {expert} of MoE layer {layer} has been {kind} for "
+                                        f"{self.window} steps; consider a larger model.moe.router_aux_loss_coef, "
+                                        f"bias balancing (model.moe.bias_update_rate) or router noise")
         return messages
 
 
@@ -71,9 +78,7 @@ class MetricsLogger:
                  start_step: int = 0, progress: bool = True):
         self.enabled = enabled
         self.health = ExpertHealth(dead_expert_window)
-        self.bar = None
-        self.writer = None
-        self.jsonl = None
+        self.bar = self.writer = self.jsonl = None
         if not enabled:
             return
         path = Path(out_dir)
@@ -85,10 +90,13 @@ class MetricsLogger:
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            # the bar's own rate and remaining time are the ETA; loss and tokens/s ride in the postfix
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
 
     def log(self, step: int, scalars: dict, expert_loads: Optional[list[list[float]]] = None,
             dropped: Optional[list[float]] = None) -> None:
+        """Write scalars, and optionally per-layer expert loads [layer][expert] and dropped fractions."""
         if not self.enabled:
             return
         for key, value in scalars.items():
@@ -97,33 +105,44 @@ class MetricsLogger:
         if expert_loads is not None:
             record["expert_load"] = expert_loads
             for layer, loads in enumerate(expert_loads):
-                loads_tensor = torch.tensor(loads, dtype=torch.float64)
-                if loads_tensor.sum() > 0:
-                    # a histogram of the per-expert share of tokens: uniform routing is one spike at 1/E
-                    self.writer.add_histogram(f"expert_load/layer_{layer}", loads_tensor / loads_tensor.sum(), step)
-            for message in self.health.observe(step, expert_loads):
-                warnings.warn(message, stacklevel=2)
-                if self.bar is not None:
-                    self.bar.write("WARNING " + message)
+                self._expert_histogram(f"expert_load/layer_{layer}", loads, step)
         if dropped is not None:
             record["dropped_fraction"] = dropped
             for layer, fraction in enumerate(dropped):
                 self.writer.add_scalar(f"dropped_fraction/layer_{layer}", fraction, step)
         self.jsonl.write(json.dumps(record) + "\n")
 
+    def _expert_histogram(self, tag: str, loads: list[float], step: int) -> None:
+        """One bucket per expert, its height the expert's token count."""
+        counts = torch.tensor(loads, dtype=torch.float64)
+        if counts.sum() <= 0:
+            return
+        experts = torch.arange(len(loads), dtype=torch.float64)
+        self.writer.add_histogram_raw(
+            tag, min=0.0, max=float(len(loads) - 1), num=float(counts.sum()), sum=float((experts * counts).sum()),
+            sum_squares=float((experts.square() * counts).sum()), bucket_limits=(experts + 0.5).tolist(),
+            bucket_counts=counts.tolist(), global_step=step)
+
+    def observe_experts(self, step: int, expert_loads: list[list[float]]) -> None:
+        """Warn (on the console and in the JSON lines) about experts dead or saturated for a window."""
+        if not self.enabled:
+            return
+        for message in self.health.observe(step, expert_loads):
+            self.write(f"WARNING {message}", stream=sys.stderr)
+            self.jsonl.write(json.dumps({"step": step, "warning": message}) + "\n")
+
     def progress(self, step: int, loss: float, tokens_per_second: float) -> None:
         if self.bar is not None:
-            self.bar.n = step
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:,.0f}", refresh=False)
-            self.bar.refresh()
+            self.bar.update(step - self.bar.n)
 
-    def write(self, message: str) -> None:
+    def write(self, message: str, stream=sys.stdout) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.write(message)
+            self.bar.write(message, file=stream)
         else:
-            print(message, flush=True)
+            print(message, file=stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
