@@ -1,6 +1,6 @@
 """Expert-parallel MoE layer against DeepSpeed's MoE, forward + backward, in one torchrun job.
 
-    torchrun --nproc_per_node=2 benchmarks/moe_ep.py [--repeats 5] [--dispatcher overlap]
+    torchrun --nproc_per_node=2 benchmarks/moe_ep.py [--repeats 5] [--dispatcher alltoall]
 
 Both layers get the same router and expert weights and the same input, so they route identically and do
 the same expert work (DeepSpeed is given a SwiGLU nn.Module expert); the benchmark checks their outputs
@@ -105,6 +105,7 @@ def step_deepspeed(layer, hidden, upstream):
 
 def timed(step, layer, hidden, upstream) -> float:
     layer.zero_grad(set_to_none=True)
+    hidden.grad = None
     dist.barrier()
     start = time.perf_counter()
     step(layer, hidden, upstream)
@@ -117,7 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions of each layer and workload")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
-    parser.add_argument("--dispatcher", default="alltoall", choices=sorted(DISPATCHERS))
+    parser.add_argument("--dispatcher", default="alltoall_dedup", choices=sorted(DISPATCHERS))
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -139,7 +140,8 @@ def main() -> None:
         ours = build_ours(workload, ctx, args.dispatcher)
         theirs = build_deepspeed(workload, ours, world_size)
         generator = torch.Generator().manual_seed(10 + rank)
-        hidden = torch.randn(workload.tokens_per_rank, workload.hidden_size, generator=generator)
+        # the input needs a gradient, as inside a model, so the backward runs the dispatch all-to-all too
+        hidden = torch.randn(workload.tokens_per_rank, workload.hidden_size, generator=generator).requires_grad_()
         upstream = torch.randn(workload.tokens_per_rank, workload.hidden_size, generator=generator)
         difference = (step_ours(ours, hidden, upstream) - step_deepspeed(theirs, hidden, upstream)).detach().abs().max()
         dist.all_reduce(difference, op=dist.ReduceOp.MAX)

@@ -15,11 +15,12 @@ import torch.distributed as dist
 from dist_utils import run_distributed
 from mymoe.config import MoEConfig
 from mymoe.model.moe.layer import MoELayer
-from mymoe.parallel import AllGatherDispatcher, AllToAllDispatcher, build_context
+from mymoe.parallel import AllGatherDispatcher, AllToAllDispatcher, DedupAllToAllDispatcher, build_context
 
 HIDDEN, FFN, EXPERTS, TOP_K = 16, 32, 8, 2
 TOLERANCE = 1e-5
-DISPATCHERS = {"alltoall": AllToAllDispatcher, "allgather": AllGatherDispatcher}
+DISPATCHERS = {"alltoall": AllToAllDispatcher, "alltoall_dedup": DedupAllToAllDispatcher,
+               "allgather": AllGatherDispatcher}
 TENSORS_PER_CASE = 9  # output, input, router, 3 shared-expert and 3 expert weights
 
 

@@ -6,6 +6,7 @@
     groups.py       the ep x edp layout: ep groups [0,1][2,3] split experts, edp groups [0,2][1,3] replicate them
     collectives.py  collectives that name themselves in errors; autograd all-to-all, all-gather, reduce-scatter
     dispatch.py     AllToAllDispatcher and AllGatherDispatcher, swappable with the model's LocalDispatcher
+    dedup_dispatch.py  DedupAllToAllDispatcher: sends a token to a rank once, not once per expert there
     parallelize.py  shard each MoE layer's experts, install its dispatcher, synchronise replicas
     grads.py        average gradients (dense over the world, experts over edp / world), global grad norm, clip
 
@@ -13,6 +14,7 @@ Model code never imports torch.distributed: it only calls the dispatcher it is h
 """
 from mymoe.parallel.agree import ConfigMismatchError, agree_on_config
 from mymoe.parallel.collectives import CollectiveError
+from mymoe.parallel.dedup_dispatch import DedupAllToAllDispatcher
 from mymoe.parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher
 from mymoe.parallel.env import LaunchInfo, detect_launch
 from mymoe.parallel.grads import clip_grad_norm_, global_grad_norm, reduce_gradients
@@ -21,7 +23,7 @@ from mymoe.parallel.parallelize import parallelize
 from mymoe.parallel.startup import init_distributed, shutdown
 
 __all__ = [
-    "AllGatherDispatcher", "AllToAllDispatcher", "CollectiveError", "ConfigMismatchError", "LaunchInfo",
-    "ParallelContext", "agree_on_config", "build_context", "clip_grad_norm_", "detect_launch", "global_grad_norm",
+    "AllGatherDispatcher", "AllToAllDispatcher", "CollectiveError", "ConfigMismatchError", "DedupAllToAllDispatcher",
+    "LaunchInfo", "ParallelContext", "agree_on_config", "build_context", "clip_grad_norm_", "detect_launch", "global_grad_norm",
     "init_distributed", "parallelize", "reduce_gradients", "shutdown",
 ]

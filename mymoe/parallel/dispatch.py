@@ -20,7 +20,7 @@ from mymoe.model.moe.dispatch import Permutation, permute, unpermute
 from mymoe.parallel.collectives import AllGather, ReduceScatter, all_to_all, named_collective
 
 
-def _check_divisible(num_experts: int, group_size: int) -> int:
+def check_divisible(num_experts: int, group_size: int) -> int:
     if num_experts % group_size:
         raise ValueError(f"num_experts={num_experts} must be divisible by the expert-parallel size {group_size}")
     return num_experts // group_size
@@ -47,7 +47,7 @@ class AllToAllDispatcher:
         self.group = group
         self.group_size = dist.get_world_size(group)
         self.num_experts = num_experts
-        self.num_local_experts = _check_divisible(num_experts, self.group_size)
+        self.num_local_experts = check_divisible(num_experts, self.group_size)
         self.first_local_expert = dist.get_rank(group) * self.num_local_experts
         self.name = name
         self.timeout_seconds = timeout_seconds
@@ -106,7 +106,7 @@ class AllGatherDispatcher:
         self.group = group
         self.group_size = dist.get_world_size(group)
         self.num_experts = num_experts
-        self.num_local_experts = _check_divisible(num_experts, self.group_size)
+        self.num_local_experts = check_divisible(num_experts, self.group_size)
         self.first_local_expert = dist.get_rank(group) * self.num_local_experts
         self.name = name
         self.timeout_seconds = timeout_seconds

@@ -13,11 +13,13 @@ import torch
 import torch.distributed as dist
 
 from mymoe.parallel.collectives import apply_flat, named_collective
+from mymoe.parallel.dedup_dispatch import DedupAllToAllDispatcher
 from mymoe.parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher
 from mymoe.parallel.grads import is_expert
 from mymoe.parallel.groups import ParallelContext
 
-DISPATCHERS = {"alltoall": AllToAllDispatcher, "allgather": AllGatherDispatcher}
+DISPATCHERS = {"alltoall": AllToAllDispatcher, "alltoall_dedup": DedupAllToAllDispatcher,
+               "allgather": AllGatherDispatcher}
 
 
 def parallelize(model: torch.nn.Module, ctx: ParallelContext) -> torch.nn.Module:
