@@ -25,27 +25,36 @@ def read_loads(metrics_path: Path) -> tuple[list[int], np.ndarray]:
 
 
 def render(metrics_path: str, output: str) -> str:
+    """Write the heatmap PNG of metrics_path's expert loads to output; returns output."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps, loads = read_loads(Path(metrics_path))
     share = loads / np.clip(loads.sum(axis=2, keepdims=True), 1, None)  # fraction of tokens per expert
     num_layers, num_experts = share.shape[1], share.shape[2]
-    fig, axes = plt.subplots(num_layers, 1, figsize=(10, 1.2 + 0.25 * num_experts * num_layers), squeeze=False,
+    # one colour scale for every layer, so panels compare; a panel stays readable from 4 to 256 experts
+    vmax = max(float(share.max()), 2.0 / num_experts)
+    panel_height = min(max(0.18 * num_experts, 1.2), 3.0)
+    fig, axes = plt.subplots(num_layers, 1, figsize=(10, 1.0 + panel_height * num_layers), squeeze=False,
                              sharex=True)
+    half_step = (steps[-1] - steps[0]) / max(len(steps) - 1, 1) / 2
     for layer in range(num_layers):
         ax = axes[layer, 0]
         image = ax.imshow(share[:, layer, :].T, aspect="auto", interpolation="nearest", cmap="viridis",
-                          extent=(steps[0], steps[-1], num_experts - 0.5, -0.5), vmin=0)
-        ax.set_ylabel(f"layer {layer}\nexpert")
-        fig.colorbar(image, ax=ax, label="token share")
+                          extent=(steps[0] - half_step, steps[-1] + half_step, num_experts - 0.5, -0.5),
+                          vmin=0, vmax=vmax)
+        ax.set_ylabel(f"MoE layer {layer}\nexpert")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(num_experts, 8)))
     axes[-1, 0].set_xlabel("step")
-    fig.suptitle(f"Expert load over training (uniform = {1 / num_experts:.3f})")
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"Expert load over training: share of each layer's tokens (uniform = {1 / num_experts:.3f})")
     fig.tight_layout()
+    fig.colorbar(image, ax=axes[:, 0].tolist(), label="token share", fraction=0.03, pad=0.02)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=100)
+    fig.savefig(output, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return output
 
