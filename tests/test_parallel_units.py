@@ -1,11 +1,14 @@
 """Expert-parallel pieces that need no processes: the rank layout, launcher detection, backend choice,
 and the errors collectives raise."""
+import sys
+import types
+
 import pytest
 import torch
 
 from mymoe.config import Config, ConfigError, validate
 from mymoe.parallel.collectives import CollectiveError, named_collective
-from mymoe.parallel.env import detect_launch, expand_slurm_nodelist, slurm_port
+from mymoe.parallel.env import agree_master_over_mpi, detect_launch, expand_slurm_nodelist, slurm_port
 from mymoe.parallel.groups import ParallelContext, expert_data_parallel_ranks, expert_parallel_ranks
 from mymoe.parallel.startup import resolve_backend
 
@@ -128,3 +131,49 @@ def test_named_collective_says_what_timed_out():
     with pytest.raises(CollectiveError, match=r"all_reduce \(x\) failed: a rank probably died"):
         with named_collective("all_reduce (x)", 5):
             raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
+
+
+class FakeComm:
+    """The two calls agree_master_over_mpi makes on MPI.COMM_WORLD, as rank `rank` of `size` sees them."""
+
+    def __init__(self, rank: int, size: int, from_rank0=None):
+        self.rank, self.size, self.from_rank0 = rank, size, from_rank0
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return self.size
+
+    def bcast(self, value, root):
+        assert root == 0
+        return value if self.rank == 0 else self.from_rank0
+
+
+def fake_mpi4py(monkeypatch, comm):
+    module = types.ModuleType("mpi4py")
+    module.MPI = types.SimpleNamespace(COMM_WORLD=comm)
+    monkeypatch.setitem(sys.modules, "mpi4py", module)
+
+
+def test_mpirun_rank0_picks_and_broadcasts_the_rendezvous(monkeypatch):
+    fake_mpi4py(monkeypatch, FakeComm(0, 2))
+    chosen = agree_master_over_mpi(detect_launch({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}))
+    assert chosen.master_addr and 0 < chosen.master_port < 65536
+
+    fake_mpi4py(monkeypatch, FakeComm(1, 2, from_rank0=(chosen.master_addr, chosen.master_port)))
+    heard = agree_master_over_mpi(detect_launch({"PMI_RANK": "1", "PMI_SIZE": "2"}))
+    assert (heard.launcher, heard.rank, heard.master_addr, heard.master_port) == \
+        ("mpich", 1, chosen.master_addr, chosen.master_port)
+
+
+def test_mpirun_without_mpi4py_says_how_to_fix_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import fails as if it were not installed
+    with pytest.raises(RuntimeError, match="install mpi4py .* or export both variables"):
+        agree_master_over_mpi(detect_launch({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}))
+
+
+def test_mpirun_with_exported_address_needs_no_mpi(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    launch = detect_launch({"PMI_RANK": "0", "PMI_SIZE": "2", "MASTER_ADDR": "h0", "MASTER_PORT": "29500"})
+    assert agree_master_over_mpi(launch) is launch
