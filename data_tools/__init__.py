@@ -3,12 +3,13 @@
     python -m data_tools train-tokenizer --input corpus/ --output tok --vocab-size 8000
     python -m data_tools preprocess --input corpus/ --tokenizer tok.model --output data/books
     python -m data_tools merge --output data/all data/part1 data/part2
-    python -m data_tools inspect data/books --vocab tok.model
+    python -m data_tools inspect data/books --tokenizer tok.model
 
-Layout: corpus.py (find inputs, read documents, count bad input), builtin_corpus.py (the offline
-`builtin:stdlib` corpus), tokenizer.py (SentencePiece training), encode.py (the worker side of
-preprocessing), indexed_io.py (dtype choice, staging and publishing `.bin/.idx` pairs),
-preprocess.py, merge.py, inspect_dataset.py (the commands), cli.py (argument parsing).
+Layout: cli.py (argument parsing, `main`), corpus.py (find inputs, read documents, count bad
+input), builtin_corpus.py (the offline `builtin:stdlib` corpus), tokenizer.py (SentencePiece
+training), encode.py (the worker side of preprocessing), indexed_io.py (dtype choice, staging and
+publishing `.bin/.idx` pairs), split.py (train/valid split), preprocess.py and preprocess_mpi.py,
+merge.py, inspect_dataset.py (the commands).
 The training-side reader of the files is `mymoe.data`.
 """
 

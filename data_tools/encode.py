@@ -10,12 +10,18 @@ import sentencepiece as spm
 _tokenizer: spm.SentencePieceProcessor | None = None
 _eod: int = -1
 _dtype: type = np.int32
+_init_error: str | None = None
 
 
 def init_worker(model_path: str, eod: int, dtype: type) -> None:
-    global _tokenizer, _eod, _dtype
-    _tokenizer = spm.SentencePieceProcessor(model_file=model_path)
+    global _tokenizer, _eod, _dtype, _init_error
     _eod, _dtype = eod, dtype
+    try:
+        _tokenizer = spm.SentencePieceProcessor(model_file=model_path)
+    except Exception as error:  # noqa: BLE001
+        # A Pool initializer that raises makes the pool start a replacement worker, forever: the
+        # run would hang. Keep the error and raise it from the first task, where the parent sees it.
+        _init_error = f"worker could not load tokenizer {model_path}: {error}"
 
 
 def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -24,6 +30,8 @@ def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
     Every kept document ends with EOD. A document that tokenizes to nothing is dropped rather than
     written as a lone EOD, which would be an empty document in disguise.
     """
+    if _init_error is not None:
+        raise RuntimeError(_init_error)
     # num_threads=1: parallelism comes from worker processes, so --workers means what it says.
     encoded = _tokenizer.encode_as_numpy(texts, num_threads=1)  # int32 arrays
     eod = np.array([_eod], dtype=np.int32)

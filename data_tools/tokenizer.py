@@ -4,6 +4,13 @@ Training reads documents through corpus.py (so it accepts the same inputs as pre
 SentencePiece their lines. For huge corpora `input_sentence_size` caps what SentencePiece keeps:
 it samples that many lines uniformly (reservoir sampling, seeded) from everything it is fed.
 Ids 0, 1, 2 are <unk>, <s>, </s>; </s> is the end-of-document token preprocess appends.
+
+Normalization is `identity` by default, with whitespace kept as it is (as in Llama's tokenizer):
+SentencePiece's usual nmt_nfkc rule folds runs of spaces and drops control characters, which would
+erase the indentation of code and make decode(encode(text)) differ from the text. Training sees
+the corpus line by line, so a newline is never a learned piece: it is encoded by byte fallback as
+<0x0A> (without byte fallback it becomes <unk>). `--normalization nmt_nfkc` restores
+SentencePiece's default behaviour for prose.
 """
 
 import os
@@ -20,6 +27,7 @@ from data_tools import DataError
 from data_tools.corpus import CorpusReport, Source, cap_documents, read_documents
 
 MODEL_TYPES = ("bpe", "unigram")
+NORMALIZATIONS = ("identity", "nmt_nfkc")
 RESERVED_PIECES = ("<unk>", "<s>", "</s>")
 # SentencePiece silently drops sentences longer than max_sentence_length (4192 bytes by default);
 # long lines are cut at whitespace below this many characters (4 UTF-8 bytes at most each).
@@ -32,6 +40,7 @@ class TokenizerOptions:
     output: str  # prefix: writes <output>.model and <output>.vocab
     vocab_size: int = 8000
     model_type: str = "bpe"
+    normalization: str = "identity"
     byte_fallback: bool = True
     special_tokens: list[str] = field(default_factory=list)
     character_coverage: float = 0.9995
@@ -91,6 +100,10 @@ def end_of_document_id(tokenizer: spm.SentencePieceProcessor, model_path: str) -
 def check_tokenizer_options(options: TokenizerOptions) -> None:
     if options.model_type not in MODEL_TYPES:
         raise DataError(f"--model-type {options.model_type!r} is not one of {MODEL_TYPES}")
+    if options.normalization not in NORMALIZATIONS:
+        raise DataError(
+            f"--normalization {options.normalization!r} is not one of {NORMALIZATIONS}"
+        )
     specials = options.special_tokens
     if any(not token for token in specials):
         raise DataError(f"--special-tokens {specials} holds an empty token; remove it")
@@ -155,6 +168,7 @@ def train_tokenizer(options: TokenizerOptions, sources: list[Source]) -> Tokeniz
     folder, name = os.path.split(os.path.abspath(options.output))
     os.makedirs(folder, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=folder)
+    keep_whitespace = options.normalization == "identity"
     try:
         spm.set_random_generator_seed(options.seed)
         try:
@@ -166,6 +180,9 @@ def train_tokenizer(options: TokenizerOptions, sources: list[Source]) -> Tokeniz
                 byte_fallback=options.byte_fallback,
                 user_defined_symbols=options.special_tokens,
                 character_coverage=options.character_coverage,
+                normalization_rule_name=options.normalization,
+                remove_extra_whitespaces=not keep_whitespace,
+                allow_whitespace_only_pieces=keep_whitespace,
                 input_sentence_size=options.input_sentence_size,
                 shuffle_input_sentence=True,
                 num_threads=options.num_threads,
@@ -203,7 +220,10 @@ def _lines(documents: Iterator[str], counts: dict, report: CorpusReport, bar) ->
     for text in documents:
         counts["documents"] += 1
         for line in text.split("\n"):
-            for piece in _cut(line.strip()):
+            if not line.strip():
+                continue
+            # Leading whitespace stays: it is the indentation of code.
+            for piece in _cut(line.rstrip()):
                 counts["lines"] += 1
                 yield piece
         bar.update(report.bytes_read - bar.n)
