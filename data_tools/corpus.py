@@ -24,6 +24,7 @@ from data_tools.builtin_corpus import BUILTIN_PREFIX, builtin_files
 SUFFIXES = {".jsonl.gz": "jsonl", ".jsonl": "jsonl", ".txt.gz": "txt", ".txt": "txt"}
 TXT_UNITS = ("file", "paragraph", "line")
 MAX_EXAMPLES = 5  # locations of bad input quoted in the summary; the rest are only counted
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -189,11 +190,9 @@ def _read_jsonl(path, report, json_key, strict):
             # A JSON escape like "\\udc80" decodes to a lone surrogate, which is not encodable
             # UTF-8 and would crash the tokenizer; the substring test keeps the check cheap.
             if "\\ud" in line or "\\uD" in line:
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    text = text.encode("utf-8", errors="replace").decode("utf-8")
-                    invalid = True
+                repaired = LONE_SURROGATE.sub("\ufffd", text)
+                if repaired != text:
+                    text, invalid = repaired, True
             if not text.strip():
                 report.note("empty", where, "empty document")
                 continue
