@@ -243,6 +243,7 @@ def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] 
             if checkpoints is not None and train_config.checkpoint_interval \
                     and step % train_config.checkpoint_interval == 0 and not trainer.finished():
                 checkpoints.save(trainer)
+        logger.end_progress()
         if checkpoints is not None:
             checkpoints.save(trainer)
             checkpoints.wait()

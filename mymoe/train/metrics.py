@@ -144,9 +144,14 @@ class MetricsLogger:
         else:
             print(message, file=stream, flush=True)
 
-    def close(self) -> None:
+    def end_progress(self) -> None:
+        """Close the progress bar, so what is printed next (the checkpoint save) gets lines of its own."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self.end_progress()
         if self.writer is not None:
             self.writer.close()
         if self.jsonl is not None:

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Quickstart on a fresh machine (CPU is enough, a few minutes on 2 cores), from the repository root:
+#   bash scripts/quickstart.sh
+# 1. installs MyMoE (scripts/setup.sh keeps an installed torch, else installs the CPU build 2.13.0);
+# 2. trains a SentencePiece tokenizer on the built-in offline corpus (this Python's standard library
+#    sources) and preprocesses it into Megatron .bin/.idx files under data/quickstart/;
+# 3. trains configs/tiny.yaml with expert parallelism (EP=2) on 2 local processes with torchrun;
+# 4. saves a sharded checkpoint under runs/quickstart/checkpoints/ and prints a generated sample.
+# STEPS=N changes the number of training steps (default 600); PYTHON picks the interpreter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+STEPS="${STEPS:-600}"
+DATA=data/quickstart
+RUN=runs/quickstart
+start=$SECONDS
+
+step() { echo; echo "=== [quickstart] $* ==="; }
+
+step "1/4 install"
+PYTHON="$PYTHON" bash scripts/setup.sh
+
+step "2/4 tokenizer and indexed dataset from the built-in corpus (builtin:stdlib)"
+if [ -f "$DATA/tok.model" ] && [ -f "$DATA/stdlib_train.idx" ] && [ -f "$DATA/stdlib_valid.idx" ]; then
+    echo "reusing $DATA/tok.model and $DATA/stdlib_{train,valid}.{bin,idx} (delete $DATA to rebuild)"
+else
+    mkdir -p "$DATA"
+    "$PYTHON" -m data_tools train-tokenizer --input builtin:stdlib --vocab-size 1024 --output "$DATA/tok" --overwrite
+    "$PYTHON" -m data_tools preprocess --input builtin:stdlib --tokenizer "$DATA/tok.model" --output "$DATA/stdlib" \
+        --split 0.98 --workers 2 --overwrite
+fi
+
+step "3/4 train configs/tiny.yaml, EP=2 on 2 processes ($STEPS steps)"
+rm -rf "$RUN"  # a fresh run each time (train.resume would otherwise continue the last one)
+cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=2 -m mymoe.train --config configs/tiny.yaml
+     --parallel.expert_parallel_size=2 --train.max_steps="$STEPS" --train.eval_interval=200
+     "--data.train_prefixes=[$DATA/stdlib_train]" "--data.valid_prefixes=[$DATA/stdlib_valid]"
+     --data.tokenizer="$DATA/tok.model" --train.out_dir="$RUN")
+echo "${cmd[*]}"
+OMP_NUM_THREADS=1 "${cmd[@]}"
+"$PYTHON" -m mymoe.train.heatmap "$RUN/metrics.jsonl" -o "$RUN/expert_load.png"
+
+step "4/4 generate from the checkpoint"
+"$PYTHON" -m mymoe.generate --checkpoint "$RUN/checkpoints" --prompt "def " --max_new_tokens 80 --seed 0
+
+echo
+echo "[quickstart] done in $((SECONDS - start)) s: data in $DATA/, checkpoint in $RUN/checkpoints/, TensorBoard logs" \
+     "in $RUN/tensorboard/ (tensorboard --logdir $RUN), expert-load heatmap $RUN/expert_load.png"
