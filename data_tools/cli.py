@@ -14,7 +14,7 @@ from data_tools import DataError
 INPUT_HELP = (
     "files, directories (searched recursively) or glob patterns of .txt, .txt.gz, .jsonl, "
     ".jsonl.gz; or builtin:stdlib (about 4 MB of the local Python standard library, offline) "
-    "or builtin:stdlib-full (all of it); repeatable"
+    "or builtin:stdlib-full (all of it); several may follow one --input"
 )
 
 
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", action="append", required=True, help=INPUT_HELP)
+    parser.add_argument("--input", action="extend", nargs="+", required=True, help=INPUT_HELP)
     parser.add_argument("--json-key", default="text", help="field holding the text in .jsonl")
     parser.add_argument("--txt-unit", default="file", choices=["file", "paragraph", "line"],
                         help="what one document is in a .txt file")

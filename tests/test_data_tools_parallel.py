@@ -13,7 +13,6 @@ from mymoe.data import build_train_reader
 from test_data_tools_support import (  # noqa: F401 - fixtures
     REPO_ROOT,
     documents,
-    pair_bytes,
     run_preprocess,
     tokenizer_model,
     write_jsonl,

@@ -18,7 +18,6 @@ from test_data_tools_support import (  # noqa: F401 - fixtures
     SPECIAL_TOKENS,
     documents,
     megatron_documents,
-    nfkc_tokenizer_model,
     pair_bytes,
     run_preprocess,
     tokenizer_model,
