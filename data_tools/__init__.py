@@ -20,3 +20,8 @@ The training-side reader of the files is `mymoe.data`.
 
 class DataError(Exception):
     """Bad input or settings; the message names the bad value and the fix."""
+
+
+def count_of(number: int, noun: str) -> str:
+    """'1 file', '2,000 files': counts in messages read as sentences."""
+    return f"{number:,} {noun}" + ("" if number == 1 else "s")

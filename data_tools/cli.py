@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from data_tools import DataError
+from data_tools import DataError, count_of
 
 INPUT_HELP = (
     "files, directories (searched recursively) or glob patterns of .txt, .txt.gz, .jsonl, "
@@ -123,8 +123,8 @@ def _train_tokenizer(args) -> int:
     sources = resolve_inputs(options.inputs)
     size = sum(source.size for source in sources)
     print(
-        f"train-tokenizer: {options.model_type} vocab {options.vocab_size:,} on {len(sources):,} "
-        f"files ({size / 1e6:,.1f} MB) -> {options.output}.model"
+        f"train-tokenizer: {options.model_type} vocab {options.vocab_size:,} on "
+        f"{count_of(len(sources), 'file')} ({size / 1e6:,.1f} MB) -> {options.output}.model"
         + (f", {len(options.special_tokens)} special tokens" if options.special_tokens else "")
         + (", byte fallback" if options.byte_fallback else "")
     )

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from data_tools import DataError
+from data_tools import DataError, count_of
 from data_tools.corpus import (
     TXT_UNITS,
     CorpusReport,
@@ -100,7 +100,8 @@ class Plan:
                 f"{o.max_bytes / 1e6:,.1f} MB of text" if o.max_bytes else ""]
         cap = " (at most " + " and ".join(c for c in caps if c) + ")" if any(caps) else ""
         return (
-            f"preprocess: {len(self.sources):,} files ({self.input_bytes / 1e6:,.1f} MB){cap} -> "
+            f"preprocess: {count_of(len(self.sources), 'file')} "
+            f"({self.input_bytes / 1e6:,.1f} MB){cap} -> "
             + " and ".join(f"{p}.{{bin,idx}}" for p in self.outputs)
             + f" with tokenizer {o.tokenizer} (vocab {self.vocab_size:,}, EOD id {self.eod}, "
             f"{np.dtype(self.dtype).name}), {spread}{split}"
@@ -263,7 +264,7 @@ def finish(plan: Plan, staging: str, everything: str, report: CorpusReport) -> P
     if data.num_documents == 0:
         problems = report.problems()
         raise DataError(
-            f"no documents to write: {len(plan.sources):,} input files gave none"
+            f"no documents to write: {count_of(len(plan.sources), 'input file')} gave none"
             + (f" ({problems})" if problems else "")
             + f"; check the inputs and --json-key (now {o.json_key!r})"
         )

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import sentencepiece as spm
 from tqdm import tqdm
 
-from data_tools import DataError
+from data_tools import DataError, count_of
 from data_tools.corpus import CorpusReport, Source, cap_documents, read_documents
 
 MODEL_TYPES = ("bpe", "unigram")
@@ -160,7 +160,7 @@ def train_tokenizer(options: TokenizerOptions, sources: list[Source]) -> Tokeniz
         bar.close()
         problems = report.problems()
         raise DataError(
-            f"no text found in {len(sources)} input files"
+            f"no text found in {count_of(len(sources), 'input file')}"
             + (f" ({problems})" if problems else "")
             + f"; check the inputs and --json-key (now {options.json_key!r})"
         )

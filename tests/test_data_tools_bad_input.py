@@ -115,7 +115,7 @@ def test_empty_corpus_is_a_clear_error(tmp_path, tokenizer_model, capsys):
     code = main(["train-tokenizer", "--input", str(tmp_path / "empty.jsonl"), "--output",
                  str(tmp_path / "tok"), "--vocab-size", "300", "--quiet"])
     assert code == 2
-    assert "error: no text found in 1 input files" in capsys.readouterr().err
+    assert "error: no text found in 1 input file;" in capsys.readouterr().err
 
 
 def test_vocabulary_too_large_for_the_dtype(tmp_path, tokenizer_model, monkeypatch):
