@@ -1,8 +1,9 @@
 """Find the input files and read documents from them, counting what had to be skipped or repaired.
 
 Inputs are files, directories (searched recursively) or glob patterns of `.txt`, `.txt.gz`,
-`.jsonl` and `.jsonl.gz` files, or a builtin corpus (`builtin:stdlib`, builtin_corpus.py). A JSON line is one document, its text under
-`json_key`; a text file is one document, or one per paragraph or line (`txt_unit`).
+`.jsonl` and `.jsonl.gz` files, or a builtin corpus (`builtin:stdlib`, see builtin_corpus.py).
+A JSON line is one document, its text under `json_key`; a text file is one document, or one per
+paragraph or line (`txt_unit`).
 
 Bad input never stops a run unless `strict` is set; it is counted in a `CorpusReport`:
 invalid UTF-8 is replaced with U+FFFD, malformed JSON lines and lines without a string under

@@ -62,7 +62,8 @@ def length_histogram(lengths: np.ndarray) -> list[str]:
 def token_id_range(tokens: np.ndarray, progress: bool) -> tuple[int, int]:
     low, high = None, None
     steps = range(0, len(tokens), SCAN_TOKENS)
-    for start in tqdm(steps, desc="scanning ids", unit="step", disable=not progress or len(steps) < 2):
+    quiet = not progress or len(steps) < 2
+    for start in tqdm(steps, desc="scanning ids", unit="step", disable=quiet):
         chunk = tokens[start : start + SCAN_TOKENS]
         low = int(chunk.min()) if low is None else min(low, int(chunk.min()))
         high = int(chunk.max()) if high is None else max(high, int(chunk.max()))

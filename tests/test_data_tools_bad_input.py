@@ -38,7 +38,8 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, tokenizer_model):
     assert "3 invalid UTF-8 (replaced)" in result.summary()
     tokenizer = spm.SentencePieceProcessor(model_file=tokenizer_model)
     texts = [tokenizer.decode(d[:-1]) for d in megatron_documents(tmp_path / "out")]
-    assert texts == ["caf\ufffd au lait\n", "ok \ufffd\ufffd here", "clean", "lone \ufffd surrogate"]
+    assert texts == ["caf\ufffd au lait\n", "ok \ufffd\ufffd here", "clean",
+                     "lone \ufffd surrogate"]
 
 
 def test_documents_that_tokenize_to_nothing_are_skipped_and_counted(tmp_path,
@@ -103,7 +104,8 @@ def test_empty_documents_are_skipped_and_counted(tmp_path, tokenizer_model):
 def test_empty_corpus_is_a_clear_error(tmp_path, tokenizer_model, capsys):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     (tmp_path / "blank.txt").write_text("   ")
-    with pytest.raises(DataError, match=r"no documents to write: 2 input files gave none \(1 empty"):
+    with pytest.raises(DataError,
+                       match=r"no documents to write: 2 input files gave none \(1 empty"):
         run_preprocess([tmp_path / "empty.jsonl", tmp_path / "blank.txt"], tmp_path / "out",
                        tokenizer_model)
     (tmp_path / "nothing").mkdir()
@@ -143,7 +145,8 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, tokenizer_model, 
     assert f"{tmp_path / 'out'}.bin already exists; pass --overwrite" in capsys.readouterr().err
     assert pair_bytes(tmp_path / "out") == before
     assert main(args + ["--overwrite"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].startswith(f"wrote {tmp_path / 'out'}.{{bin,idx}}")
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert summary.startswith(f"wrote {tmp_path / 'out'}.{{bin,idx}}")
 
     # the split outputs and the tokenizer are protected alike
     run_preprocess([corpus], tmp_path / "s", tokenizer_model, valid_docs=1)
