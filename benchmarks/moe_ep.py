@@ -9,7 +9,7 @@ to the busiest expert's count. Repetitions interleave the two layers and both wo
 from other processes on the machine falls on all of them alike; the median of the repetitions counts.
 
 Prints global tokens/s for each layer and workload, the share of our layer's time spent inside
-all-to-all calls, and ends with one line:
+all-to-all calls (waiting there for a slower peer included), and ends with one line:
     RESULT coarse_vs_deepspeed=<r> fine_vs_deepspeed=<r> a2a_share=<fraction>
 """
 from __future__ import annotations
@@ -178,7 +178,7 @@ def main() -> None:
             f"tok/s   ratio {ratios[workload.name]:.2f}")
     ours_total = sum(sum(seconds[w.name, "ours"]) for w in WORKLOADS)
     a2a_share = a2a_seconds / ours_total
-    say(f"  share of our layer's time inside all_to_all_single: {a2a_share:.3f}")
+    say(f"  share of our layer's time inside all_to_all_single (waits for the peer included): {a2a_share:.3f}")
     say(f"RESULT coarse_vs_deepspeed={ratios['coarse']:.2f} fine_vs_deepspeed={ratios['fine']:.2f} "
         f"a2a_share={a2a_share:.3f}")
     dist.destroy_process_group()
