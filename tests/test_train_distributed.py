@@ -137,9 +137,9 @@ def _native_and_deepspeed(rank, world_size, train_prefix, valid_prefix, out_dir)
                             ("zero2", REPO / "configs" / "ds_zero2.json")):
         trainer = Trainer(config, ctx, None if ds_config is None else str(ds_config))
         metrics = [trainer.train_step() for _ in range(4)]
+        stepping = trainer.optimizer if trainer.engine is None else trainer.engine.optimizer
         histories[name] = {"loss": [m["loss"] for m in metrics], "grad_norm": [m["grad_norm"] for m in metrics],
-                           "groups": [(g.get("name"), bool(g.get("moe", False)), len(g["params"]))
-                                      for g in getattr(trainer.optimizer, "optimizer", trainer.optimizer).param_groups]}
+                           "groups": [(g.get("name"), bool(g.get("moe", False))) for g in stepping.param_groups]}
     return histories
 
 
@@ -155,5 +155,46 @@ def test_deepspeed_zero1_and_zero2_match_the_native_path(dataset, tmp_path):
         assert histories[stage]["loss"] == pytest.approx(native["loss"], abs=1e-5), stage
         assert histories[stage]["grad_norm"] == pytest.approx(native["grad_norm"], rel=1e-5), stage
         # DeepSpeed's MoE convention: the expert parameters in their own group named after the ep size
-        moe_groups = {name for name, moe, _ in histories[stage]["groups"] if moe}
+        moe_groups = {name for name, moe in histories[stage]["groups"] if moe}
         assert moe_groups == {"ep_size_2"}, histories[stage]["groups"]
+
+
+def _checkpoints_across_paths(rank, world_size, train_prefix, valid_prefix, out_dir):
+    from mymoe.checkpoint import CheckpointManager
+    from mymoe.config import load_config
+    from mymoe.parallel import init_distributed
+    from mymoe.train.loop import Trainer
+
+    config = load_config(str(TINY_CONFIG), tiny_overrides(
+        train_prefix, valid_prefix, Path(out_dir), steps=4,
+        extra={"parallel.expert_parallel_size": 2, "train.micro_batch_size": 2, "train.precision": "fp32"}))
+    ctx = init_distributed(config)
+    zero1, zero2 = (str(REPO / "configs" / f"ds_zero{stage}.json") for stage in (1, 2))
+
+    def losses(trainer, steps):
+        return [trainer.train_step()["loss"] for _ in range(steps)]
+
+    straight = losses(Trainer(config, ctx), 4)  # the native path, uninterrupted
+    saved_by = {}
+    for name, ds_config in (("native", None), ("zero2", zero2)):
+        trainer = Trainer(config, ctx, ds_config)
+        saved_by[name] = losses(trainer, 2)
+        CheckpointManager(Path(out_dir) / name, config, ctx, verbose=False).save(trainer)
+    resumed = {}
+    for saved, path in (("zero2", None), ("native", zero1), ("zero2", zero2)):
+        trainer = Trainer(config, ctx, path)
+        assert CheckpointManager(Path(out_dir) / saved, config, ctx, verbose=False).load_latest(trainer)
+        assert trainer.step == 2
+        resumed[f"{saved} -> {'native' if path is None else Path(path).stem}"] = losses(trainer, 2)
+    return {"straight": straight, "saved_by": saved_by, "resumed": resumed}
+
+
+def test_deepspeed_checkpoints_resume_on_either_path(dataset, tmp_path):
+    results = run_distributed(_checkpoints_across_paths, world_size=2, args=(*dataset, str(tmp_path)),
+                              init_process_group=False, timeout=240)
+    value = results[0].value
+    straight = value["straight"]
+    assert value["saved_by"]["zero2"] == pytest.approx(straight[:2], abs=1e-5)
+    assert set(value["resumed"]) == {"zero2 -> native", "native -> ds_zero1", "zero2 -> ds_zero2"}
+    for route, losses in value["resumed"].items():
+        assert losses == pytest.approx(straight[2:], abs=1e-5), route

@@ -81,17 +81,20 @@ class Trainer:
         torch.manual_seed(train.seed + ctx.rank)  # router noise and the like differ per rank, reproducibly
         self.engine = None
         if deepspeed_config is not None:
-            from mymoe.train.deepspeed_engine import initialize_deepspeed
+            from mymoe.train.deepspeed_engine import ZeroOptimizerView, initialize_deepspeed
 
-            self.engine, self.optimizer = initialize_deepspeed(self.model, config, ctx, deepspeed_config)
+            self.engine, stepping_optimizer = initialize_deepspeed(self.model, config, ctx, deepspeed_config)
+            # checkpoints see ZeRO's partitioned state per parameter, as the native optimizer holds it
+            self.optimizer = ZeroOptimizerView(self.model, stepping_optimizer, train.weight_decay)
         else:
-            self.optimizer = build_optimizer(parameter_groups(self.model, train.weight_decay), train)
+            stepping_optimizer = self.optimizer = build_optimizer(parameter_groups(self.model, train.weight_decay),
+                                                                  train)
         self.forward = self.engine if self.engine is not None else self.model
         self.train_reader = build_reader(config, ctx, "train")
         self.tokens_per_step = (train.micro_batch_size * config.data.seq_len * train.gradient_accumulation_steps
                                 * ctx.world_size)
         self.total_steps = total_steps(train, self.tokens_per_step)
-        self.schedule = Schedule(self.optimizer, train, self.total_steps)
+        self.schedule = Schedule(stepping_optimizer, train, self.total_steps)
         self.step = 0
         self.tokens_seen = 0
 
@@ -105,6 +108,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.model.load_state_dict(state["model"])
+        if self.engine is not None:
+            self.optimizer.refresh_master_weights()
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_reader.load_state_dict(state["train_reader"])
         torch.set_rng_state(state["rng"]["cpu"])
@@ -200,10 +205,8 @@ def run(config: Config, deepspeed_config: Optional[str] = None, progress: bool =
 def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] = None,
           progress: bool = True) -> TrainResult:
     trainer = Trainer(config, ctx, deepspeed_config)
-    # ZeRO keeps flat optimizer partitions that the sharded checkpoint layout (per parameter, experts by
-    # global index) cannot address yet, so the DeepSpeed path trains without checkpoints
-    checkpoints = checkpoint_manager(config, ctx) if trainer.engine is None else None
-    if checkpoints is not None and config.train.resume:
+    checkpoints = checkpoint_manager(config, ctx)
+    if config.train.resume:
         checkpoints.load_latest(trainer)
     train_config, out_dir = config.train, Path(config.train.out_dir)
     logger = MetricsLogger(str(out_dir), trainer.total_steps, enabled=ctx.rank == 0,
@@ -240,19 +243,17 @@ def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] 
                     perplexity = math.exp(min(eval_loss, 50.0))
                     logger.log(step, {"eval/loss": eval_loss, "eval/perplexity": perplexity})
                     logger.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity:.2f}")
-            if checkpoints is not None and train_config.checkpoint_interval \
-                    and step % train_config.checkpoint_interval == 0 and not trainer.finished():
+            if train_config.checkpoint_interval and step % train_config.checkpoint_interval == 0 \
+                    and not trainer.finished():
                 checkpoints.save(trainer)
         logger.end_progress()
-        if checkpoints is not None:
-            checkpoints.save(trainer)
-            checkpoints.wait()
+        checkpoints.save(trainer)
+        checkpoints.wait()
     finally:
         logger.close()
     result.steps, result.tokens_seen = trainer.step, trainer.tokens_seen
     final = f"{result.losses[-1]:.4f}" if result.losses else "n/a (nothing left to train)"
-    saved = f"checkpoint in {checkpoints.root}" if checkpoints is not None else "no checkpoint (DeepSpeed path)"
     logger.write(f"trained to step {trainer.step} ({trainer.tokens_seen:,} tokens); final loss {final}; "
-                 f"metrics in {out_dir / 'metrics.jsonl'}; {saved}")
+                 f"metrics in {out_dir / 'metrics.jsonl'}; checkpoint in {checkpoints.root}")
     return result
 
