@@ -141,3 +141,11 @@ def test_deepspeed_launcher_with_localhost_hostfile_trains_zero2(dataset, tmp_pa
     output = run_script(command, launcher_env(HOSTFILE=hostfile, MASTER_PORT=free_port()), timeout=240)
     assert "--hostfile=" in output and "(DeepSpeed " in output
     assert_trained(tmp_path / "run", output)
+
+
+@pytest.mark.skipif(shutil.which("mymoe-train") is None, reason="console scripts not installed (pip install -e .)")
+def test_mymoe_train_console_script_trains_one_process(dataset, tmp_path):
+    output = run_script(["mymoe-train", *training_args(dataset, tmp_path), "--parallel.expert_parallel_size=1"],
+                        launcher_env(), timeout=60)
+    assert "world 1 = EP 1 x EDP 1" in output
+    assert (tmp_path / "metrics.jsonl").is_file()

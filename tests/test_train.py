@@ -191,3 +191,10 @@ def test_deepspeed_config_takes_batch_clipping_and_precision_from_ours(tmp_path)
 def test_cli_reports_a_bad_config_in_one_line(capsys):
     with pytest.raises(SystemExit, match="unknown key 'lrr'"):
         train_main(["--config", str(TINY_CONFIG), "--train.lrr=1"])
+
+
+def test_cli_names_a_missing_data_prefix(tmp_path):
+    with pytest.raises(SystemExit, match=r"data.train_prefixes: .*nope.bin and .idx not found"):
+        train_main(["--config", str(TINY_CONFIG), f"--data.train_prefixes=[{tmp_path / 'nope'}]"])
+    with pytest.raises(SystemExit, match="data.train_prefixes is empty"):
+        train_main(["--config", str(TINY_CONFIG)])

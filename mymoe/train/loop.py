@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from mymoe.config import Config
+from mymoe.config import Config, ConfigError
 from mymoe.data import build_train_reader
 from mymoe.model import MoECausalLM
 from mymoe.parallel import ParallelContext, clip_grad_norm_, init_distributed, parallelize, reduce_gradients, shutdown
@@ -53,6 +53,21 @@ def world_mean(values: list[float], ctx: ParallelContext) -> list[float]:
     return tensor.tolist()
 
 
+def check_data(config: Config) -> None:
+    """Raise ConfigError unless every data prefix has its .bin and .idx (pure: call it on every rank)."""
+    data = config.data
+    if not data.train_prefixes:
+        raise ConfigError("data.train_prefixes is empty: preprocess a corpus with `python -m data_tools preprocess` "
+                          "and pass --data.train_prefixes=[path/prefix]")
+    for field_name, prefixes in (("train_prefixes", data.train_prefixes), ("valid_prefixes", data.valid_prefixes)):
+        for prefix in prefixes:
+            missing = [suffix for suffix in (".bin", ".idx") if not Path(f"{prefix}{suffix}").is_file()]
+            if missing:
+                raise ConfigError(f"data.{field_name}: {prefix}{' and '.join(missing)} not found (a prefix names "
+                                  f"a .bin/.idx pair without the suffix; make one with `python -m data_tools "
+                                  f"preprocess --output {prefix} ...`)")
+
+
 def build_reader(config: Config, ctx: ParallelContext, split: str):
     """Every rank reads its own slice of each global batch: under expert parallelism all ranks are
     data-parallel for the tokens they feed in, whichever experts they hold. The "valid" split is read
@@ -62,9 +77,6 @@ def build_reader(config: Config, ctx: ParallelContext, split: str):
                   dp_world_size=ctx.world_size, seed=train.seed)
     if split == "valid":
         return build_train_reader(data.valid_prefixes, None, shuffle=False, **common) if data.valid_prefixes else None
-    if not data.train_prefixes:
-        raise ValueError("data.train_prefixes is empty: preprocess a corpus with `python -m data_tools preprocess` "
-                         "and pass --data.train_prefixes=[path/prefix]")
     return build_train_reader(data.train_prefixes, data.train_weights, **common)
 
 
@@ -72,6 +84,7 @@ class Trainer:
     """Holds everything a step needs; `state_dict`/`load_state_dict` are the checkpoint seam."""
 
     def __init__(self, config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] = None):
+        check_data(config)
         self.config, self.ctx = config, ctx
         train = config.train
         torch.manual_seed(train.seed)  # the same initial model on every rank (parallelize also broadcasts it)
