@@ -62,14 +62,16 @@ def make_layer(seed=0, **moe_kwargs):
     return layer, moe
 
 
-@pytest.mark.parametrize("grouped_mm", [True, False])
+@pytest.mark.parametrize("grouped_mm,chunked", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("capacity_factor,policy", [(None, "probs"), (1.0, "probs"), (0.5, "position"),
                                                     (1.0, "position")])
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
-def test_layer_matches_per_token_reference(capacity_factor, policy, scoring, grouped_mm):
+def test_layer_matches_per_token_reference(capacity_factor, policy, scoring, grouped_mm, chunked):
     layer, moe = make_layer(capacity_factor=capacity_factor, drop_policy=policy, scoring_func=scoring,
                             min_capacity=0, n_shared_experts=1, routed_scaling_factor=1.5)
     layer.experts.use_grouped_mm = grouped_mm
+    if chunked:
+        layer.experts.chunk_bytes = 1  # one expert per chunk
     x = torch.randn(24, HIDDEN, requires_grad=True)
     out, aux = layer(x)
     grad_out = torch.randn_like(out)
@@ -120,6 +122,14 @@ def test_capacity_policies_on_a_hand_built_case():
     # expert 1 takes first choices of tokens 0, 1; token 2's second choice (expert 1) is dropped
     # expert 0 takes token 2's first choice, then token 0's second choice; token 1's second is dropped
     assert keep.tolist() == [[True, True], [True, False], [True, False]]
+
+
+def test_chunks_hold_whole_experts():
+    from mymoe.model.moe.experts import plan_chunks
+
+    assert plan_chunks([3, 0, 4, 5, 1], max_rows=6) == [(0, 2, 0, 3), (2, 3, 3, 7), (3, 5, 7, 13)]
+    assert plan_chunks([10, 2], max_rows=4) == [(0, 1, 0, 10), (1, 2, 10, 12)]  # a big expert stays whole
+    assert plan_chunks([0, 0], max_rows=4) == [(0, 2, 0, 0)]
 
 
 def test_capacity_formula_and_dropless():

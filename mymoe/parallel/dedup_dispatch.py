@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from mymoe.model.moe.dispatch import ExpertBatch
 from mymoe.parallel.collectives import all_to_all, named_collective
 from mymoe.parallel.dispatch import check_divisible
 
@@ -32,9 +33,6 @@ _SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 class DedupHandle:
     sent_token: torch.Tensor  # [sent rows] this rank's token behind each row it sent
     num_tokens: int
-    received_row: torch.Tensor  # [expert rows] received row each expert-major row was expanded from
-    row_weight: torch.Tensor  # [expert rows] combine weight of that assignment (differentiable)
-    num_received: int
     input_splits: list  # rows sent to each rank of the group
     output_splits: list  # rows received from each rank
 
@@ -90,16 +88,14 @@ class DedupAllToAllDispatcher:
         assignments = assignments[torch.argsort(flat_ids[assignments], stable=True)]
         received_row = torch.div(assignments, top_k, rounding_mode="floor")
         tokens_per_expert = torch.bincount(flat_ids[assignments], minlength=self.num_local_experts)
-        expert_rows = received_hidden.index_select(0, received_row)
         row_weight = received_weights.reshape(-1).index_select(0, assignments)
-        handle = DedupHandle(sent_token, num_tokens, received_row, row_weight, received.shape[0],
-                             input_splits, output_splits)
-        return expert_rows, tokens_per_expert, handle
+        handle = DedupHandle(sent_token, num_tokens, input_splits, output_splits)
+        # the experts read received rows and add each weighted output back to the row it came from: one
+        # row per received token, ready to go home
+        batch = ExpertBatch(received_hidden, tokens_per_expert, row_index=received_row, row_weight=row_weight)
+        return batch, handle
 
-    def combine(self, expert_output, handle: DedupHandle):
-        weighted = expert_output * handle.row_weight.unsqueeze(-1).to(expert_output.dtype)
-        per_received = expert_output.new_zeros(handle.num_received, expert_output.shape[-1])
-        per_received = per_received.index_add(0, handle.received_row, weighted)
+    def combine(self, per_received, handle: DedupHandle):
         returned = all_to_all(per_received, handle.input_splits, handle.output_splits, self.group,
                               f"MoE combine, {self.name}", self.timeout_seconds)
         out = returned.new_zeros(handle.num_tokens, returned.shape[-1])

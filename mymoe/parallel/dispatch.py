@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from mymoe.model.moe.dispatch import Permutation, permute, unpermute
+from mymoe.model.moe.dispatch import ExpertBatch, Permutation, permute, sort_by_expert, unpermute
 from mymoe.parallel.collectives import AllGather, ReduceScatter, all_to_all, named_collective
 
 
@@ -72,24 +72,20 @@ class AllToAllDispatcher:
         local_expert_of_row = torch.repeat_interleave(
             torch.arange(self.num_local_experts, device=received_counts.device).repeat(self.group_size),
             received_counts.reshape(-1))
-        expert_major_order = torch.argsort(local_expert_of_row, stable=True)
-        expert_rows = received.index_select(0, expert_major_order.to(received.device))
+        expert_major_order = torch.argsort(local_expert_of_row, stable=True).to(received.device)
         handle = AllToAllHandle(permutation, expert_major_order, input_splits, output_splits)
-        return expert_rows, received_counts.sum(0), handle
+        # the experts read the received rows in expert-major order and write their outputs back in
+        # received order, ready for the reverse all-to-all
+        return ExpertBatch(received, received_counts.sum(0), row_index=expert_major_order), handle
 
     def combine(self, expert_output, handle: AllToAllHandle):
-        source_major = torch.empty_like(handle.expert_major_order)
-        source_major[handle.expert_major_order] = torch.arange(handle.expert_major_order.numel(),
-                                                               device=source_major.device)
-        received_order = expert_output.index_select(0, source_major.to(expert_output.device))
-        returned = all_to_all(received_order, handle.input_splits, handle.output_splits, self.group,
+        returned = all_to_all(expert_output, handle.input_splits, handle.output_splits, self.group,
                               f"MoE combine, {self.name}", self.timeout_seconds)
         return unpermute(returned, handle.permutation)
 
 
 @dataclass
 class AllGatherHandle:
-    permutation: Permutation  # gathered tokens -> rows of this rank's experts
     padded_tokens: int  # every rank's tokens padded to this many for equal chunks
     num_tokens: int  # this rank's own tokens
 
@@ -130,10 +126,13 @@ class AllGatherDispatcher:
         all_weights = self._gather(expert_weights, padded_tokens, "expert weights")  # [group * padded, k]
         local_indices = all_indices - self.first_local_expert
         mine = (local_indices >= 0) & (local_indices < self.num_local_experts)
-        rows, tokens_per_expert, permutation = permute(all_hidden, local_indices, all_weights, mine, self.num_local_experts)
-        return rows, tokens_per_expert, AllGatherHandle(permutation, padded_tokens, num_tokens)
+        source_token, row_weight, tokens_per_expert = sort_by_expert(local_indices, all_weights, mine,
+                                                                     self.num_local_experts)
+        # the experts add their weighted outputs into [group * padded, hidden]: my experts' share of
+        # every gathered token
+        batch = ExpertBatch(all_hidden, tokens_per_expert, row_index=source_token, row_weight=row_weight)
+        return batch, AllGatherHandle(padded_tokens, num_tokens)
 
     def combine(self, expert_output, handle: AllGatherHandle):
-        partial = unpermute(expert_output, handle.permutation)  # [group * padded, hidden], my experts only
-        mixed = ReduceScatter.apply(partial, self.group, f"MoE combine, {self.name}", self.timeout_seconds)
+        mixed = ReduceScatter.apply(expert_output, self.group, f"MoE combine, {self.name}", self.timeout_seconds)
         return mixed[: handle.num_tokens]

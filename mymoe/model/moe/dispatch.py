@@ -2,11 +2,13 @@
 
 The MoE layer is handed a dispatcher; every dispatcher has the same two methods:
 
-    rows, tokens_per_expert, handle = dispatcher.dispatch(hidden, expert_indices, expert_weights, keep)
-    out = dispatcher.combine(expert_output, handle)            # [tokens, hidden], weighted sum over k
+    batch, handle = dispatcher.dispatch(hidden, expert_indices, expert_weights, keep)   # ExpertBatch
+    expert_output = experts(batch)                                # [batch.out_rows, hidden]
+    out = dispatcher.combine(expert_output, handle)               # [tokens, hidden], weighted sum over k
 
-``rows`` are sorted by local expert, ``tokens_per_expert`` counts them ([num_local_experts], int64 on
-the CPU-side-friendly device of ``hidden``). Capacity and dropping are decided once, before dispatch, by
+An ``ExpertBatch`` does not copy the tokens into expert order: it names, for each expert-sorted row, the
+row of ``source`` it reads, so the experts gather rows chunk by chunk and add their outputs back at the
+same index (see experts.py for why that saves memory). Capacity and dropping are decided once, before dispatch, by
 ``capacity_keep_mask`` on each rank's own tokens (GShard's rule), so results never depend on how many
 ranks share the experts. Dropped assignments contribute nothing; the residual connection carries them.
 
@@ -61,6 +63,26 @@ def capacity_keep_mask(expert_indices: torch.Tensor, expert_weights: torch.Tenso
 
 
 @dataclass
+class ExpertBatch:
+    """The work of the local experts: row r (rows sorted by local expert) is source[row_index[r]].
+
+    The experts return out [out_rows, hidden] with out[row_index[r]] += row_weight[r] * expert(row r).
+    row_index None means source already holds the expert-sorted rows and out is row for row; row_weight
+    None leaves the routing weights to the dispatcher's combine.
+    """
+
+    source: torch.Tensor  # [N, hidden]
+    tokens_per_expert: torch.Tensor  # [num_local_experts] int64
+    row_index: Optional[torch.Tensor] = None  # [rows] int64
+    row_weight: Optional[torch.Tensor] = None  # [rows], differentiable (the router's gradient flows through it)
+    out_rows: Optional[int] = None  # rows of the output; None: as many as source
+
+    def __post_init__(self):
+        if self.out_rows is None:
+            self.out_rows = self.source.shape[0]
+
+
+@dataclass
 class Permutation:
     """Where each expert-major row came from: enough to undo the sort and weight the outputs."""
 
@@ -69,23 +91,31 @@ class Permutation:
     num_tokens: int
 
 
-def permute(hidden: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
-            keep: torch.Tensor, num_experts: int):
-    """Sort the kept assignments by expert.
-
-    Returns rows [kept, hidden], tokens_per_expert [num_experts] and the Permutation to undo it.
-    """
-    num_tokens, top_k = expert_indices.shape
+def sort_by_expert(expert_indices: torch.Tensor, expert_weights: torch.Tensor, keep: torch.Tensor,
+                   num_experts: int):
+    """The kept assignments in expert order: (source token [kept], weight [kept], tokens_per_expert [experts])."""
+    top_k = expert_indices.shape[1]
     flat_experts = expert_indices.reshape(-1)
     flat_keep = keep.reshape(-1)
     # dropped assignments get a sentinel expert so a single sort puts them last, then they are cut off
     sort_key = torch.where(flat_keep, flat_experts, torch.full_like(flat_experts, num_experts))
     order = torch.argsort(sort_key, stable=True)
     tokens_per_expert = torch.bincount(flat_experts[flat_keep], minlength=num_experts)
-    order = order[: int(flat_keep.sum())]
+    order = order[: int(tokens_per_expert.sum())]
     source_token = torch.div(order, top_k, rounding_mode="floor")
+    return source_token, expert_weights.reshape(-1)[order], tokens_per_expert
+
+
+def permute(hidden: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
+            keep: torch.Tensor, num_experts: int):
+    """Sort the kept assignments by expert and copy their rows.
+
+    Returns rows [kept, hidden], tokens_per_expert [num_experts] and the Permutation to undo it.
+    """
+    num_tokens = expert_indices.shape[0]
+    source_token, row_weight, tokens_per_expert = sort_by_expert(expert_indices, expert_weights, keep, num_experts)
     rows = hidden.index_select(0, source_token)
-    return rows, tokens_per_expert, Permutation(source_token, expert_weights.reshape(-1)[order], num_tokens)
+    return rows, tokens_per_expert, Permutation(source_token, row_weight, num_tokens)
 
 
 def unpermute(expert_output: torch.Tensor, perm: Permutation) -> torch.Tensor:
@@ -96,7 +126,8 @@ def unpermute(expert_output: torch.Tensor, perm: Permutation) -> torch.Tensor:
 
 
 class LocalDispatcher:
-    """All experts live in this process: dispatch is a sort, combine is a weighted scatter-add."""
+    """All experts live in this process: dispatch sorts assignment indices, the experts gather the token
+    rows and add their weighted outputs back in token order, so combine has nothing left to do."""
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
@@ -104,8 +135,9 @@ class LocalDispatcher:
         self.first_local_expert = 0
 
     def dispatch(self, hidden, expert_indices, expert_weights, keep):
-        rows, tokens_per_expert, perm = permute(hidden, expert_indices, expert_weights, keep, self.num_experts)
-        return rows, tokens_per_expert, perm
+        source_token, row_weight, tokens_per_expert = sort_by_expert(expert_indices, expert_weights, keep,
+                                                                     self.num_experts)
+        return ExpertBatch(hidden, tokens_per_expert, source_token, row_weight), None
 
-    def combine(self, expert_output, handle: Permutation):
-        return unpermute(expert_output, handle)
+    def combine(self, expert_output, handle=None):
+        return expert_output

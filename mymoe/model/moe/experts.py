@@ -1,7 +1,8 @@
 """Stacked expert weights and the grouped GEMM that runs every expert's SwiGLU in one call.
 
-The experts see only contiguous, expert-sorted rows and how many belong to each expert; they never see
-routing. Weights are stacked per projection ([experts, in, out]) so one ``torch._grouped_mm`` covers all
+The experts see rows grouped by expert and how many belong to each expert, never routing scores: an
+``ExpertBatch`` names where each row comes from (a gather index into the dispatcher's source tensor)
+and, optionally, the weight its output is scaled by before it is added back at that index. Weights are stacked per projection ([experts, in, out]) so one ``torch._grouped_mm`` covers all
 experts, and a loop over contiguous slices does the same work where grouped GEMM is unavailable (float64,
 row strides that are not a multiple of 16 bytes, GPUs older than sm90) or when forced for tests.
 
@@ -15,6 +16,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mymoe.model.moe.dispatch import ExpertBatch
 
 
 def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *row_sizes: int) -> bool:
@@ -35,10 +38,10 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *row_sizes: i
     return dtype_ok and all(size * element_size % 16 == 0 for size in row_sizes)
 
 
-def _grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, offsets: Optional[torch.Tensor],
-                    counts: Optional[list]) -> torch.Tensor:
+def _grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: list, use_grouped_mm: bool) -> torch.Tensor:
     """rows [N, K] times weight[e] [K, M] for each expert's contiguous slice of rows -> [N, M]."""
-    if offsets is not None:
+    if use_grouped_mm:
+        offsets = torch.tensor(counts, dtype=torch.int32, device=rows.device).cumsum(0, dtype=torch.int32)
         return torch._grouped_mm(rows, weight, offs=offsets)
     out = rows.new_empty(rows.shape[0], weight.shape[-1])
     for expert, (rows_e, out_e) in enumerate(zip(rows.split(counts), out.split(counts))):
@@ -46,55 +49,124 @@ def _grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, offsets: Optional[
     return out
 
 
-def _grouped_weight_grad(rows: torch.Tensor, grad: torch.Tensor, offsets: Optional[torch.Tensor],
-                         counts: Optional[list]) -> torch.Tensor:
-    """rows_e^T @ grad_e for each expert's slice: rows [N, K], grad [N, M] -> [experts, K, M]."""
-    if offsets is not None:
-        return torch._grouped_mm(rows.t(), grad, offs=offsets)
-    out = rows.new_empty(len(counts), rows.shape[-1], grad.shape[-1])
+def _grouped_weight_grad(rows: torch.Tensor, grad: torch.Tensor, counts: list, use_grouped_mm: bool,
+                         out: torch.Tensor) -> None:
+    """out[e] = rows_e^T @ grad_e for each expert's slice: rows [N, K], grad [N, M], out [experts, K, M]."""
+    if use_grouped_mm:
+        offsets = torch.tensor(counts, dtype=torch.int32, device=rows.device).cumsum(0, dtype=torch.int32)
+        out.copy_(torch._grouped_mm(rows.t(), grad, offs=offsets))
+        return
     for expert, (rows_e, grad_e) in enumerate(zip(rows.split(counts), grad.split(counts))):
         torch.mm(rows_e.t(), grad_e, out=out[expert])
-    return out
 
 
-class _SwiGLUExperts(torch.autograd.Function):
-    """down(silu(rows @ gate) * (rows @ up)) per expert, keeping for backward only the rows and the two
-    pre-activations; silu(gate) * up is recomputed, which costs one elementwise pass and saves two
-    [rows, intermediate] tensors that autograd would otherwise hold."""
+def plan_chunks(counts: list, max_rows: int) -> list[tuple[int, int, int, int]]:
+    """Cut expert-sorted rows into chunks of whole experts, each of at most max_rows rows where one
+    expert alone does not exceed it: [(first expert, end expert, first row, end row)]."""
+    chunks, first_expert, first_row, rows = [], 0, 0, 0
+    for expert, count in enumerate(counts):
+        if rows and rows + count > max_rows:
+            chunks.append((first_expert, expert, first_row, first_row + rows))
+            first_expert, first_row, rows = expert, first_row + rows, 0
+        rows += count
+    chunks.append((first_expert, len(counts), first_row, first_row + rows))
+    return chunks
+
+
+class _GatherSwiGLUScatter(torch.autograd.Function):
+    """out[index[r]] += weight[r] * down(silu(x_r @ gate) * (x_r @ up)) with x_r = source[index[r]].
+
+    The gather from token order, the expert GEMMs, the routing weight and the scatter back are one
+    function, run over chunks of whole experts, so no [rows, hidden] copy of the tokens, of the expert
+    outputs or of their gradients ever exists whole: each chunk gathers its rows, and the backward
+    regathers them instead of keeping them. Only the two [rows, intermediate] pre-activations are kept
+    for backward. With index None the source already is expert-sorted rows and out is row for row.
+    """
 
     @staticmethod
-    def forward(ctx, rows, w_gate, w_up, w_down, offsets, counts):
-        gate = _grouped_matmul(rows, w_gate, offsets, counts)  # [rows, intermediate]
-        up = _grouped_matmul(rows, w_up, offsets, counts)
-        out = _grouped_matmul(F.silu(gate).mul_(up), w_down, offsets, counts)  # [rows, hidden]
-        ctx.save_for_backward(rows, gate, up, w_gate, w_up, w_down, offsets)
-        ctx.counts = counts
+    def forward(ctx, source, index, weight, w_gate, w_up, w_down, counts, out_rows, max_chunk_rows, use_grouped_mm):
+        num_rows = sum(counts)
+        intermediate = w_gate.shape[-1]
+        gate = source.new_empty(num_rows, intermediate)  # kept for backward
+        up = source.new_empty(num_rows, intermediate)
+        out = source.new_zeros(out_rows, w_down.shape[-1])
+        chunks = plan_chunks(counts, max_chunk_rows)
+        for first_expert, end_expert, first_row, end_row in chunks:
+            chunk_counts = counts[first_expert:end_expert]
+            rows = _rows(source, index, first_row, end_row)
+            gate_c = _grouped_matmul(rows, w_gate[first_expert:end_expert], chunk_counts, use_grouped_mm)
+            up_c = _grouped_matmul(rows, w_up[first_expert:end_expert], chunk_counts, use_grouped_mm)
+            gate[first_row:end_row], up[first_row:end_row] = gate_c, up_c
+            activation = F.silu(gate_c).mul_(up_c)
+            if weight is not None:
+                activation.mul_(weight[first_row:end_row, None].to(activation.dtype))
+            expert_out = _grouped_matmul(activation, w_down[first_expert:end_expert], chunk_counts, use_grouped_mm)
+            _scatter(out, index, first_row, end_row, expert_out)
+        ctx.save_for_backward(source, index, weight, gate, up, w_gate, w_up, w_down)
+        ctx.counts, ctx.chunks, ctx.use_grouped_mm = counts, chunks, use_grouped_mm
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, gate, up, w_gate, w_up, w_down, offsets = ctx.saved_tensors
-        counts = ctx.counts
+        source, index, weight, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
+        counts, use_grouped_mm = ctx.counts, ctx.use_grouped_mm
         grad_out = grad_out.contiguous()  # grouped GEMM rejects broadcast (stride 0) gradients
-        need_rows, need_gate, need_up, need_down = ctx.needs_input_grad[:4]
+        need_source, _, need_weight, need_gate, need_up, need_down = ctx.needs_input_grad[:6]
+        grad_source = torch.zeros_like(source) if need_source else None
+        grad_weight = torch.zeros_like(weight) if weight is not None and need_weight else None
+        grad_w_gate = torch.zeros_like(w_gate) if need_gate else None
+        grad_w_up = torch.zeros_like(w_up) if need_up else None
+        grad_w_down = torch.zeros_like(w_down) if need_down else None
+        for first_expert, end_expert, first_row, end_row in ctx.chunks:
+            experts = slice(first_expert, end_expert)
+            chunk_counts = counts[experts]
+            grad_expert_out = _rows(grad_out, index, first_row, end_row)  # [chunk rows, hidden]
+            gate_c, up_c = gate[first_row:end_row], up[first_row:end_row]
+            silu_gate = F.silu(gate_c)
+            activation = silu_gate * up_c
+            # gradient of the weighted activation (what the down projection saw)
+            grad_weighted = _grouped_matmul(grad_expert_out, w_down[experts].transpose(1, 2), chunk_counts,
+                                            use_grouped_mm)
+            if weight is not None:
+                weight_c = weight[first_row:end_row, None].to(activation.dtype)
+                if grad_weight is not None:
+                    grad_weight[first_row:end_row] = (grad_weighted * activation).sum(-1).to(grad_weight.dtype)
+                if grad_w_down is not None:
+                    activation.mul_(weight_c)
+                grad_weighted.mul_(weight_c)
+            if grad_w_down is not None:
+                _grouped_weight_grad(activation, grad_expert_out, chunk_counts, use_grouped_mm, grad_w_down[experts])
+            del activation, grad_expert_out
+            grad_up = grad_weighted * silu_gate
+            del silu_gate
+            grad_gate = torch.ops.aten.silu_backward(grad_weighted.mul_(up_c), gate_c)
+            del grad_weighted
+            if grad_w_gate is not None or grad_w_up is not None or grad_source is not None:
+                rows = _rows(source, index, first_row, end_row)
+                if grad_w_gate is not None:
+                    _grouped_weight_grad(rows, grad_gate, chunk_counts, use_grouped_mm, grad_w_gate[experts])
+                if grad_w_up is not None:
+                    _grouped_weight_grad(rows, grad_up, chunk_counts, use_grouped_mm, grad_w_up[experts])
+                del rows
+            if grad_source is not None:
+                grad_rows = _grouped_matmul(grad_gate, w_gate[experts].transpose(1, 2), chunk_counts, use_grouped_mm)
+                grad_rows += _grouped_matmul(grad_up, w_up[experts].transpose(1, 2), chunk_counts, use_grouped_mm)
+                _scatter(grad_source, index, first_row, end_row, grad_rows)
+        return grad_source, None, grad_weight, grad_w_gate, grad_w_up, grad_w_down, None, None, None, None
 
-        silu_gate = F.silu(gate)
-        grad_w_down = None
-        if need_down:
-            grad_w_down = _grouped_weight_grad(silu_gate * up, grad_out, offsets, counts)
-        grad_hidden = _grouped_matmul(grad_out, w_down.transpose(1, 2), offsets, counts)  # [rows, intermediate]
-        grad_up = grad_hidden * silu_gate
-        del silu_gate
-        grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
-        del grad_hidden
 
-        grad_w_gate = _grouped_weight_grad(rows, grad_gate, offsets, counts) if need_gate else None
-        grad_w_up = _grouped_weight_grad(rows, grad_up, offsets, counts) if need_up else None
-        grad_rows = None
-        if need_rows:
-            grad_rows = _grouped_matmul(grad_gate, w_gate.transpose(1, 2), offsets, counts)
-            grad_rows += _grouped_matmul(grad_up, w_up.transpose(1, 2), offsets, counts)
-        return grad_rows, grad_w_gate, grad_w_up, grad_w_down, None, None
+def _rows(source: torch.Tensor, index: Optional[torch.Tensor], first_row: int, end_row: int) -> torch.Tensor:
+    if index is None:
+        return source[first_row:end_row]
+    return source.index_select(0, index[first_row:end_row])
+
+
+def _scatter(out: torch.Tensor, index: Optional[torch.Tensor], first_row: int, end_row: int,
+             values: torch.Tensor) -> None:
+    if index is None:
+        out[first_row:end_row] = values
+    else:
+        out.index_add_(0, index[first_row:end_row], values)
 
 
 class GroupedExperts(nn.Module):
@@ -112,6 +184,8 @@ class GroupedExperts(nn.Module):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.use_grouped_mm = True  # False forces the loop over experts (tests compare the two)
+        # transient memory of one chunk of rows in forward or backward; the rows beyond it wait their turn
+        self.chunk_bytes = 16 << 20
         self.w_gate = self._expert_parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.w_up = self._expert_parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.w_down = self._expert_parameter(torch.empty(num_experts, intermediate_size, hidden_size))
@@ -148,21 +222,24 @@ class GroupedExperts(nn.Module):
     def num_parameters_per_expert(self) -> int:
         return 3 * self.hidden_size * self.intermediate_size
 
-    def forward(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """rows [N, hidden] sorted by local expert, tokens_per_expert [num_experts] -> [N, hidden]."""
-        if tokens_per_expert.numel() != self.num_experts:
-            raise ValueError(f"tokens_per_expert has {tokens_per_expert.numel()} entries but this module holds "
-                             f"{self.num_experts} experts: shard the experts to the dispatcher's local experts")
+    def forward(self, batch: ExpertBatch) -> torch.Tensor:
+        """Run every row of the batch through its expert; returns [batch.out_rows, hidden] (see ExpertBatch)."""
+        if batch.tokens_per_expert.numel() != self.num_experts:
+            raise ValueError(f"tokens_per_expert has {batch.tokens_per_expert.numel()} entries but this module "
+                             f"holds {self.num_experts} experts: shard the experts to the dispatcher's local experts")
         # a custom autograd Function is invisible to autocast, so cast to its dtype here as nn.Linear would be
-        device_type = rows.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else rows.dtype
-        rows = rows.to(dtype).contiguous()
+        device_type = batch.source.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else batch.source.dtype
+        source = batch.source.to(dtype).contiguous()
         weights = [w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down)]
-        if self.use_grouped_mm and grouped_mm_supported(dtype, rows.device, self.hidden_size, self.intermediate_size):
-            offsets, counts = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32), None
-        else:
-            offsets, counts = None, tokens_per_expert.tolist()
-        return _SwiGLUExperts.apply(rows, *weights, offsets, counts)
+        use_grouped_mm = self.use_grouped_mm and grouped_mm_supported(dtype, source.device, self.hidden_size,
+                                                                       self.intermediate_size)
+        # one host read of the counts per layer: chunk boundaries must be known to slice the rows
+        counts = batch.tokens_per_expert.tolist()
+        bytes_per_row = (3 * self.hidden_size + 6 * self.intermediate_size) * source.element_size()
+        max_chunk_rows = max(1, self.chunk_bytes // bytes_per_row)
+        return _GatherSwiGLUScatter.apply(source, batch.row_index, batch.row_weight, *weights, counts,
+                                          batch.out_rows, max_chunk_rows, use_grouped_mm)
 
     def extra_repr(self) -> str:
         return (f"experts {self.first_expert}..{self.first_expert + self.num_experts - 1} of "

@@ -103,9 +103,8 @@ class MoELayer(nn.Module):
         capacity = self.capacity(tokens.shape[0])
         keep = capacity_keep_mask(routing.expert_indices, routing.expert_weights, self.num_experts, capacity,
                                   policy=self.moe.drop_policy)  # [tokens, k]
-        rows, tokens_per_local_expert, handle = self.dispatcher.dispatch(
-            tokens, routing.expert_indices, routing.expert_weights, keep)
-        expert_output = self.experts(rows, tokens_per_local_expert)
+        batch, handle = self.dispatcher.dispatch(tokens, routing.expert_indices, routing.expert_weights, keep)
+        expert_output = self.experts(batch)
         output = self.dispatcher.combine(expert_output, handle).to(hidden.dtype)
 
         if self.shared_experts is not None:
