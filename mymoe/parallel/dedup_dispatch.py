@@ -8,8 +8,10 @@ rank. Same result as the plain dispatcher up to the order of the floating-point 
 traffic shrinks from tokens * k rows to tokens * (distinct ranks per token) rows each way.
 
     dispatch: per (destination, token) row = [hidden | k weights | k local expert ids], -1 where the slot
-              goes elsewhere or was dropped -> count exchange -> all-to-all -> expand into expert-major rows
-    combine:  weight expert outputs -> add per received token -> reverse all-to-all -> add per source token
+              goes elsewhere or was dropped -> count exchange -> all-to-all -> an ExpertBatch that reads
+              the received rows expert-major and has the experts add each weighted output back to the
+              row it came from (one row per received token)
+    combine:  reverse all-to-all -> add per source token
 
 The weights travel in the same differentiable all-to-all as the hidden states, so their gradient (the
 router's) comes back through its backward.

@@ -1,10 +1,10 @@
 """Dispatchers that send tokens to experts on other ranks of the expert-parallel group.
 
-Both have the interface of mymoe.model.moe.dispatch.LocalDispatcher, so the MoE layer does not know
+They have the interface of mymoe.model.moe.dispatch.LocalDispatcher, so the MoE layer does not know
 which one it holds:
 
-    rows, tokens_per_expert, handle = dispatcher.dispatch(hidden, expert_indices, expert_weights, keep)
-    out = dispatcher.combine(expert_output, handle)
+    batch, handle = dispatcher.dispatch(hidden, expert_indices, expert_weights, keep)   # ExpertBatch
+    out = dispatcher.combine(experts(batch), handle)
 
 Capacity is applied by the layer before dispatch, on each rank's own tokens, so these only move rows.
 """
@@ -29,17 +29,18 @@ def check_divisible(num_experts: int, group_size: int) -> int:
 @dataclass
 class AllToAllHandle:
     permutation: Permutation  # this rank's tokens -> rows sorted by global expert
-    expert_major_order: torch.Tensor  # [received rows] received position of each expert-major row
     input_splits: list  # rows sent to each rank of the group
     output_splits: list  # rows received from each rank
 
 
 class AllToAllDispatcher:
-    """Sort by expert, send each rank the rows for its experts, regroup them expert-major.
+    """Sort by expert, send each rank the rows for its experts, let the experts read them expert-major.
 
-    Forward:  permute (rows by global expert, hence by owner rank) -> exchange counts -> all-to-all rows
-              (they arrive grouped by source rank, then expert) -> sort expert-major.
-    Combine:  undo the sort -> reverse all-to-all -> weighted scatter back to token order.
+    Dispatch: permute (rows by global expert, hence by owner rank) -> exchange counts -> all-to-all rows
+              (they arrive grouped by source rank, then expert) -> an ExpertBatch whose row_index reads
+              them expert-major; the experts write each output back at the row it was read from.
+    Combine:  reverse all-to-all (outputs are already in received order) -> weighted scatter back to
+              token order.
     Every step is differentiable; the all-to-all's backward is the reverse all-to-all.
     """
 
@@ -73,7 +74,7 @@ class AllToAllDispatcher:
             torch.arange(self.num_local_experts, device=received_counts.device).repeat(self.group_size),
             received_counts.reshape(-1))
         expert_major_order = torch.argsort(local_expert_of_row, stable=True).to(received.device)
-        handle = AllToAllHandle(permutation, expert_major_order, input_splits, output_splits)
+        handle = AllToAllHandle(permutation, input_splits, output_splits)
         # the experts read the received rows in expert-major order and write their outputs back in
         # received order, ready for the reverse all-to-all
         return ExpertBatch(received, received_counts.sum(0), row_index=expert_major_order), handle
