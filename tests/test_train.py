@@ -87,8 +87,11 @@ def test_autocast_bf16_on_cpu_only_when_asked():
 
 
 def test_gradient_accumulation_equals_one_larger_batch(dataset, tmp_path):
-    # aux losses are not additive over micro-batches (they depend on the batch's load), so switch them off
-    common = {"model.moe.router_aux_loss_coef": 0, "model.moe.router_z_loss_coef": 0}
+    # aux losses are not additive over micro-batches (they depend on the batch's load), so switch them off.
+    # Expert gradients of the two runs differ by float rounding (~1e-10: rows of an expert are summed in
+    # another order); Adam's first step divides by |g| + eps, which turns such noise on near-zero entries
+    # into lr-sized differences when eps is tiny, so compare under an eps that does not amplify it
+    common = {"model.moe.router_aux_loss_coef": 0, "model.moe.router_z_loss_coef": 0, "train.adam_eps": 1e-3}
     whole = Trainer(tiny(dataset, tmp_path, **common, **{"train.micro_batch_size": 4}), ParallelContext())
     halves = Trainer(tiny(dataset, tmp_path, **common, **{"train.micro_batch_size": 2,
                                                            "train.gradient_accumulation_steps": 2}), ParallelContext())
