@@ -91,6 +91,22 @@ def build_deepspeed(workload: Workload, ours: MoELayer, expert_parallel_size: in
     return layer
 
 
+def expert_rows_ours(layer, hidden, world_size: int) -> int:
+    """Rows the busiest rank's experts process: its share of the group's tokens_per_expert."""
+    with torch.no_grad():
+        load = layer(hidden)[1].tokens_per_expert.clone()
+    dist.all_reduce(load)
+    return int(load.view(world_size, -1).sum(1).max())
+
+
+def expert_rows_deepspeed(layer, hidden, workload: Workload, world_size: int) -> int:
+    """drop_tokens=False pads every expert to the largest count on any rank, on every rank."""
+    with torch.no_grad():
+        busiest = layer(hidden)[2].max().clone()
+    dist.all_reduce(busiest, op=dist.ReduceOp.MAX)
+    return int(busiest) * workload.num_experts
+
+
 def step_ours(layer, hidden, upstream):
     output, aux = layer(hidden)
     ((output * upstream).sum() + aux.aux_loss).backward()
@@ -145,7 +161,9 @@ def main() -> None:
         upstream = torch.randn(workload.tokens_per_rank, workload.hidden_size, generator=generator)
         difference = (step_ours(ours, hidden, upstream) - step_deepspeed(theirs, hidden, upstream)).detach().abs().max()
         dist.all_reduce(difference, op=dist.ReduceOp.MAX)
-        say(f"  {workload.name}: outputs of the two layers differ by at most {float(difference):.2e}")
+        say(f"  {workload.name}: outputs of the two layers differ by at most {float(difference):.2e}; "
+            f"expert rows per rank: ours {expert_rows_ours(ours, hidden, world_size)}, DeepSpeed "
+            f"{expert_rows_deepspeed(theirs, hidden, workload, world_size)} (every expert padded to the busiest)")
         layers[workload.name], inputs[workload.name] = (ours, theirs), (hidden, upstream)
 
     clock = AllToAllClock()
