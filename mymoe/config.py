@@ -47,6 +47,8 @@ class MoEConfig:
     eval_capacity_factor: Optional[float] = None  # None = same as capacity_factor
     min_capacity: int = 4
     drop_policy: str = "probs"  # "probs": keep the highest-weight assignments; "position": first come
+    overflow_policy: str = "drop"  # "drop", "spill" (to the next-best expert with room) or "null_expert"
+    min_tokens_per_sequence_kept: int = 0  # first choices of this many tokens per sequence never dropped
 
     router_aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss
     seq_aux_loss_coef: float = 0.0  # DeepSeek sequence-level balance loss
@@ -354,6 +356,12 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
         raise ConfigError(f"model.moe.min_capacity={moe.min_capacity} must be >= 0")
     if moe.drop_policy not in ("probs", "position"):
         raise ConfigError(f"model.moe.drop_policy={moe.drop_policy!r} must be 'probs' or 'position'")
+    if moe.overflow_policy not in ("drop", "spill", "null_expert"):
+        raise ConfigError(f"model.moe.overflow_policy={moe.overflow_policy!r} must be 'drop', 'spill' or "
+                          f"'null_expert' (see mymoe/model/moe/overflow.py)")
+    if moe.min_tokens_per_sequence_kept < 0:
+        raise ConfigError(f"model.moe.min_tokens_per_sequence_kept={moe.min_tokens_per_sequence_kept} must be "
+                          f">= 0 (0 protects no token)")
     for name in ("router_jitter_noise", "router_noise_std", "router_aux_loss_coef", "seq_aux_loss_coef",
                  "router_z_loss_coef", "bias_update_rate", "n_shared_experts"):
         if getattr(moe, name) < 0:

@@ -10,7 +10,8 @@ An ``ExpertBatch`` does not copy the tokens into expert order: it names, for eac
 row of ``source`` it reads, so the experts gather rows chunk by chunk and add their outputs back at the
 same index (see experts.py for why that saves memory). Capacity and dropping are decided once, before dispatch, by
 ``capacity_keep_mask`` on each rank's own tokens (GShard's rule), so results never depend on how many
-ranks share the experts. Dropped assignments contribute nothing; the residual connection carries them.
+ranks share the experts. Dropped assignments contribute nothing; the residual connection carries them
+(``overflow.py`` holds the other overflow policies).
 
 This module holds the pure permutation math and the single-process dispatcher. The all-to-all and
 all-gather dispatchers live in ``mymoe.parallel`` so that model code never imports torch.distributed.
@@ -32,33 +33,51 @@ def compute_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fac
     return max(int(math.ceil(capacity_factor * num_tokens * top_k / num_experts)), min_capacity)
 
 
+def priority_order(expert_indices: torch.Tensor, expert_weights: torch.Tensor, policy: str = "probs",
+                   protected: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Flat assignment indices (token * k + choice) in the order they claim expert slots, best first.
+
+    policy "probs": highest weight first. policy "position": GShard order, every token's first choice
+    before any second choice, then by token position. Assignments marked in `protected` [tokens, k] come
+    before all others, in the same order among themselves.
+    """
+    num_tokens, top_k = expert_indices.shape
+    if policy == "probs":
+        order = torch.argsort(expert_weights.detach().reshape(-1), descending=True, stable=True)
+    elif policy == "position":
+        # flat index is token * k + choice; order by (choice, token)
+        order = torch.arange(num_tokens * top_k, device=expert_indices.device)
+        order = order.view(num_tokens, top_k).t().reshape(-1)
+    else:
+        raise ValueError(f"drop policy {policy!r} must be 'probs' or 'position'")
+    if protected is not None:
+        order = order[torch.argsort((~protected.reshape(-1)[order]).to(torch.int8), stable=True)]
+    return order
+
+
 def capacity_keep_mask(expert_indices: torch.Tensor, expert_weights: torch.Tensor, num_experts: int,
-                       capacity: Optional[int], policy: str = "probs") -> torch.Tensor:
+                       capacity: Optional[int], policy: str = "probs",
+                       protected: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Which of the [tokens, k] assignments fit in their expert's capacity.
 
-    policy "probs": each expert keeps its `capacity` highest-weight assignments.
-    policy "position": GShard order, every token's first choice before any second choice, then by token
-    position, so early tokens and preferred experts win.
+    Each expert takes its assignments in ``priority_order`` until `capacity` are kept. Protected
+    assignments are always kept and take their room first, so an expert holds at most
+    max(capacity, its protected assignments).
     """
     num_tokens, top_k = expert_indices.shape
     if capacity is None:
         return torch.ones_like(expert_indices, dtype=torch.bool)
     flat_experts = expert_indices.reshape(-1)
-    if policy == "probs":
-        priority_order = torch.argsort(expert_weights.detach().reshape(-1), descending=True, stable=True)
-    elif policy == "position":
-        # flat index is token * k + choice; order by (choice, token)
-        priority_order = torch.arange(num_tokens * top_k, device=expert_indices.device)
-        priority_order = priority_order.view(num_tokens, top_k).t().reshape(-1)
-    else:
-        raise ValueError(f"drop policy {policy!r} must be 'probs' or 'position'")
+    order = priority_order(expert_indices, expert_weights, policy, protected)
     # stable sort by expert keeps the priority order inside each expert's segment
-    by_expert = priority_order[torch.argsort(flat_experts[priority_order], stable=True)]
+    by_expert = order[torch.argsort(flat_experts[order], stable=True)]
     counts = torch.bincount(flat_experts, minlength=num_experts)
     segment_start = torch.cumsum(counts, 0) - counts
     rank_in_expert = torch.arange(by_expert.numel(), device=by_expert.device) - segment_start[flat_experts[by_expert]]
     keep = torch.empty_like(flat_experts, dtype=torch.bool)
     keep[by_expert] = rank_in_expert < capacity
+    if protected is not None:
+        keep |= protected.reshape(-1)
     return keep.view(num_tokens, top_k)
 
 

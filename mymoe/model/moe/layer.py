@@ -4,8 +4,8 @@
 
 The layer owns no communication: a dispatcher is handed to it (``LocalDispatcher`` by default, an
 all-to-all one from ``mymoe.parallel`` under expert parallelism, swapped in with ``set_dispatcher``).
-Capacity is decided once, on this rank's own tokens, before dispatch; dropped assignments contribute
-nothing and the residual connection carries their tokens.
+Capacity is decided once, on this rank's own tokens, before dispatch; what becomes of the assignments
+that overflow it (dropped, spilled to another expert, or sent to the null expert) is ``overflow.py``'s.
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from torch import nn
 
 from mymoe.config import MoEConfig
 from mymoe.model.layers import SwiGLU
-from mymoe.model.moe.dispatch import LocalDispatcher, capacity_keep_mask, compute_capacity
+from mymoe.model.moe.dispatch import LocalDispatcher, compute_capacity
 from mymoe.model.moe.experts import GroupedExperts
+from mymoe.model.moe.overflow import Placement, place_assignments
 from mymoe.model.moe.router import Router
 
 
@@ -33,13 +34,16 @@ class MoEAux:
     load_balancing_loss: torch.Tensor  # the unweighted loss parts, for logging
     seq_aux_loss: torch.Tensor
     z_loss: torch.Tensor
+    spilled_fraction: torch.Tensor  # share of the assignments kept on an expert the router did not choose
+    null_fraction: torch.Tensor  # share of the assignments sent to the null expert (zero output)
 
     @property
     def stats(self) -> dict:
         """The router statistics of this layer as a plain dict, for logging."""
         return {"tokens_per_expert": self.tokens_per_expert, "dropped_fraction": self.dropped_fraction,
                 "max_load_ratio": self.max_load_ratio, "load_balancing_loss": self.load_balancing_loss,
-                "seq_aux_loss": self.seq_aux_loss, "z_loss": self.z_loss}
+                "seq_aux_loss": self.seq_aux_loss, "z_loss": self.z_loss,
+                "spilled_fraction": self.spilled_fraction, "null_fraction": self.null_fraction}
 
 
 def _in_backward() -> bool:
@@ -101,9 +105,11 @@ class MoELayer(nn.Module):
         routing = self.gate(tokens, batch_shape)
 
         capacity = self.capacity(tokens.shape[0])
-        keep = capacity_keep_mask(routing.expert_indices, routing.expert_weights, self.num_experts, capacity,
-                                  policy=self.moe.drop_policy)  # [tokens, k]
-        batch, handle = self.dispatcher.dispatch(tokens, routing.expert_indices, routing.expert_weights, keep)
+        placement = place_assignments(routing.expert_indices, routing.expert_weights, routing.router_logits,
+                                      capacity, self.moe.drop_policy, self.moe.overflow_policy,
+                                      self.moe.min_tokens_per_sequence_kept, batch_shape)
+        batch, handle = self.dispatcher.dispatch(tokens, placement.expert_indices, routing.expert_weights,
+                                                 placement.keep)
         expert_output = self.experts(batch)
         output = self.dispatcher.combine(expert_output, handle).to(hidden.dtype)
 
@@ -113,22 +119,25 @@ class MoELayer(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
             output = output + shared
 
-        aux = self._aux(routing, keep)
+        aux = self._aux(routing, placement)
         if self.training and not _in_backward():
             self._pending_load = aux.tokens_per_expert if self._pending_load is None else (
                 self._pending_load + aux.tokens_per_expert)
         return output.view(hidden.shape), aux
 
     @torch.no_grad()
-    def _aux(self, routing, keep: torch.Tensor) -> MoEAux:
+    def _aux(self, routing, placement: Placement) -> MoEAux:
+        keep = placement.keep
         # counted with index_add rather than bincount so that no step waits on the device
         tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.int64, device=keep.device)
-        tokens_per_expert.index_add_(0, routing.expert_indices.reshape(-1), keep.reshape(-1).long())
+        tokens_per_expert.index_add_(0, placement.expert_indices.reshape(-1), keep.reshape(-1).long())
         load = tokens_per_expert.float()
-        dropped_fraction = 1.0 - load.sum() / keep.numel()
+        null_fraction = placement.null.float().mean()
+        dropped_fraction = (~keep & ~placement.null).float().mean()
         max_load_ratio = load.max() / load.mean().clamp(min=1e-9)
         return MoEAux(routing.aux_loss, tokens_per_expert, dropped_fraction, max_load_ratio,
-                      routing.load_balancing_loss, routing.seq_aux_loss, routing.z_loss)
+                      routing.load_balancing_loss, routing.seq_aux_loss, routing.z_loss,
+                      placement.spilled.float().mean(), null_fraction)
 
     def pending_load(self) -> torch.Tensor:
         """Kept assignments per global expert summed over the training forwards since the last bias update."""

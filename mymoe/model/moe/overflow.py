@@ -1,0 +1,120 @@
+"""What becomes of assignments that overflow an expert's capacity, and which ones never overflow.
+
+``model.moe.overflow_policy``:
+
+- ``"drop"`` (default): an overflowing assignment contributes nothing; the residual carries its token.
+- ``"spill"``: it moves to the token's best unchosen expert that still has room, found in rounds: in
+  round r every token with an overflowing assignment offers the best-priority one to its r-th best
+  expert outside its top-k (ranked by the clean router logits; noise, balancing bias and group limits
+  shape only the top-k), and each expert accepts offers in priority order while it has room. One offer
+  per token per round means a token never lands twice on one expert. No expert ever exceeds its
+  capacity. A spilled assignment keeps its combine weight, so the token's output keeps the scale the
+  router gave it; the router's gradient flows through the score of the expert first chosen.
+- ``"null_expert"``: it goes to the null expert, a slot of unlimited capacity whose output is zero. The
+  output is the same as dropping, but the assignment is counted as routed to the null expert
+  (``null_fraction``) rather than lost (``dropped_fraction``), for runs that budget for overflow.
+
+``model.moe.min_tokens_per_sequence_kept = n`` protects, in every sequence, the first choices of the n
+tokens whose first-choice weight is highest (ties: earlier position; all of them when the sequence is
+shorter than n): they are kept whatever the capacity and take their expert's room before any other
+assignment, so every sequence keeps at least n tokens routed. An expert then holds at most
+max(capacity, its protected assignments); a value at least the sequence length means no first choice is
+ever dropped. Inputs without a batch dimension form one sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from mymoe.model.moe.dispatch import capacity_keep_mask, priority_order
+
+OVERFLOW_POLICIES = ("drop", "spill", "null_expert")
+
+
+@dataclass
+class Placement:
+    """Where each of the [tokens, k] assignments ends up."""
+
+    expert_indices: torch.Tensor  # [tokens, k] the expert each assignment is sent to (spilled ones moved)
+    keep: torch.Tensor  # [tokens, k] bool, sent to a real expert
+    spilled: torch.Tensor  # [tokens, k] bool, kept on an expert other than the router's choice
+    null: torch.Tensor  # [tokens, k] bool, sent to the null expert
+
+
+def protected_first_choices(expert_weights: torch.Tensor, batch_shape: Optional[tuple],
+                            per_sequence: int) -> Optional[torch.Tensor]:
+    """[tokens, k] bool: the first choices of each sequence's `per_sequence` highest-weight tokens."""
+    if per_sequence <= 0:
+        return None
+    num_tokens, top_k = expert_weights.shape
+    batch, seq_len = batch_shape if batch_shape is not None else (1, num_tokens)
+    first_choice = expert_weights[:, 0].detach().view(batch, seq_len)
+    best_tokens = torch.argsort(first_choice, dim=1, descending=True, stable=True)[:, :per_sequence]
+    protected_tokens = torch.zeros(batch, seq_len, dtype=torch.bool, device=expert_weights.device)
+    protected_tokens.scatter_(1, best_tokens, True)
+    protected = torch.zeros(num_tokens, top_k, dtype=torch.bool, device=expert_weights.device)
+    protected[:, 0] = protected_tokens.view(-1)
+    return protected
+
+
+def spill_overflow(expert_indices: torch.Tensor, keep: torch.Tensor, router_logits: torch.Tensor,
+                   capacity: int, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move overflowing assignments to experts with room, in the rounds the module docstring describes.
+
+    order: flat assignment indices in priority order (``priority_order``). Returns the new expert_indices
+    and keep [tokens, k], and which assignments were spilled.
+    """
+    num_tokens, top_k = expert_indices.shape
+    num_experts = router_logits.shape[1]
+    device = expert_indices.device
+    flat_experts = expert_indices.reshape(-1).clone()
+    flat_keep = keep.reshape(-1).clone()
+    spilled = torch.zeros_like(flat_keep)
+    chosen = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=device).scatter_(1, expert_indices, True)
+    ranked = router_logits.detach().masked_fill(chosen, float("-inf"))
+    alternatives = torch.argsort(ranked, dim=1, descending=True, stable=True)[:, : num_experts - top_k]
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=device)  # priority rank of each assignment
+    token_of = torch.arange(num_tokens * top_k, device=device) // top_k
+    load = torch.zeros(num_experts, dtype=torch.int64, device=device).index_add_(0, flat_experts, flat_keep.long())
+    room = (capacity - load).clamp(min=0)  # [experts]
+    for round_index in range(num_experts - top_k):
+        waiting = ~flat_keep
+        if not bool(waiting.any()) or int(room.sum()) == 0:
+            break
+        best_waiting = torch.full((num_tokens,), order.numel(), dtype=rank.dtype, device=device)
+        best_waiting.scatter_reduce_(0, token_of[waiting], rank[waiting], reduce="amin")
+        offers = torch.nonzero(waiting & (rank == best_waiting[token_of])).squeeze(1)
+        offers = offers[torch.argsort(rank[offers])]
+        target = alternatives[token_of[offers], round_index]
+        by_expert = torch.argsort(target, stable=True)  # priority order kept inside each expert
+        offers, target = offers[by_expert], target[by_expert]
+        counts = torch.bincount(target, minlength=num_experts)
+        position = torch.arange(offers.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[target]
+        accepted = position < room[target]
+        offers, target = offers[accepted], target[accepted]
+        flat_experts[offers] = target
+        flat_keep[offers] = True
+        spilled[offers] = True
+        room -= torch.bincount(target, minlength=num_experts)
+    shape = expert_indices.shape
+    return flat_experts.view(shape), flat_keep.view(shape), spilled.view(shape)
+
+
+def place_assignments(expert_indices: torch.Tensor, expert_weights: torch.Tensor, router_logits: torch.Tensor,
+                      capacity: Optional[int], drop_policy: str = "probs", overflow_policy: str = "drop",
+                      min_tokens_per_sequence_kept: int = 0, batch_shape: Optional[tuple] = None) -> Placement:
+    """Capacity, protection and the overflow policy applied to one rank's [tokens, k] assignments."""
+    if overflow_policy not in OVERFLOW_POLICIES:
+        raise ValueError(f"overflow policy {overflow_policy!r} must be one of {', '.join(OVERFLOW_POLICIES)}")
+    num_experts = router_logits.shape[1]
+    protected = protected_first_choices(expert_weights, batch_shape, min_tokens_per_sequence_kept)
+    keep = capacity_keep_mask(expert_indices, expert_weights, num_experts, capacity, drop_policy, protected)
+    spilled = torch.zeros_like(keep)
+    if overflow_policy == "spill" and capacity is not None:
+        order = priority_order(expert_indices, expert_weights, drop_policy, protected)
+        expert_indices, keep, spilled = spill_overflow(expert_indices, keep, router_logits, capacity, order)
+    null = ~keep if overflow_policy == "null_expert" else torch.zeros_like(keep)
+    return Placement(expert_indices, keep, spilled, null)
