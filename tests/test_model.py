@@ -27,10 +27,11 @@ def rotated_dot(rope, q, k, q_pos, k_pos):
 @pytest.mark.parametrize("scaling", [None, {"type": "linear", "factor": 2.0}, {"type": "yarn", "factor": 4.0}])
 def test_rope_score_depends_only_on_relative_position(scaling):
     rope = RotaryEmbedding(16, 64, 10000.0, scaling)
+    torch.manual_seed(0)
     q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
     base = rotated_dot(rope, q, k, 7, 3)
     for shift in (1, 10, 40):
-        assert rotated_dot(rope, q, k, 7 + shift, 3 + shift) == pytest.approx(base, rel=1e-6)  # angles are fp32
+        assert rotated_dot(rope, q, k, 7 + shift, 3 + shift) == pytest.approx(base, rel=1e-5, abs=1e-5)  # angles are fp32
     assert rotated_dot(rope, q, k, 8, 3) != pytest.approx(base, rel=1e-3)  # and it does depend on distance
 
 

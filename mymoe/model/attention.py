@@ -37,9 +37,9 @@ class KVCache:
             raise ValueError(f"KV cache of max_length={self.max_length} cannot hold {new_length} positions: "
                              f"allocate it with a larger max_length")
         if self.keys is None:
-            batch, kv_heads, _, head_dim = keys.shape
-            self.keys = keys.new_empty(batch, kv_heads, self.max_length, head_dim)
-            self.values = values.new_empty(batch, kv_heads, self.max_length, head_dim)
+            # keys and values may differ in width (MLA caches its latent and its rotated key part)
+            self.keys = keys.new_empty(*keys.shape[:2], self.max_length, keys.shape[-1])
+            self.values = values.new_empty(*values.shape[:2], self.max_length, values.shape[-1])
         self.keys[:, :, self.length:new_length] = keys
         self.values[:, :, self.length:new_length] = values
         self.length = new_length

@@ -42,7 +42,7 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
@@ -82,9 +82,9 @@ class RotaryEmbedding(nn.Module):
         mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
         if attention_factor is None:
             if mscale and mscale_all_dim:
-                attention_factor = _yarn_mscale(self.factor, mscale) / _yarn_mscale(self.factor, mscale_all_dim)
+                attention_factor = yarn_mscale(self.factor, mscale) / yarn_mscale(self.factor, mscale_all_dim)
             else:
-                attention_factor = _yarn_mscale(self.factor)
+                attention_factor = yarn_mscale(self.factor)
         self.attention_scaling = float(attention_factor)
         beta_fast = scaling.get("beta_fast") or 32
         beta_slow = scaling.get("beta_slow") or 1

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from mymoe.config import ModelConfig
 from mymoe.model.attention import Attention, KVCache, build_attention_mask
 from mymoe.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from mymoe.model.mla import MultiHeadLatentAttention
 from mymoe.model.moe.layer import MoELayer
 
 IGNORE_INDEX = -100
@@ -39,8 +40,11 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                                   config.head_dim)
+        if config.attention_type == "mla":
+            self.self_attn = MultiHeadLatentAttention(config)
+        else:
+            self.self_attn = Attention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                                       config.head_dim)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = layer_index >= config.first_k_dense_replace
         if self.is_moe:
@@ -66,7 +70,7 @@ class MoETransformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
+        self.rotary_emb = RotaryEmbedding(config.rope_head_dim, config.max_position_embeddings, config.rope_theta,
                                           config.rope_scaling)
         self.gradient_checkpointing = config.gradient_checkpointing
 
@@ -203,14 +207,18 @@ class MoECausalLM(nn.Module):
         """Training FLOPs (forward + backward) per token, for an MFU estimate.
 
         6 per active weight that multiplies (the input embedding is a lookup, not a matmul, unless it is
-        tied to the head) plus the attention scores and mix: 12 * layers * heads * head_dim * seq_len
+        tied to the head) plus the attention scores and mix: 6 * layers * heads * (score + value dims) * seq_len
         (PaLM, appendix B), counting the full square though causal kernels skip about half of it.
         """
         config = self.config
         matmul_params = self.num_parameters(active_only=True)
         if not config.tie_word_embeddings:
             matmul_params -= self.model.embed_tokens.weight.numel()
-        attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+        if config.attention_type == "mla":
+            score_and_mix_dims = config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim
+        else:
+            score_and_mix_dims = 2 * config.head_dim
+        attention = 6 * config.num_hidden_layers * config.num_attention_heads * score_and_mix_dims * seq_len
         return 6.0 * matmul_params + attention
 
     # ------------------------------------------------------------------------------------------------
