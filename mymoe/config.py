@@ -77,7 +77,20 @@ class ModelConfig:
     first_k_dense_replace: int = 0
     gradient_checkpointing: bool = False
     initializer_range: float = 0.02
+    # attention: "gqa" (grouped-query, the fields above) or "mla" (DeepSeek multi-head latent attention,
+    # the fields below; num_key_value_heads and head_dim are then unused)
+    attention_type: str = "gqa"
+    q_lora_rank: Optional[int] = None  # None: queries projected directly, no low-rank bottleneck
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
     moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def rope_head_dim(self) -> int:
+        """Width of the rotated part of each query and key head."""
+        return self.qk_rope_head_dim if self.attention_type == "mla" else self.head_dim
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -328,8 +341,17 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
         raise ConfigError(
             f"model.num_key_value_heads={m.num_key_value_heads} must divide model.num_attention_heads="
             f"{m.num_attention_heads} (try {_divisors(m.num_attention_heads)})")
-    if m.head_dim % 2:
-        raise ConfigError(f"model.head_dim={m.head_dim} must be even for rotary embeddings")
+    if m.attention_type not in ("gqa", "mla"):
+        raise ConfigError(f"model.attention_type={m.attention_type!r} must be 'gqa' or 'mla'")
+    if m.attention_type == "mla":
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(m, name) <= 0:
+                raise ConfigError(f"model.{name}={getattr(m, name)} must be a positive integer for attention_type=mla")
+        if m.q_lora_rank is not None and m.q_lora_rank <= 0:
+            raise ConfigError(f"model.q_lora_rank={m.q_lora_rank} must be positive, or null for a direct query projection")
+    if m.rope_head_dim % 2:
+        name = "qk_rope_head_dim" if m.attention_type == "mla" else "head_dim"
+        raise ConfigError(f"model.{name}={m.rope_head_dim} must be even for rotary embeddings")
     if not 0 <= m.first_k_dense_replace <= m.num_hidden_layers:
         raise ConfigError(f"model.first_k_dense_replace={m.first_k_dense_replace} must be between 0 and "
                           f"model.num_hidden_layers={m.num_hidden_layers}")
