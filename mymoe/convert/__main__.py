@@ -1,0 +1,5 @@
+import sys
+
+from mymoe.convert.cli import main
+
+sys.exit(main())
