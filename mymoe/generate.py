@@ -1,4 +1,4 @@
-"""Generate text from a sharded checkpoint, in one process, whatever expert-parallel layout saved it.
+"""Generate text from a sharded checkpoint, a consolidated file or a Hugging Face export, in one process.
 
     python -m mymoe.generate --checkpoint runs/x/checkpoints --vocab_path tok.model \\
         --prompt "Once upon a time" --max_new_tokens 50 --temperature 0.8 --top_k 50 --top_p 0.9 --seed 0
@@ -6,6 +6,11 @@
 Every expert is loaded into one model (the checkpoint addresses experts by global index), the prompt is
 encoded with the sentencepiece model and, like every training document, follows an end-of-document
 token; tokens are printed as they are sampled, with a KV cache, until max_new_tokens or end of document.
+
+    --model_path PATH       instead of --checkpoint: a checkpoints folder, a consolidated .safetensors file
+                            (mymoe-convert consolidate) or a Hugging Face folder (Mixtral, Qwen2-MoE)
+    --input_file FILE       one prompt per line, generated as one left-padded batch, one output line each
+    --rope_scaling SPEC     context extension at inference: yarn:4, dynamic:2, linear:2 or a JSON mapping
 """
 from __future__ import annotations
 
@@ -23,8 +28,12 @@ from mymoe.model.transformer import sample_next_token
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mymoe-generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True,
+    parser.add_argument("--checkpoint", default=None,
                         help="checkpoints folder of a run (its `latest` is used) or one step_* folder")
+    parser.add_argument("--model_path", default=None, help="a checkpoints folder, consolidated .safetensors file "
+                        "or Hugging Face folder (instead of --checkpoint)")
+    parser.add_argument("--input_file", default=None, help="one prompt per line, generated as one batch")
+    parser.add_argument("--rope_scaling", default=None, help="yarn:FACTOR, dynamic:FACTOR, linear:FACTOR or JSON")
     parser.add_argument("--step", type=int, default=None, help="load this step instead of the latest")
     parser.add_argument("--vocab_path", default=None,
                         help="sentencepiece .model (default: data.tokenizer from the checkpoint's config)")
@@ -38,12 +47,80 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no_stream", action="store_true", help="print the text once, at the end")
     args = parser.parse_args(argv)
+    if (args.checkpoint is None) == (args.model_path is None):
+        parser.error("give one of --checkpoint or --model_path")
+    if args.rope_scaling is not None:
+        try:
+            args.rope_scaling = parse_rope_scaling(args.rope_scaling)
+        except ValueError as error:
+            parser.error(str(error))
     if args.max_new_tokens < 1:
         parser.error(f"--max_new_tokens={args.max_new_tokens} must be >= 1")
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         parser.error(f"--temperature={args.temperature} and --top_k={args.top_k} must be >= 0, "
                      f"--top_p={args.top_p} in (0, 1]")
     return args
+
+
+def parse_rope_scaling(spec: str) -> dict:
+    """`yarn:4` or `{"type": "yarn", "factor": 4, ...}` -> a rope_scaling mapping, checked like the config's."""
+    import json
+
+    from mymoe.config import ConfigError, _validate_rope_scaling
+
+    try:
+        scaling = json.loads(spec) if spec.strip().startswith("{") else {
+            "type": spec.split(":")[0], "factor": float(spec.split(":")[1])}
+        _validate_rope_scaling(scaling)
+    except (ValueError, IndexError, ConfigError) as error:
+        raise ValueError(f"--rope_scaling={spec!r}: {error} (write e.g. yarn:4 or "
+                         f'\'{{"type": "yarn", "factor": 4}}\')') from None
+    return scaling
+
+
+def apply_rope_scaling(model, scaling: dict) -> None:
+    """Extend the context at inference: the rotary tables are rebuilt with `scaling`; weights are untouched."""
+    from mymoe.model.layers import RotaryEmbedding
+
+    config = model.config
+    config.rope_scaling = scaling
+    model.model.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                                             scaling)
+
+
+def load_any(path: str, step: Optional[int]):
+    """(model, config, manifest-like dict) from a checkpoints folder, consolidated file or Hugging Face folder."""
+    from pathlib import Path
+
+    from mymoe.convert.consolidate import load_consolidated_model
+
+    source = Path(path)
+    if source.is_file():
+        model, config = load_consolidated_model(source)
+        return model, config, {"step": "?", "expert_parallel_size": "?"}
+    if (source / "config.json").is_file():
+        import tempfile
+
+        from mymoe.convert.hf import import_hf
+
+        with tempfile.TemporaryDirectory(prefix="mymoe-generate-") as scratch:
+            import_hf(source, Path(scratch) / "model.safetensors")
+            model, config = load_consolidated_model(Path(scratch) / "model.safetensors")
+        if config.data.tokenizer is None and (source / "tokenizer.model").is_file():
+            config.data.tokenizer = str(source / "tokenizer.model")
+        return model, config, {"step": "?", "expert_parallel_size": "?"}
+    return load_model(source, step)
+
+
+def left_padded_batch(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> (input_ids [B, S], attention_mask [B, S]) padded on the left."""
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt):] = torch.tensor(prompt)
+        attention_mask[row, length - len(prompt):] = 1
+    return input_ids, attention_mask
 
 
 def load_tokenizer(path: str, vocab_size: int):
@@ -88,10 +165,13 @@ def sample_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, temperatu
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    print(f"loading {args.checkpoint}{f' step {args.step}' if args.step is not None else ''} ...", file=sys.stderr)
+    source = args.checkpoint or args.model_path
+    print(f"loading {source}{f' step {args.step}' if args.step is not None else ''} ...", file=sys.stderr)
     start = time.perf_counter()
     try:
-        model, config, manifest = load_model(args.checkpoint, args.step)
+        model, config, manifest = load_any(source, args.step)
+        if args.rope_scaling is not None:
+            apply_rope_scaling(model, args.rope_scaling)
         vocab_path = args.vocab_path or config.data.tokenizer
         if not vocab_path:
             raise CheckpointError("the checkpoint's config names no tokenizer: pass --vocab_path tok.model")
@@ -106,6 +186,8 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"top_k {args.top_k}, top_p {args.top_p}, seed {args.seed}", file=sys.stderr)
 
     eod = end_of_document_id(tokenizer)
+    if args.input_file is not None:
+        return generate_batch(model, tokenizer, args, eod, device)
     prompt_ids = ([eod] if eod is not None else []) + tokenizer.encode(args.prompt)
     if not prompt_ids:
         print("error: the prompt is empty and the tokenizer has no end-of-document id to start from; "
@@ -131,6 +213,40 @@ def main(argv: Optional[list[str]] = None) -> int:
     elapsed = time.perf_counter() - start
     print(f"generated {len(new_ids)} tokens in {elapsed:.2f} s ({len(new_ids) / max(elapsed, 1e-9):.1f} tokens/s)"
           f"{', stopped at end of document' if new_ids and new_ids[-1] == eod else ''}", file=sys.stderr)
+    return 0
+
+
+def generate_batch(model, tokenizer, args, eod: Optional[int], device) -> int:
+    """Every line of --input_file as one left-padded batch; one output line per prompt."""
+    with open(args.input_file) as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    if not lines:
+        print(f"error: {args.input_file} has no prompts (one per line)", file=sys.stderr)
+        return 1
+    prompts = [([eod] if eod is not None else []) + tokenizer.encode(line) for line in lines]
+    input_ids, attention_mask = left_padded_batch(prompts)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    start = time.perf_counter()
+    # ids past the tokenizer's pieces (a padded vocabulary) are never sampled, as in sample_tokens
+    size = tokenizer.vocab_size()
+    hook = model.lm_head.register_forward_hook(
+        lambda module, inputs, logits: logits.index_fill(-1, torch.arange(size, logits.shape[-1], device=logits.device),
+                                                         float("-inf")))
+    try:
+        tokens = model.generate(input_ids.to(device), args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
+                                repetition_penalty=args.repetition_penalty, generator=generator,
+                                attention_mask=attention_mask.to(device), eos_token_id=eod)
+    finally:
+        hook.remove()
+    new_tokens = 0
+    for line, row in zip(lines, tokens[:, input_ids.shape[1]:].tolist()):
+        if eod is not None and eod in row:
+            row = row[:row.index(eod)]
+        new_tokens += len(row)
+        print(line + tokenizer.decode(row), flush=True)
+    print(f"generated {new_tokens} tokens for {len(lines)} prompts in {time.perf_counter() - start:.2f} s",
+          file=sys.stderr)
     return 0
 
 
