@@ -104,7 +104,9 @@ class ParallelConfig:
     expert_parallel_size: int = 1
     backend: str = "auto"  # "auto": nccl on CUDA, gloo on CPU
     timeout_seconds: float = 600.0
-    dispatcher: str = "alltoall"  # "alltoall" or "allgather"
+    # "alltoall"; "alltoall_dedup" sends a token to a rank once however many of its experts live there;
+    # "allgather" for small groups on fast links
+    dispatcher: str = "alltoall"
 
 
 @dataclass
@@ -390,8 +392,9 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
             raise ConfigError(f"model.moe.{name}={getattr(moe, name)} must be >= 0")
     if par.backend not in ("auto", "gloo", "nccl", "mpi"):
         raise ConfigError(f"parallel.backend={par.backend!r} must be auto, gloo, nccl or mpi")
-    if par.dispatcher not in ("alltoall", "allgather"):
-        raise ConfigError(f"parallel.dispatcher={par.dispatcher!r} must be 'alltoall' or 'allgather'")
+    if par.dispatcher not in ("alltoall", "alltoall_dedup", "allgather"):
+        raise ConfigError(f"parallel.dispatcher={par.dispatcher!r} must be 'alltoall', 'alltoall_dedup' or "
+                          f"'allgather'")
     if par.timeout_seconds <= 0:
         raise ConfigError(f"parallel.timeout_seconds={par.timeout_seconds} must be positive")
     if moe.n_routed_experts % par.expert_parallel_size:

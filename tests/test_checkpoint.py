@@ -379,21 +379,13 @@ def test_resume_at_another_world_and_expert_parallel_size(ep2_reference, tmp_pat
             assert sorted(matches) == expected and all(matches.values()), (rank, name, matches)
 
 
-# torchrun keeps its rendezvous store across restarts, so a restarted job that names its process groups
-# as the first attempt did reads the dead workers' gloo addresses ("Connection refused"). The script joins
-# through a per-attempt prefix of the store; mymoe.parallel.init_distributed needs the same (see the report
-# on issue 6) and then accepts the initialised group as it is.
+# the script starts the process group through mymoe's own start-up (loop.run -> init_distributed), whose
+# per-attempt store prefix is what lets the restarted workers join (torchrun keeps its store)
 TORCHRUN_SCRIPT = """
-import datetime, os, signal, sys
-import torch.distributed as dist
+import os, signal, sys
 sys.path.insert(0, {tests!r})
 from test_checkpoint import tiny_config
 from mymoe.train import loop
-
-store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
-                      is_master=False, timeout=datetime.timedelta(seconds=60))
-dist.init_process_group("gloo", store=dist.PrefixStore("attempt_" + os.environ["TORCHELASTIC_RESTART_COUNT"], store),
-                        rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 kill_at = int(sys.argv[1])
 original = loop.Trainer.train_step

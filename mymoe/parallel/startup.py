@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 from typing import Optional
 
 import torch
@@ -27,6 +28,18 @@ def _device(backend: str, local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def _agent_store(launch: LaunchInfo, timeout_seconds: float):
+    """The store of torchrun's agent at MASTER_ADDR:MASTER_PORT, under a prefix for this restart attempt.
+
+    torchrun keeps its store across ``--max-restarts``: without the prefix the restarted workers would
+    read the dead workers' gloo addresses left in it and fail with "Connection refused".
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False,
+                          timeout=datetime.timedelta(seconds=timeout_seconds))
+    return dist.PrefixStore(f"mymoe/attempt_{attempt}", store)
 
 
 def init_distributed(config: Config, launch: Optional[LaunchInfo] = None) -> ParallelContext:
@@ -58,10 +71,16 @@ def init_distributed(config: Config, launch: Optional[LaunchInfo] = None) -> Par
     if not dist.is_initialized():
         if launch.launcher in ("openmpi", "mpich"):
             launch = agree_master_over_mpi(launch)
-        # torchrun's agent already serves the rendezvous store at MASTER_ADDR:MASTER_PORT; env:// joins it
-        init_method = "env://" if launch.launcher == "torchrun" else f"tcp://{launch.master_addr}:{launch.master_port}"
-        dist.init_process_group(backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size,
-                                timeout=datetime.timedelta(seconds=timeout))
+        if launch.launcher == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            dist.init_process_group(backend, store=_agent_store(launch, timeout), rank=launch.rank,
+                                    world_size=launch.world_size, timeout=datetime.timedelta(seconds=timeout))
+        elif launch.launcher == "torchrun":  # torchrun-style variables without the agent: rank 0 hosts the store
+            dist.init_process_group(backend, init_method="env://", rank=launch.rank, world_size=launch.world_size,
+                                    timeout=datetime.timedelta(seconds=timeout))
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                                    rank=launch.rank, world_size=launch.world_size,
+                                    timeout=datetime.timedelta(seconds=timeout))
     try:
         agree_on_config(config, device, timeout_seconds=timeout)
         if problem is not None:
