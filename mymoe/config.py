@@ -85,6 +85,9 @@ class ModelConfig:
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
+    # multi-token prediction (DeepSeek-V3): 1 adds a head predicting token t+2, trained with this weight
+    num_nextn_predict_layers: int = 0
+    mtp_loss_weight: float = 0.3
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
@@ -351,6 +354,11 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
                 raise ConfigError(f"model.{name}={getattr(m, name)} must be a positive integer for attention_type=mla")
         if m.q_lora_rank is not None and m.q_lora_rank <= 0:
             raise ConfigError(f"model.q_lora_rank={m.q_lora_rank} must be positive, or null for a direct query projection")
+    if m.num_nextn_predict_layers not in (0, 1):
+        raise ConfigError(f"model.num_nextn_predict_layers={m.num_nextn_predict_layers}: only 0 or 1 "
+                          f"multi-token prediction module is supported")
+    if m.mtp_loss_weight < 0:
+        raise ConfigError(f"model.mtp_loss_weight={m.mtp_loss_weight} must be >= 0")
     if m.rope_head_dim % 2:
         name = "qk_rope_head_dim" if m.attention_type == "mla" else "head_dim"
         raise ConfigError(f"model.{name}={m.rope_head_dim} must be even for rotary embeddings")

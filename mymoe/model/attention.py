@@ -46,6 +46,15 @@ class KVCache:
         return self.keys[:, :, :new_length], self.values[:, :, :new_length]
 
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (a rejected speculative draft)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        if self.max_length is None and self.keys is not None:
+            self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
+        self.length = length
+
+
 class Attention(nn.Module):
     """Causal self-attention where groups of query heads share one key/value head (GQA).
 

@@ -21,6 +21,7 @@ from mymoe.config import ModelConfig
 from mymoe.model.attention import Attention, KVCache, build_attention_mask
 from mymoe.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from mymoe.model.mla import MultiHeadLatentAttention
+from mymoe.model.mtp import MultiTokenPrediction
 from mymoe.model.moe.layer import MoELayer
 
 IGNORE_INDEX = -100
@@ -34,6 +35,8 @@ class CausalLMOutput:
     aux_loss: Optional[torch.Tensor] = None  # sum over MoE layers, already coefficient-weighted
     router_stats: list = field(default_factory=list)  # one stats dict per MoE layer, in layer order
     past_key_values: Optional[list] = None  # one KVCache per layer
+    hidden: Optional[torch.Tensor] = None  # [B, S, d] final hidden states (after the last norm)
+    mtp_loss: Optional[torch.Tensor] = None  # multi-token prediction loss, unweighted (in loss weighted)
 
 
 class Block(nn.Module):
@@ -118,6 +121,9 @@ class MoECausalLM(nn.Module):
         self.config = config
         self.model = MoETransformer(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = None
+        if config.num_nextn_predict_layers:
+            self.mtp = MultiTokenPrediction(config, Block(config, config.num_hidden_layers))
         if config.tie_word_embeddings:
             # one matrix reads tokens in and writes them out: fewer parameters, and in small models it
             # often trains better
@@ -173,17 +179,43 @@ class MoECausalLM(nn.Module):
             past_key_values = [KVCache() for _ in range(self.config.num_hidden_layers)]
         hidden, moe_aux = self.model(input_ids, attention_mask, position_ids, past_key_values)
         logits = self.lm_head(hidden)  # [B, S, V]
+        mtp_loss = None
+        if labels is not None and self.mtp is not None and input_ids.shape[1] > 1:
+            # position t pairs hidden[t] with token t+1 and is scored on token t+2 (labels[t + 1])
+            mask = attention_mask[:, :-1] if attention_mask is not None else None
+            mtp_hidden, mtp_aux = self._mtp_hidden(hidden[:, :-1], input_ids[:, 1:], 0, None, mask)
+            mtp_loss = causal_lm_loss(self.lm_head(mtp_hidden), labels[:, 1:])
+            moe_aux = moe_aux + ([mtp_aux] if mtp_aux is not None else [])
         aux_loss = sum((aux.aux_loss for aux in moe_aux), hidden.new_zeros((), dtype=torch.float32))
         output = CausalLMOutput(logits=logits, aux_loss=aux_loss, router_stats=[aux.stats for aux in moe_aux],
-                                past_key_values=past_key_values)
+                                past_key_values=past_key_values, hidden=hidden, mtp_loss=mtp_loss)
         if labels is not None:
             output.lm_loss = causal_lm_loss(logits, labels)
             output.loss = output.lm_loss + aux_loss
+            if mtp_loss is not None:
+                output.loss = output.loss + self.config.mtp_loss_weight * mtp_loss
         return output
+
+    def _mtp_hidden(self, hidden, next_ids, start: int, cache: Optional[KVCache], attention_mask=None):
+        """The MTP head over positions start.. : hidden [B, S, d] at t and the ids of tokens t+1 [B, S]."""
+        batch, seq = next_ids.shape
+        position_ids = torch.arange(start, start + seq, device=next_ids.device).expand(batch, seq)
+        cos, sin = self.model.rotary_emb(position_ids, hidden.dtype)
+        past_length = cache.length if cache is not None else 0
+        mask = build_attention_mask(attention_mask, past_length, seq, next_ids.device)
+        return self.mtp(hidden, self.model.embed_tokens(next_ids), cos, sin, mask, cache)
+
+    @torch.no_grad()
+    def mtp_draft(self, hidden, next_ids, start: int, cache: KVCache) -> torch.Tensor:
+        """Run the MTP head over positions start.. (extending its cache); its greedy guess [B, 1] for the
+        token after the last of next_ids."""
+        mtp_hidden, _ = self._mtp_hidden(hidden, next_ids, start, cache)
+        return self.lm_head(mtp_hidden[:, -1:]).argmax(-1)
 
     def iter_moe_layers(self) -> Iterator[MoELayer]:
         """The MoE layers in depth order (to swap dispatchers, or update expert biases after a step)."""
-        for block in self.model.layers:
+        blocks = list(self.model.layers) + ([self.mtp.block] if self.mtp is not None else [])
+        for block in blocks:
             if block.is_moe:
                 yield block.mlp
 
