@@ -143,6 +143,8 @@ class Trainer:
             with autocast_context(config, ctx.device):
                 out = self.forward(input_ids.to(ctx.device), labels=labels.to(ctx.device))
             loss = out.lm_loss + aux_scale * out.aux_loss
+            if out.mtp_loss is not None:
+                loss = loss + config.model.mtp_loss_weight * out.mtp_loss
             if self.engine is not None:
                 self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
                 self.engine.step()  # a no-op until the last micro-batch of the step
