@@ -23,6 +23,8 @@ class ConfigError(ValueError):
 
 
 ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn")
+# weights LoRA can adapt, by the last part of their module name (mymoe.peft)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "experts", "shared_experts")
 
 
 @dataclass
@@ -150,11 +152,26 @@ class DataConfig:
 
 
 @dataclass
+class PEFTConfig:
+    """Parameter-efficient fine-tuning (mymoe.peft); any adapter freezes every base parameter."""
+
+    lora_rank: int = 0  # 0: no LoRA
+    lora_alpha: float = 16.0
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    prefix_length: int = 0  # 0: no prefix tuning
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_rank > 0 or self.prefix_length > 0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    peft: PEFTConfig = field(default_factory=PEFTConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -262,7 +279,7 @@ def _unknown_key_message(key: str, where: str, known: list) -> str:
     return f"unknown key '{key}' in '{where}'.{hint}"
 
 
-SECTIONS = ("model", "parallel", "train", "data")
+SECTIONS = ("model", "parallel", "train", "data", "peft")
 
 
 def config_from_dict(values: dict) -> Config:
@@ -411,6 +428,16 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
     if world_size is not None and world_size % par.expert_parallel_size:
         raise ConfigError(f"parallel.expert_parallel_size={par.expert_parallel_size} must divide the world size "
                           f"{world_size} (try {_divisors(world_size)}, or launch a multiple of it processes)")
+    peft = config.peft
+    if peft.lora_rank < 0 or peft.prefix_length < 0:
+        raise ConfigError(f"peft.lora_rank={peft.lora_rank} and peft.prefix_length={peft.prefix_length} must be "
+                          f">= 0 (0 disables)")
+    unknown = [t for t in peft.lora_targets if t not in LORA_TARGETS]
+    if peft.lora_rank and unknown:
+        raise ConfigError(f"peft.lora_targets has unknown {unknown}: choose from {', '.join(LORA_TARGETS)}")
+    if peft.prefix_length and m.attention_type != "gqa":
+        raise ConfigError("peft.prefix_length needs model.attention_type=gqa (prefix tuning of latent attention "
+                          "is not supported); use LoRA instead")
     if tr.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision={tr.precision!r} must be auto, fp32 or bf16")
     if tr.lr <= 0 or tr.min_lr < 0 or tr.min_lr > tr.lr:

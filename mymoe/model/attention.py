@@ -70,6 +70,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.prefix = None  # prefix tuning (mymoe.peft): trainable keys and values every query sees
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
@@ -82,6 +83,8 @@ class Attention(nn.Module):
         queries, keys = apply_rotary(queries, cos, sin), apply_rotary(keys, cos, sin)
         if cache is not None:
             keys, values = cache.update(keys, values)  # [B, kv_heads, past + S, head_dim]
+        if self.prefix is not None:
+            keys, values, mask = self._with_prefix(keys, values, mask, seq)
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             keys = keys.repeat_interleave(groups, dim=1)
@@ -91,6 +94,19 @@ class Attention(nn.Module):
         is_causal = mask is None and seq > 1
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, is_causal=is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+
+
+    def _with_prefix(self, keys, values, mask, seq: int):
+        """Prepend the prefix positions (no rotary: they have no place in the sequence), visible to all."""
+        batch, prefix_length = keys.shape[0], self.prefix.keys.shape[1]
+        keys = torch.cat([self.prefix.keys.to(keys.dtype).expand(batch, -1, -1, -1), keys], dim=2)
+        values = torch.cat([self.prefix.values.to(values.dtype).expand(batch, -1, -1, -1), values], dim=2)
+        if mask is None:  # the plain causal case, now with the prefix columns in front
+            total = keys.shape[2] - prefix_length
+            query_slot = torch.arange(total - seq, total, device=keys.device)[:, None]
+            mask = (torch.arange(total, device=keys.device)[None, :] <= query_slot)[None, None]
+        visible = mask.new_ones(mask.shape[:-1] + (prefix_length,))
+        return keys, values, torch.cat([visible, mask], dim=-1)
 
 
 def build_attention_mask(attention_mask: Optional[torch.Tensor], past_length: int, seq_len: int,

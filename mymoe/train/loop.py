@@ -22,6 +22,7 @@ import torch.distributed as dist
 from mymoe.config import Config, ConfigError
 from mymoe.data import build_train_reader
 from mymoe.model import MoECausalLM
+from mymoe.peft import apply_peft
 from mymoe.parallel import ParallelContext, clip_grad_norm_, init_distributed, parallelize, reduce_gradients, shutdown
 from mymoe.train.metrics import MetricsLogger, peak_flops_per_second
 from mymoe.train.optim import Schedule, aux_loss_scale, build_optimizer, parameter_groups, total_steps
@@ -90,6 +91,9 @@ class Trainer:
         torch.manual_seed(train.seed)  # the same initial model on every rank (parallelize also broadcasts it)
         self.model = MoECausalLM(config.model)
         parallelize(self.model, ctx)
+        if config.peft.enabled:  # after sharding, so expert adapters match the experts this rank holds
+            apply_peft(self.model, config.peft.lora_rank, config.peft.lora_alpha, config.peft.lora_targets,
+                       config.peft.prefix_length, seed=train.seed)
         self.model.to(ctx.device)
         torch.manual_seed(train.seed + ctx.rank)  # router noise and the like differ per rank, reproducibly
         self.engine = None
