@@ -232,10 +232,11 @@ def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] 
                            dead_expert_window=train_config.dead_expert_window, start_step=trainer.step,
                            progress=progress)
     model = trainer.model
-    logger.write(f"model: {model.num_parameters() / 1e6:.2f}M parameters ({model.num_parameters(active_only=True) / 1e6:.2f}M "
-                 f"active); world {ctx.world_size} = EP {ctx.expert_parallel_size} x EDP {ctx.expert_data_parallel_size}"
-                 f"{' (DeepSpeed ' + deepspeed_config + ')' if deepspeed_config else ''}; {trainer.tokens_per_step:,} "
-                 f"tokens/step; steps {trainer.step} -> {trainer.total_steps}; logs in {out_dir}")
+    through = f" (DeepSpeed {deepspeed_config})" if deepspeed_config else ""
+    logger.write(f"model: {model.num_parameters() / 1e6:.2f}M parameters "
+                 f"({model.num_parameters(active_only=True) / 1e6:.2f}M active); world {ctx.world_size} = "
+                 f"EP {ctx.expert_parallel_size} x EDP {ctx.expert_data_parallel_size}{through}; "
+                 f"{trainer.tokens_per_step:,} tokens/step; steps {trainer.step} -> {trainer.total_steps}; logs in {out_dir}")
     flops_per_token = model.flops_per_token(config.data.seq_len)
     peak = peak_flops_per_second(ctx.device) * ctx.world_size
     result = TrainResult(steps=trainer.step, out_dir=str(out_dir))
