@@ -15,6 +15,7 @@ token; tokens are printed as they are sampled, with a KV cache, until max_new_to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from typing import Iterator, Optional
@@ -46,6 +47,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no_stream", action="store_true", help="print the text once, at the end")
+    parser.add_argument("--speculative", action="store_true",
+                        help="greedy decoding drafted by the model's multi-token prediction head and verified by "
+                             "its main head: the plain greedy output, in fewer main-model steps")
     args = parser.parse_args(argv)
     if (args.checkpoint is None) == (args.model_path is None):
         parser.error("give one of --checkpoint or --model_path")
@@ -195,6 +199,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     generator = torch.Generator(device=device).manual_seed(args.seed)
     input_ids = torch.tensor([prompt_ids], device=device)
+    if args.speculative:
+        return generate_speculative(model, tokenizer, args, input_ids)
     new_ids: list[int] = []
     printed = args.prompt
     if not args.no_stream:
@@ -216,6 +222,37 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def tokenizer_ids_only(model, size: int):
+    """Ids past the tokenizer's pieces (a padded vocabulary) are never chosen, as in sample_tokens."""
+    hook = model.lm_head.register_forward_hook(
+        lambda module, inputs, logits: logits.index_fill(-1, torch.arange(size, logits.shape[-1], device=logits.device),
+                                                         float("-inf")))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def generate_speculative(model, tokenizer, args, input_ids: torch.Tensor) -> int:
+    """Self-speculative greedy decoding of one prompt; reports how often the drafts were accepted."""
+    from mymoe.model.mtp import speculative_greedy
+
+    if model.mtp is None:
+        print("error: --speculative needs a model trained with a multi-token prediction head "
+              "(model.num_nextn_predict_layers=1)", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    with tokenizer_ids_only(model, tokenizer.vocab_size()):
+        result = speculative_greedy(model.eval(), input_ids, args.max_new_tokens)
+    new_ids = result.tokens[0, input_ids.shape[1]:].tolist()
+    print(args.prompt + tokenizer.decode(new_ids), flush=True)
+    elapsed = time.perf_counter() - start
+    print(f"generated {len(new_ids)} tokens greedily in {elapsed:.2f} s with {result.drafts} main-model steps; "
+          f"draft acceptance rate {result.acceptance_rate:.2f}", file=sys.stderr)
+    return 0
+
+
 def generate_batch(model, tokenizer, args, eod: Optional[int], device) -> int:
     """Every line of --input_file as one left-padded batch; one output line per prompt."""
     with open(args.input_file) as f:
@@ -227,18 +264,11 @@ def generate_batch(model, tokenizer, args, eod: Optional[int], device) -> int:
     input_ids, attention_mask = left_padded_batch(prompts)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start = time.perf_counter()
-    # ids past the tokenizer's pieces (a padded vocabulary) are never sampled, as in sample_tokens
-    size = tokenizer.vocab_size()
-    hook = model.lm_head.register_forward_hook(
-        lambda module, inputs, logits: logits.index_fill(-1, torch.arange(size, logits.shape[-1], device=logits.device),
-                                                         float("-inf")))
-    try:
+    with tokenizer_ids_only(model, tokenizer.vocab_size()):
         tokens = model.generate(input_ids.to(device), args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
                                 repetition_penalty=args.repetition_penalty, generator=generator,
                                 attention_mask=attention_mask.to(device), eos_token_id=eod)
-    finally:
-        hook.remove()
     new_tokens = 0
     for line, row in zip(lines, tokens[:, input_ids.shape[1]:].tolist()):
         if eod is not None and eod in row:

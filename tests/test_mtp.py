@@ -66,3 +66,27 @@ def test_speculative_decoding_needs_the_head_and_one_prompt():
         speculative_greedy(model, torch.zeros(1, 3, dtype=torch.long), 4)
     with pytest.raises(ValueError, match="one prompt at a time"):
         speculative_greedy(MoECausalLM(mtp_config()), torch.zeros(2, 3, dtype=torch.long), 4)
+
+
+def test_generate_command_decodes_speculatively_from_a_checkpoint(tmp_path, capsys):
+    import sentencepiece as spm
+
+    from mymoe.generate import main as generate_main
+    from test_checkpoint import tiny_config, train_in_process
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(f"the {animal} saw {count} birds" for animal in ("cat", "dog", "owl")
+                              for count in range(20)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "tok"), vocab_size=40,
+                                   model_type="bpe", eos_id=1, bos_id=-1, unk_id=0, pad_id=-1, minloglevel=2)
+    config = tiny_config(tmp_path / "work", max_steps=2, model={"num_nextn_predict_layers": 1})
+    train_in_process(tmp_path / "work", stop_at=2, save_at=(2,), config=config)
+    checkpoint, tokenizer = tmp_path / "work" / "run" / "checkpoints", tmp_path / "tok.model"
+    common = ["--checkpoint", str(checkpoint), "--vocab_path", str(tokenizer), "--prompt", "the cat",
+              "--max_new_tokens", "10"]
+    assert generate_main(common + ["--speculative"]) == 0
+    speculative = capsys.readouterr()
+    assert "draft acceptance rate" in speculative.err
+    assert generate_main(common + ["--temperature", "0", "--no_stream"]) == 0
+    greedy = capsys.readouterr()
+    assert speculative.out.strip() == greedy.out.strip()
