@@ -442,6 +442,15 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
         raise ConfigError(f"train.precision={tr.precision!r} must be auto, fp32 or bf16")
     if tr.lr <= 0 or tr.min_lr < 0 or tr.min_lr > tr.lr:
         raise ConfigError(f"train.lr={tr.lr} and train.min_lr={tr.min_lr} need 0 <= min_lr <= lr, lr > 0")
+    if tr.log_interval <= 0:
+        raise ConfigError(f"train.log_interval={tr.log_interval} must be a positive integer (1 logs every step)")
+    if tr.eval_steps <= 0:
+        raise ConfigError(f"train.eval_steps={tr.eval_steps} must be a positive integer "
+                          f"(set train.eval_interval=0 to skip evaluation)")
+    if tr.eval_interval < 0 or tr.checkpoint_interval < 0:
+        raise ConfigError("train.eval_interval and train.checkpoint_interval must be >= 0 (0: never / only at the end)")
+    if tr.max_tokens is not None and tr.max_tokens <= 0:
+        raise ConfigError(f"train.max_tokens={tr.max_tokens} must be positive (or null for no token limit)")
     if tr.warmup_steps < 0 or tr.max_steps < 0 or tr.grad_clip < 0:
         raise ConfigError("train.warmup_steps, train.max_steps and train.grad_clip must be >= 0")
     if config.data.train_weights is not None and len(config.data.train_weights) != len(config.data.train_prefixes):

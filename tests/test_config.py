@@ -57,6 +57,11 @@ BAD = [
     ({"model": {"moe": {"drop_policy": "random"}}}, "drop_policy='random'"),
     ({"parallel": {"expert_parallel_size": 3}}, "expert_parallel_size=3 must divide model.moe.n_routed_experts=8"),
     ({"model": {"first_k_dense_replace": 9}}, "first_k_dense_replace=9"),
+    ({"train": {"log_interval": 0}}, "train.log_interval=0 must be a positive integer"),
+    ({"train": {"eval_steps": 0}}, "train.eval_steps=0 must be a positive integer"),
+    ({"train": {"max_tokens": 0}}, "train.max_tokens=0 must be positive"),
+    ({"peft": {"lora_rank": 4, "lora_targets": ["qkv"]}}, "peft.lora_targets has unknown ['qkv']"),
+    ({"model": {"attention_type": "mla"}, "peft": {"prefix_length": 2}}, "peft.prefix_length needs"),
 ]
 
 
