@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import zlib
 from pathlib import Path
 
@@ -307,7 +306,6 @@ def crash_worker(rank, world_size, workdir):
     import torch.distributed.checkpoint.filesystem as filesystem
 
     train_in_process(workdir, 2, save_at=(2,))
-    original = filesystem._write_item
 
     def write_then_die(transforms, stream, data, *args, **kwargs):
         stream.write(b"\0" * 100)

@@ -9,8 +9,8 @@ import torch
 from dist_utils import free_port, run_distributed
 from mymoe.config import Config, ConfigError, MoEConfig
 from mymoe.model.moe.layer import MoELayer
-from mymoe.parallel import (AllGatherDispatcher, AllToAllDispatcher, CollectiveError, ConfigMismatchError,
-                            LaunchInfo, build_context, init_distributed, shutdown)
+from mymoe.parallel import (AllGatherDispatcher, AllToAllDispatcher, CollectiveError, LaunchInfo, build_context,
+                            init_distributed, shutdown)
 
 TIMEOUT_SECONDS = 3
 

@@ -42,8 +42,8 @@ def config(model: ModelConfig) -> dict:
 def model_fields(hf: dict) -> tuple[dict, list[str]]:
     """(our model fields, refusals) from a Mixtral config.json."""
     k = hf.get("num_experts_per_tok", 2)
-    problems = [f"num_experts_per_tok=1: Mixtral renormalises the single weight to 1, ours keeps the softmax "
-                f"probability"] if k == 1 else []
+    problems = ["num_experts_per_tok=1: Mixtral renormalises the single weight to 1, ours keeps the softmax "
+                "probability"] if k == 1 else []
     if hf.get("sliding_window"):
         problems.append(f"sliding_window={hf['sliding_window']}: mymoe attends to the whole context")
     fields = {"intermediate_size": hf["intermediate_size"],

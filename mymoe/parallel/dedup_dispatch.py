@@ -19,14 +19,13 @@ router's) comes back through its backward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from mymoe.model.moe.dispatch import ExpertBatch
 from mymoe.parallel.collectives import all_to_all, named_collective
-from mymoe.parallel.dispatch import check_divisible
+from mymoe.parallel.dispatch import GroupDispatcher
 
 _SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -39,17 +38,8 @@ class DedupHandle:
     output_splits: list  # rows received from each rank
 
 
-class DedupAllToAllDispatcher:
+class DedupAllToAllDispatcher(GroupDispatcher):
     """Drop-in for AllToAllDispatcher (same interface, same results) that moves fewer rows."""
-
-    def __init__(self, group, num_experts: int, name: str = "moe", timeout_seconds: Optional[float] = None):
-        self.group = group
-        self.group_size = dist.get_world_size(group)
-        self.num_experts = num_experts
-        self.num_local_experts = check_divisible(num_experts, self.group_size)
-        self.first_local_expert = dist.get_rank(group) * self.num_local_experts
-        self.name = name
-        self.timeout_seconds = timeout_seconds
 
     def _exchange_counts(self, rows_per_rank: torch.Tensor) -> list:
         received = torch.empty_like(rows_per_rank)

@@ -26,23 +26,9 @@ def check_divisible(num_experts: int, group_size: int) -> int:
     return num_experts // group_size
 
 
-@dataclass
-class AllToAllHandle:
-    permutation: Permutation  # this rank's tokens -> rows sorted by global expert
-    input_splits: list  # rows sent to each rank of the group
-    output_splits: list  # rows received from each rank
-
-
-class AllToAllDispatcher:
-    """Sort by expert, send each rank the rows for its experts, let the experts read them expert-major.
-
-    Dispatch: permute (rows by global expert, hence by owner rank) -> exchange counts -> all-to-all rows
-              (they arrive grouped by source rank, then expert) -> an ExpertBatch whose row_index reads
-              them expert-major; the experts write each output back at the row it was read from.
-    Combine:  reverse all-to-all (outputs are already in received order) -> weighted scatter back to
-              token order.
-    Every step is differentiable; the all-to-all's backward is the reverse all-to-all.
-    """
+class GroupDispatcher:
+    """What every expert-parallel dispatcher knows: its group, and which global experts this rank holds
+    (a contiguous block of num_experts / group_size, in group-rank order)."""
 
     def __init__(self, group, num_experts: int, name: str = "moe", timeout_seconds: Optional[float] = None):
         self.group = group
@@ -52,6 +38,25 @@ class AllToAllDispatcher:
         self.first_local_expert = dist.get_rank(group) * self.num_local_experts
         self.name = name
         self.timeout_seconds = timeout_seconds
+
+
+@dataclass
+class AllToAllHandle:
+    permutation: Permutation  # this rank's tokens -> rows sorted by global expert
+    input_splits: list  # rows sent to each rank of the group
+    output_splits: list  # rows received from each rank
+
+
+class AllToAllDispatcher(GroupDispatcher):
+    """Sort by expert, send each rank the rows for its experts, let the experts read them expert-major.
+
+    Dispatch: permute (rows by global expert, hence by owner rank) -> exchange counts -> all-to-all rows
+              (they arrive grouped by source rank, then expert) -> an ExpertBatch whose row_index reads
+              them expert-major; the experts write each output back at the row it was read from.
+    Combine:  reverse all-to-all (outputs are already in received order) -> weighted scatter back to
+              token order.
+    Every step is differentiable; the all-to-all's backward is the reverse all-to-all.
+    """
 
     def _exchange_counts(self, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """[num_experts] rows I send per global expert -> [group_size, local experts] rows I receive."""
@@ -91,22 +96,13 @@ class AllGatherHandle:
     num_tokens: int  # this rank's own tokens
 
 
-class AllGatherDispatcher:
+class AllGatherDispatcher(GroupDispatcher):
     """Every rank sees every token of the group and computes only its own experts' share.
 
     Moves group_size times the tokens, but needs no count exchange before the data and no uneven splits:
     a fine choice for small expert-parallel groups on fast links. Combine reduce-scatters the partial
     outputs so each rank gets back the full mixture for its own tokens.
     """
-
-    def __init__(self, group, num_experts: int, name: str = "moe", timeout_seconds: Optional[float] = None):
-        self.group = group
-        self.group_size = dist.get_world_size(group)
-        self.num_experts = num_experts
-        self.num_local_experts = check_divisible(num_experts, self.group_size)
-        self.first_local_expert = dist.get_rank(group) * self.num_local_experts
-        self.name = name
-        self.timeout_seconds = timeout_seconds
 
     def _gather(self, tensor: torch.Tensor, padded_tokens: int, what: str) -> torch.Tensor:
         padding = tensor.new_zeros((padded_tokens - tensor.shape[0],) + tuple(tensor.shape[1:]))
