@@ -182,13 +182,13 @@ def run(args, root: Path) -> None:
     print(f"sharded save throughput / disk floor = {ratios['save_vs_floor']:.2f} (target >= 0.7); "
           f"speed-up over torch.save {ratios['save_vs_torch_save']:.2f}x, over torch.load "
           f"{ratios['load_vs_torch_load']:.2f}x", flush=True)
-    print(f"RESULT params_m={parameters / 1e6:.0f} state_gib={total_bytes / 2**30:.2f} "
-          f"floor_mib_s={floor_throughput:.0f} sharded_save_s={sharded['save']:.2f} "
-          f"sharded_load_s={sharded['load']:.2f} torch_save_s={torch_save_seconds:.2f} "
-          f"torch_load_s={torch_load_seconds:.2f} save_vs_floor={ratios['save_vs_floor']:.2f} "
+    # the keys first; the rest for whoever wants the whole picture
+    print(f"RESULT save_gb_per_s={sharded['disk_bytes'] / sharded['save'] / 1e9:.3f} "
+          f"load_gb_per_s={sharded['disk_bytes'] / sharded['load'] / 1e9:.3f} save_vs_disk={ratios['save_vs_floor']:.2f} "
+          f"params_m={parameters / 1e6:.0f} state_gib={total_bytes / 2**30:.2f} floor_mib_s={floor_throughput:.0f} "
+          f"torch_save_s={torch_save_seconds:.2f} torch_load_s={torch_load_seconds:.2f} "
           f"save_vs_torch_save={ratios['save_vs_torch_save']:.2f} load_vs_torch_load={ratios['load_vs_torch_load']:.2f}",
           flush=True)
-
 
 if __name__ == "__main__":
     main()
