@@ -2,7 +2,9 @@
 
 Attention, norms, embedding and head have the same names in mymoe and in every supported architecture
 (``model.layers.N.self_attn.q_proj.weight`` ...), so only each layer's ``mlp`` goes through the
-per-architecture adapter (hf_mixtral, hf_qwen2_moe, hf_deepseek_v3). Export writes the Hub's layout
+per-architecture adapter (hf_mixtral, hf_qwen2_moe, hf_deepseek_v3), and for DeepSeek-V3 the rotary rows
+of the attention weights (its ``attention_to_hf`` / ``attention_from_hf``). The multi-token prediction
+head is not written: no supported architecture runs one in transformers. Export writes the Hub's layout
 (one tensor per expert, as ``save_pretrained`` writes it); import reads that layout and also the fused
 ``experts.gate_up_proj`` / ``experts.down_proj`` one. A model whose computation the target cannot
 reproduce exactly is refused with every reason, and nothing is written.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -29,11 +32,11 @@ ADAPTERS = {"mixtral": hf_mixtral, "qwen2_moe": hf_qwen2_moe, "deepseek_v3": hf_
 
 
 def choose_format(model) -> str:
-    """The architecture whose routing matches: DeepSeek-V3 for sigmoid, group-limited or biased routing,
-    Qwen2-MoE with shared experts, Mixtral otherwise."""
+    """The architecture whose attention and routing match: DeepSeek-V3 for latent attention and for sigmoid,
+    group-limited or biased routing, Qwen2-MoE with shared experts, Mixtral otherwise."""
     moe = model.config.moe
     biased = any(bool(layer.gate.expert_bias.any()) for layer in model.iter_moe_layers())
-    if moe.scoring_func == "sigmoid" or moe.n_group > 1 or biased:
+    if model.config.attention_type == "mla" or moe.scoring_func == "sigmoid" or moe.n_group > 1 or biased:
         return "deepseek_v3"
     return "qwen2_moe" if moe.n_shared_experts else "mixtral"
 
@@ -41,12 +44,15 @@ def choose_format(model) -> str:
 def export_refusals(model, name: str) -> list[str]:
     config, moe = model.config, model.config.moe
     problems = list(ADAPTERS[name].refusals(config))
-    if name == "deepseek_v3":
-        return problems
     eval_factor = moe.eval_capacity_factor if moe.eval_capacity_factor is not None else moe.capacity_factor
     if eval_factor is not None:
         problems.append(f"capacity factor {eval_factor} at inference: mymoe drops tokens past capacity, "
                         f"{name} never does (set eval_capacity_factor or capacity_factor to null)")
+    if name == "deepseek_v3":  # its routing has groups, scaling and the bias
+        return problems
+    if config.attention_type == "mla":
+        problems.append(f"attention_type=mla: {name} has grouped-query attention, not multi-head latent attention "
+                        f"(export as deepseek_v3)")
     if moe.n_group > 1 and moe.topk_group < moe.n_group:
         problems.append(f"group-limited routing (n_group={moe.n_group}, topk_group={moe.topk_group}): {name} "
                         f"chooses among all experts")
@@ -113,10 +119,17 @@ def export_hf(model, out_dir: str | Path, name: str = "auto", tokenizer: Optiona
                               f"written:\n  " + "\n  ".join(problems))
     if tokenizer is not None:
         check_tokenizer(tokenizer, model.config.vocab_size)
-    plain, mlps = split_layers(model_tensors(model))
+    state = model_tensors(model)
+    if model.mtp is not None:
+        state = {key: value for key, value in state.items() if not key.startswith("mtp.")}
+        print(f"note: the multi-token prediction head is not exported: {ADAPTERS[name].ARCHITECTURE} in transformers "
+              f"runs the main model only", file=sys.stderr)
+    plain, mlps = split_layers(state)
+    if hasattr(ADAPTERS[name], "attention_to_hf"):
+        plain = ADAPTERS[name].attention_to_hf(plain, model.config)
     tensors = dict(plain)
     for layer, mlp in mlps.items():
-        mlp.pop("gate.expert_bias", None)  # checked to be zero above
+        # adapters without a selection bias read no gate.expert_bias (checked to be zero above)
         tensors.update(ADAPTERS[name].mlp_to_hf(f"model.layers.{layer}", mlp))
     with atomic_output(Path(out_dir), overwrite) as temporary:
         temporary.mkdir()
@@ -202,7 +215,8 @@ def import_hf(source: str | Path, out_file: str | Path, overwrite: bool = False)
     config_file = source / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing: pass a folder written by save_pretrained")
-    name, fields = model_config_from_hf(json.loads(config_file.read_text()))
+    hf = json.loads(config_file.read_text())
+    name, fields = model_config_from_hf(hf)
     try:
         config = validate(config_from_dict({"model": fields}))
     except ConfigError as error:
@@ -212,6 +226,13 @@ def import_hf(source: str | Path, out_file: str | Path, overwrite: bool = False)
     if biases:
         raise CheckpointError(f"{len(biases)} projections carry non-zero biases ({biases[0]}, ...): mymoe's "
                               f"attention has none, so the import would compute differently; nothing was written")
+    layers = config.model.num_hidden_layers
+    beyond = sorted({int(key.split(".")[2]) for key in tensors if key.startswith("model.layers.")} - set(range(layers)))
+    if beyond:
+        print(f"note: layers {beyond} after the {layers} of the model (multi-token prediction) are not imported: "
+              f"transformers does not run them either", file=sys.stderr)
+    if hasattr(ADAPTERS[name], "attention_from_hf"):
+        tensors = ADAPTERS[name].attention_from_hf(tensors, config.model, hf)
     model = MoECausalLM(config.model)
     plain, mlps = split_layers(model.state_dict())
     state = {}
@@ -228,7 +249,7 @@ def import_hf(source: str | Path, out_file: str | Path, overwrite: bool = False)
                                                    "gate.weight" in mlp)
         except KeyError as missing:
             raise CheckpointError(f"{source} has no tensor {missing} for layer {layer}") from None
-        if "gate.expert_bias" in mlp:
+        if "gate.expert_bias" in mlp and "gate.expert_bias" not in converted:  # a format without the bias
             converted["gate.expert_bias"] = mlp["gate.expert_bias"].zero_()
         state.update({f"{prefix}.mlp.{key}": value for key, value in converted.items()})
     try:
