@@ -26,29 +26,17 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mymoe.config import MoEConfig
+from mymoe.model.layers import SwiGLU
 from mymoe.model.moe.layer import MoELayer
+from peers import init_deepspeed
 
 WORKLOADS = {
     "coarse": dict(tokens=4096, hidden=512, ffn=1024, experts=8, top_k=2),
     "fine": dict(tokens=4096, hidden=512, ffn=256, experts=64, top_k=6),
 }
-
-
-class SwiGLUExpert(nn.Module):
-    """One expert as DeepSpeed wants it: a module it deep-copies num_experts times."""
-
-    def __init__(self, hidden: int, ffn: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, ffn, bias=False)
-        self.up_proj = nn.Linear(hidden, ffn, bias=False)
-        self.down_proj = nn.Linear(ffn, hidden, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def ours(w, capacity_factor=None):
@@ -67,7 +55,7 @@ def deepspeed_layer(w, capacity_factor=None):
     from deepspeed.moe.layer import MoE
 
     drop = capacity_factor is not None
-    layer = MoE(w["hidden"], SwiGLUExpert(w["hidden"], w["ffn"]), num_experts=w["experts"], ep_size=1, k=w["top_k"],
+    layer = MoE(w["hidden"], SwiGLU(w["hidden"], w["ffn"]), num_experts=w["experts"], ep_size=1, k=w["top_k"],
                 capacity_factor=capacity_factor or 1.0, eval_capacity_factor=capacity_factor or 1.0, min_capacity=0,
                 drop_tokens=drop).train()
 
@@ -81,7 +69,7 @@ def deepspeed_layer(w, capacity_factor=None):
 def naive(w):
     """The definition of an MoE with no sparsity exploited: E x the routed work."""
     router = nn.Linear(w["hidden"], w["experts"], bias=False)
-    experts = nn.ModuleList(SwiGLUExpert(w["hidden"], w["ffn"]) for _ in range(w["experts"]))
+    experts = nn.ModuleList(SwiGLU(w["hidden"], w["ffn"]) for _ in range(w["experts"]))
 
     def step(x):
         probs = router(x).softmax(-1)
@@ -94,7 +82,7 @@ def naive(w):
 
 
 def floor(w):
-    dense = SwiGLUExpert(w["hidden"], w["ffn"])
+    dense = SwiGLU(w["hidden"], w["ffn"])
 
     def step(x):
         rows = x.repeat_interleave(w["top_k"], dim=0)  # [tokens * k, hidden], the rows the experts see
@@ -142,23 +130,6 @@ def peak_memory_bytes(candidate, x) -> int:
             with open(path) as f:
                 _, sizes = json.load(f)
     return int(max(sum(row) for row in sizes))
-
-
-def init_deepspeed() -> bool:
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        print("deepspeed is not installed: its columns are skipped (pip install deepspeed)")
-        return False
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
-        from mymoe.parallel.env import free_port
-
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        deepspeed.init_distributed(dist_backend="gloo")
-    return True
 
 
 def main(argv=None) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ from mymoe.config import ModelConfig, MoEConfig, TrainConfig
 from mymoe.model.layers import SwiGLU
 from mymoe.model.transformer import MoECausalLM
 from mymoe.train.optim import build_optimizer, parameter_groups
+from peers import init_deepspeed
 
 MICRO_BATCH_SIZE = 8
 SEQ_LEN = 256
@@ -102,23 +102,6 @@ class Candidate:
         self.model(input_ids, labels=labels).loss.backward()
         self.optimizer.step()
         return time.perf_counter() - start
-
-
-def init_deepspeed() -> bool:
-    try:
-        import deepspeed
-    except ImportError:
-        print("deepspeed is not installed: its candidate is skipped (pip install deepspeed)")
-        return False
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
-        from mymoe.parallel.env import free_port
-
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        deepspeed.init_distributed(dist_backend="gloo")
-    return True
 
 
 def main(argv=None) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from mymoe.config import ModelConfig
+from mymoe.convert.hf_experts import experts_from_hf, experts_to_hf
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
 MODEL_TYPE = "deepseek_v3"
@@ -175,23 +176,16 @@ def mlp_to_hf(prefix: str, mlp: dict) -> dict:
     for proj, shape in empty.items():
         out[f"{base}.shared_experts.{proj}.weight"] = mlp.get(f"shared_experts.{proj}.weight",
                                                               mlp["gate.weight"].new_empty(shape))
-    for e in range(mlp["experts.w_gate"].shape[0]):
-        out[f"{base}.experts.{e}.gate_proj.weight"] = mlp["experts.w_gate"][e].T
-        out[f"{base}.experts.{e}.up_proj.weight"] = mlp["experts.w_up"][e].T
-        out[f"{base}.experts.{e}.down_proj.weight"] = mlp["experts.w_down"][e].T
-    return out
+    return {**out, **experts_to_hf(base, mlp)}
 
 
 def mlp_from_hf(prefix: str, tensors: dict, num_experts: int, is_moe: bool) -> dict:
     base = f"{prefix}.mlp"
     if not is_moe:
         return {f"{proj}.weight": tensors[f"{base}.{proj}.weight"] for proj in ("gate_proj", "up_proj", "down_proj")}
-    experts = [f"{base}.experts.{e}" for e in range(num_experts)]
     mlp = {"gate.weight": tensors[f"{base}.gate.weight"],
            "gate.expert_bias": tensors[f"{base}.gate.e_score_correction_bias"].float(),
-           "experts.w_gate": torch.stack([tensors[f"{e}.gate_proj.weight"].T for e in experts]),
-           "experts.w_up": torch.stack([tensors[f"{e}.up_proj.weight"].T for e in experts]),
-           "experts.w_down": torch.stack([tensors[f"{e}.down_proj.weight"].T for e in experts])}
+           **experts_from_hf(base, tensors, num_experts)}
     shared = f"{base}.shared_experts.gate_proj.weight"
     if shared in tensors and tensors[shared].numel():  # n_shared_experts=0 leaves empty or no tensors
         for proj in ("gate_proj", "up_proj", "down_proj"):

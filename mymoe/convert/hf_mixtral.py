@@ -11,6 +11,10 @@ renormalises the k weights; it has no shared experts, dense layers, group limits
 from __future__ import annotations
 
 from mymoe.config import ModelConfig
+from mymoe.convert.hf_experts import experts_from_hf, experts_to_hf
+
+# Mixtral's own names for the gate, up and down projections of an expert
+MIXTRAL_NAMES = ("w1", "w3", "w2")
 
 ARCHITECTURE = "MixtralForCausalLM"
 MODEL_TYPE = "mixtral"
@@ -55,25 +59,15 @@ def model_fields(hf: dict) -> tuple[dict, list[str]]:
 
 def mlp_to_hf(prefix: str, mlp: dict) -> dict:
     """One layer's mlp tensors (names after ``mlp.``) -> Mixtral tensors (full names)."""
-    out = {f"{prefix}.block_sparse_moe.gate.weight": mlp["gate.weight"]}
-    for e in range(mlp["experts.w_gate"].shape[0]):
-        base = f"{prefix}.block_sparse_moe.experts.{e}"
-        out[f"{base}.w1.weight"] = mlp["experts.w_gate"][e].T
-        out[f"{base}.w3.weight"] = mlp["experts.w_up"][e].T
-        out[f"{base}.w2.weight"] = mlp["experts.w_down"][e].T
-    return out
+    return {f"{prefix}.block_sparse_moe.gate.weight": mlp["gate.weight"],
+            **experts_to_hf(f"{prefix}.block_sparse_moe", mlp, MIXTRAL_NAMES)}
 
 
 def mlp_from_hf(prefix: str, tensors: dict, num_experts: int, is_moe: bool) -> dict:
     """Mixtral tensors -> one layer's mlp tensors (names after ``mlp.``)."""
-    import torch
-
     base = f"{prefix}.block_sparse_moe"
     if f"{base}.gate.weight" not in tensors:  # transformers 5's in-memory names: mlp.experts.e.gate_proj ...
         tensors = {key.replace(f"{prefix}.mlp.", f"{base}.").replace(".gate_proj.", ".w1.").replace(".up_proj.", ".w3.")
                    .replace(".down_proj.", ".w2."): value for key, value in tensors.items() if key.startswith(prefix)}
-    experts = [f"{base}.experts.{e}" for e in range(num_experts)]
     return {"gate.weight": tensors[f"{base}.gate.weight"],
-            "experts.w_gate": torch.stack([tensors[f"{e}.w1.weight"].T for e in experts]),
-            "experts.w_up": torch.stack([tensors[f"{e}.w3.weight"].T for e in experts]),
-            "experts.w_down": torch.stack([tensors[f"{e}.w2.weight"].T for e in experts])}
+            **experts_from_hf(base, tensors, num_experts, MIXTRAL_NAMES)}

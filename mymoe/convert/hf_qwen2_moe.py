@@ -15,6 +15,7 @@ ours have none, so exports set qkv_bias=false and imports refuse non-zero biases
 from __future__ import annotations
 
 from mymoe.config import ModelConfig
+from mymoe.convert.hf_experts import experts_from_hf, experts_to_hf
 
 ARCHITECTURE = "Qwen2MoeForCausalLM"
 MODEL_TYPE = "qwen2_moe"
@@ -75,25 +76,16 @@ def mlp_to_hf(prefix: str, mlp: dict) -> dict:
     out = {f"{base}.gate.weight": mlp["gate.weight"], f"{base}.shared_expert_gate.weight": mlp["shared_expert_gate.weight"]}
     for proj in ("gate_proj", "up_proj", "down_proj"):
         out[f"{base}.shared_expert.{proj}.weight"] = mlp[f"shared_experts.{proj}.weight"]
-    for e in range(mlp["experts.w_gate"].shape[0]):
-        out[f"{base}.experts.{e}.gate_proj.weight"] = mlp["experts.w_gate"][e].T
-        out[f"{base}.experts.{e}.up_proj.weight"] = mlp["experts.w_up"][e].T
-        out[f"{base}.experts.{e}.down_proj.weight"] = mlp["experts.w_down"][e].T
-    return out
+    return {**out, **experts_to_hf(base, mlp)}
 
 
 def mlp_from_hf(prefix: str, tensors: dict, num_experts: int, is_moe: bool) -> dict:
-    import torch
-
     base = f"{prefix}.mlp"
     if not is_moe:
         return {f"{proj}.weight": tensors[f"{base}.{proj}.weight"] for proj in ("gate_proj", "up_proj", "down_proj")}
-    experts = [f"{base}.experts.{e}" for e in range(num_experts)]
     mlp = {"gate.weight": tensors[f"{base}.gate.weight"],
            "shared_expert_gate.weight": tensors[f"{base}.shared_expert_gate.weight"],
-           "experts.w_gate": torch.stack([tensors[f"{e}.gate_proj.weight"].T for e in experts]),
-           "experts.w_up": torch.stack([tensors[f"{e}.up_proj.weight"].T for e in experts]),
-           "experts.w_down": torch.stack([tensors[f"{e}.down_proj.weight"].T for e in experts])}
+           **experts_from_hf(base, tensors, num_experts)}
     for proj in ("gate_proj", "up_proj", "down_proj"):
         mlp[f"shared_experts.{proj}.weight"] = tensors[f"{base}.shared_expert.{proj}.weight"]
     return mlp
