@@ -25,6 +25,7 @@ from mymoe.model import MoECausalLM
 from mymoe.peft import apply_peft
 from mymoe.parallel import ParallelContext, clip_grad_norm_, init_distributed, parallelize, reduce_gradients, shutdown
 from mymoe.train.metrics import MetricsLogger, peak_flops_per_second
+from mymoe.train.stop import GracefulStop
 from mymoe.train.optim import Schedule, aux_loss_scale, build_optimizer, parameter_groups, total_steps
 
 
@@ -241,31 +242,8 @@ def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] 
     peak = peak_flops_per_second(ctx.device) * ctx.world_size
     result = TrainResult(steps=trainer.step, out_dir=str(out_dir))
     try:
-        while not trainer.finished():
-            start = time.perf_counter()
-            metrics = trainer.train_step()
-            tokens_per_second = trainer.tokens_per_step / (time.perf_counter() - start)
-            step = trainer.step
-            result.losses.append(metrics["loss"])
-            logger.progress(step, metrics["loss"], tokens_per_second)
-            logger.observe_experts(step, metrics["expert_loads"])
-            if step % train_config.log_interval == 0 or trainer.finished():
-                scalars = {key: metrics[key] for key in ("loss", "lm_loss", "aux_loss", "z_loss", "load_balancing_loss",
-                                                         "lr", "aux_loss_scale", "grad_norm")}
-                scalars.update(tokens_per_second=tokens_per_second, tokens_seen=trainer.tokens_seen,
-                               mfu=flops_per_token * tokens_per_second / peak,
-                               dropped_fraction=sum(metrics["dropped"]) / max(len(metrics["dropped"]), 1))
-                logger.log(step, scalars, metrics["expert_loads"], metrics["dropped"])
-            if train_config.eval_interval and (step % train_config.eval_interval == 0 or trainer.finished()):
-                eval_loss = trainer.evaluate()
-                if eval_loss is not None:
-                    result.eval_losses.append(eval_loss)
-                    perplexity = math.exp(min(eval_loss, 50.0))
-                    logger.log(step, {"eval/loss": eval_loss, "eval/perplexity": perplexity})
-                    logger.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity:.2f}")
-            if train_config.checkpoint_interval and step % train_config.checkpoint_interval == 0 \
-                    and not trainer.finished():
-                checkpoints.save(trainer)
+        with GracefulStop(ctx) as stop:
+            train_steps(trainer, checkpoints, logger, result, stop, flops_per_token, peak)
         logger.end_progress()
         checkpoints.save(trainer)
         checkpoints.wait()
@@ -276,4 +254,39 @@ def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] 
     logger.write(f"trained to step {trainer.step} ({trainer.tokens_seen:,} tokens); final loss {final}; "
                  f"metrics in {out_dir / 'metrics.jsonl'}; checkpoint in {checkpoints.root}")
     return result
+
+
+def train_steps(trainer: Trainer, checkpoints, logger, result: TrainResult, stop: GracefulStop,
+                flops_per_token: float, peak: float) -> None:
+    """Steps until the run is finished or a signal asks every rank to stop."""
+    train_config = trainer.config.train
+    while not trainer.finished():
+        start = time.perf_counter()
+        metrics = trainer.train_step()
+        tokens_per_second = trainer.tokens_per_step / (time.perf_counter() - start)
+        step = trainer.step
+        result.losses.append(metrics["loss"])
+        logger.progress(step, metrics["loss"], tokens_per_second)
+        logger.observe_experts(step, metrics["expert_loads"])
+        if step % train_config.log_interval == 0 or trainer.finished():
+            scalars = {key: metrics[key] for key in ("loss", "lm_loss", "aux_loss", "z_loss", "load_balancing_loss",
+                                                     "lr", "aux_loss_scale", "grad_norm")}
+            scalars.update(tokens_per_second=tokens_per_second, tokens_seen=trainer.tokens_seen,
+                           mfu=flops_per_token * tokens_per_second / peak,
+                           dropped_fraction=sum(metrics["dropped"]) / max(len(metrics["dropped"]), 1))
+            logger.log(step, scalars, metrics["expert_loads"], metrics["dropped"])
+        if train_config.eval_interval and (step % train_config.eval_interval == 0 or trainer.finished()):
+            eval_loss = trainer.evaluate()
+            if eval_loss is not None:
+                result.eval_losses.append(eval_loss)
+                perplexity = math.exp(min(eval_loss, 50.0))
+                logger.log(step, {"eval/loss": eval_loss, "eval/perplexity": perplexity})
+                logger.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity:.2f}")
+        if stop.requested():  # the caller saves the last checkpoint
+            logger.write(f"{stop.signal_name or 'a signal on another rank'}: stopping after step {step}, "
+                         f"saving a checkpoint to resume from")
+            return
+        if train_config.checkpoint_interval and step % train_config.checkpoint_interval == 0 \
+                and not trainer.finished():
+            checkpoints.save(trainer)
 
