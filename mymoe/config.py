@@ -139,6 +139,9 @@ class TrainConfig:
     keep_last: int = 3
     async_save: bool = False
     resume: bool = True
+    # fine-tuning: start from these weights (checkpoints folder, consolidated .safetensors or Hugging Face
+    # folder) when out_dir has no checkpoint to resume from
+    init_from: Optional[str] = None
     dead_expert_window: int = 20  # steps an expert may stay idle or saturated before a warning
 
 

@@ -22,7 +22,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from mymoe.checkpoint import CheckpointError, load_model
+from mymoe.checkpoint import CheckpointError
+from mymoe.convert.load import load_any
 from mymoe.model.attention import KVCache
 from mymoe.model.transformer import sample_next_token
 
@@ -90,30 +91,6 @@ def apply_rope_scaling(model, scaling: dict) -> None:
     config.rope_scaling = scaling
     model.model.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                              scaling)
-
-
-def load_any(path: str, step: Optional[int]):
-    """(model, config, manifest-like dict) from a checkpoints folder, consolidated file or Hugging Face folder."""
-    from pathlib import Path
-
-    from mymoe.convert.consolidate import load_consolidated_model
-
-    source = Path(path)
-    if source.is_file():
-        model, config = load_consolidated_model(source)
-        return model, config, {"step": "?", "expert_parallel_size": "?"}
-    if (source / "config.json").is_file():
-        import tempfile
-
-        from mymoe.convert.hf import import_hf
-
-        with tempfile.TemporaryDirectory(prefix="mymoe-generate-") as scratch:
-            import_hf(source, Path(scratch) / "model.safetensors")
-            model, config = load_consolidated_model(Path(scratch) / "model.safetensors")
-        if config.data.tokenizer is None and (source / "tokenizer.model").is_file():
-            config.data.tokenizer = str(source / "tokenizer.model")
-        return model, config, {"step": "?", "expert_parallel_size": "?"}
-    return load_model(source, step)
 
 
 def left_padded_batch(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

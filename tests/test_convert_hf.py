@@ -201,3 +201,27 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="100 pieces but the model's vocab_size is 64"):
         export_hf(our_model(MIXTRAL), tmp_path / "hf", tokenizer=str(tmp_path / "tok.model"))
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_transformers_model_fine_tunes_here_from_train_init_from(tmp_path):
+    from mymoe.config import load_config
+    from mymoe.parallel import ParallelContext
+    from mymoe.train.loop import Trainer, train
+    from test_train_support import make_dataset, tiny_overrides
+
+    reference = random_hf_model("mixtral")
+    reference.save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ours.safetensors")  # ours.yaml beside it: the architecture
+    train_prefix, valid_prefix = make_dataset(tmp_path / "data")
+    overrides = tiny_overrides(train_prefix, valid_prefix, tmp_path / "run", 3, {
+        "train.init_from": str(tmp_path / "hf"), "peft.lora_rank": 4, "peft.lora_targets": "[q_proj,experts]",
+        "data.seq_len": 32})
+    config = load_config(str(tmp_path / "ours.yaml"), overrides)
+    trainer = Trainer(config, ParallelContext(), init_from=config.train.init_from)
+    torch.testing.assert_close(our_logits(trainer.model.eval()), hf_logits(reference), atol=1e-4, rtol=0)
+    result = train(config, ParallelContext(), progress=False)  # fine-tunes the adapters from the imported weights
+    assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    wrong = load_config(str(tmp_path / "ours.yaml"), overrides + ["--model.num_hidden_layers=3",
+                                                                  f"--train.out_dir={tmp_path / 'other'}"])
+    with pytest.raises(CheckpointError, match="model.num_hidden_layers: checkpoint 2, this run 3"):
+        Trainer(wrong, ParallelContext(), init_from=wrong.train.init_from)

@@ -108,3 +108,29 @@ def test_trainer_fine_tunes_only_adapters_from_config(tmp_path):
     for name, p in trainer.model.named_parameters():
         if name in frozen:
             assert torch.equal(p, frozen[name]), name
+
+
+def test_a_lora_checkpoint_loads_merged_for_generation_and_export(tmp_path):
+    from mymoe.checkpoint import CheckpointManager, load_model
+    from mymoe.config import load_config
+    from mymoe.convert.hf import export_refusals
+    from mymoe.parallel import ParallelContext
+    from mymoe.train.loop import Trainer
+    from test_train_support import TINY_CONFIG, make_dataset, tiny_overrides
+
+    train, valid = make_dataset(tmp_path / "data")
+    overrides = tiny_overrides(train, valid, tmp_path / "run", 2, {"peft.lora_rank": 4,
+                                                                   "peft.lora_targets": "[q_proj, experts, gate]"})
+    config = load_config(str(TINY_CONFIG), overrides)
+    trainer = Trainer(config, ParallelContext())
+    for _ in range(2):
+        trainer.train_step()
+    manager = CheckpointManager(tmp_path / "run" / "checkpoints", config, ParallelContext(), verbose=False)
+    manager.save(trainer)
+    model, _, _ = load_model(tmp_path / "run" / "checkpoints")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    ids = torch.randint(0, 48, (2, 16))
+    torch.testing.assert_close(model.eval()(ids).logits, trainer.model.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+
+    prefixed = apply_peft(MoECausalLM(config.model), prefix_length=2)
+    assert any("prefix-tuning adapters" in problem for problem in export_refusals(prefixed, "qwen2_moe"))

@@ -29,6 +29,7 @@ from mymoe.config import Config, config_from_dict
 
 def load_model(checkpoint: str | Path, step: Optional[int] = None, verify: bool = True):
     """Build the saved model whole in this process (every expert) and load its weights: (model, config, manifest).
+    LoRA adapters of a fine-tuning run come back merged into the weights; prefix-tuning ones stay attached.
 
     `checkpoint` is a checkpoints root (its `latest`, or `step`) or a step folder.
     """
@@ -45,8 +46,17 @@ def load_model(checkpoint: str | Path, step: Optional[int] = None, verify: bool 
             raise CheckpointError(f"checkpoint {directory} is damaged:\n  " + "\n  ".join(problems))
     config: Config = config_from_dict(manifest["config"])
     model = MoECausalLM(config.model)
+    peft = config.peft
+    if peft.enabled:  # the adapters the run trained, attached as it attached them
+        from mymoe.peft import apply_peft
+
+        apply_peft(model, peft.lora_rank, peft.lora_alpha, peft.lora_targets, peft.prefix_length, config.train.seed)
     targets, _ = read_tensors(directory, manifest, {"model": model.state_dict()}, model, None, rank=0)
     model.load_state_dict(targets.model)
+    if peft.lora_rank:
+        from mymoe.peft import merge_lora
+
+        merge_lora(model)  # one plain weight per matrix: what generation and export want
     return model, config, manifest
 
 

@@ -44,9 +44,21 @@ def expert_rows(model: nn.Module) -> dict[str, ExpertRows]:
     rows = {}
     for name, param in model.named_parameters():
         if getattr(param, "is_expert", False):
-            owner = model.get_submodule(name.rpartition(".")[0])
+            owner = _expert_module(model, name)
             rows[name] = ExpertRows(owner.first_expert, owner.num_experts, owner.num_global_experts)
     return rows
+
+
+def _expert_module(model: nn.Module, name: str) -> nn.Module:
+    """The experts module a parameter belongs to: its parent, or an ancestor for the parameters a
+    parametrization (LoRA) keeps below it (experts.parametrizations.w_gate.0.lora_A)."""
+    path = name.rpartition(".")[0]
+    while path:
+        module = model.get_submodule(path)
+        if hasattr(module, "first_expert"):
+            return module
+        path = path.rpartition(".")[0]
+    raise CheckpointError(f"parameter {name} is marked as an expert parameter but no experts module holds it")
 
 
 def optimizer_parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

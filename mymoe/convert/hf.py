@@ -48,6 +48,9 @@ def export_refusals(model, name: str) -> list[str]:
     if eval_factor is not None:
         problems.append(f"capacity factor {eval_factor} at inference: mymoe drops tokens past capacity, "
                         f"{name} never does (set eval_capacity_factor or capacity_factor to null)")
+    if any(getattr(module, "prefix", None) is not None for module in model.modules()):
+        problems.append(f"prefix-tuning adapters: {name} has no trainable attention prefixes (LoRA merges into "
+                        f"the weights, prefixes cannot)")
     if name == "deepseek_v3":  # its routing has groups, scaling and the bias
         return problems
     if config.attention_type == "mla":

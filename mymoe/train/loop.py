@@ -85,12 +85,17 @@ def build_reader(config: Config, ctx: ParallelContext, split: str):
 class Trainer:
     """Holds everything a step needs; `state_dict`/`load_state_dict` are the checkpoint seam."""
 
-    def __init__(self, config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] = None):
+    def __init__(self, config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] = None,
+                 init_from: Optional[str] = None):
         check_data(config)
         self.config, self.ctx = config, ctx
         train = config.train
         torch.manual_seed(train.seed)  # the same initial model on every rank (parallelize also broadcasts it)
         self.model = MoECausalLM(config.model)
+        if init_from is not None:  # fine-tuning: the whole model's weights, before each rank keeps its experts
+            from mymoe.convert.load import init_from as load_initial_weights
+
+            load_initial_weights(self.model, config, init_from)
         parallelize(self.model, ctx)
         if config.peft.enabled:  # after sharding, so expert adapters match the experts this rank holds
             apply_peft(self.model, config.peft.lora_rank, config.peft.lora_alpha, config.peft.lora_targets,
@@ -224,9 +229,10 @@ def run(config: Config, deepspeed_config: Optional[str] = None, progress: bool =
 
 def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] = None,
           progress: bool = True) -> TrainResult:
-    trainer = Trainer(config, ctx, deepspeed_config)
     checkpoints = checkpoint_manager(config, ctx)
-    if config.train.resume:
+    resuming = config.train.resume and checkpoints.latest() is not None
+    trainer = Trainer(config, ctx, deepspeed_config, init_from=None if resuming else config.train.init_from)
+    if resuming:
         checkpoints.load_latest(trainer)
     train_config, out_dir = config.train, Path(config.train.out_dir)
     logger = MetricsLogger(str(out_dir), trainer.total_steps, enabled=ctx.rank == 0,
