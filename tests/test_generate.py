@@ -66,4 +66,4 @@ def test_streamed_sampling_equals_model_generate(ep2_checkpoint_and_tokenizer):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "mymoe.generate", "--checkpoint", str(tmp_path / "nothing"),
                            "--vocab_path", "tok.model"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1 and "no committed checkpoint under" in done.stderr
+    assert done.returncode == 1 and "nothing does not exist: give a run's checkpoints folder" in done.stderr
