@@ -38,25 +38,33 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *row_sizes: i
     return dtype_ok and all(size * element_size % 16 == 0 for size in row_sizes)
 
 
-def _grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: list, use_grouped_mm: bool) -> torch.Tensor:
+class ExpertGroups:
+    """How a chunk's rows split over its experts, in the form each GEMM path needs: counts for the loop,
+    cumulative offsets on the device for grouped GEMM (made once per chunk, reused by all six GEMMs)."""
+
+    def __init__(self, counts: list, device: torch.device, use_grouped_mm: bool):
+        self.counts = counts
+        self.offsets = None
+        if use_grouped_mm:
+            self.offsets = torch.tensor(counts, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+
+
+def _grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
     """rows [N, K] times weight[e] [K, M] for each expert's contiguous slice of rows -> [N, M]."""
-    if use_grouped_mm:
-        offsets = torch.tensor(counts, dtype=torch.int32, device=rows.device).cumsum(0, dtype=torch.int32)
-        return torch._grouped_mm(rows, weight, offs=offsets)
+    if groups.offsets is not None:
+        return torch._grouped_mm(rows, weight, offs=groups.offsets)
     out = rows.new_empty(rows.shape[0], weight.shape[-1])
-    for expert, (rows_e, out_e) in enumerate(zip(rows.split(counts), out.split(counts))):
+    for expert, (rows_e, out_e) in enumerate(zip(rows.split(groups.counts), out.split(groups.counts))):
         torch.mm(rows_e, weight[expert], out=out_e)
     return out
 
 
-def _grouped_weight_grad(rows: torch.Tensor, grad: torch.Tensor, counts: list, use_grouped_mm: bool,
-                         out: torch.Tensor) -> None:
+def _grouped_weight_grad(rows: torch.Tensor, grad: torch.Tensor, groups: ExpertGroups, out: torch.Tensor) -> None:
     """out[e] = rows_e^T @ grad_e for each expert's slice: rows [N, K], grad [N, M], out [experts, K, M]."""
-    if use_grouped_mm:
-        offsets = torch.tensor(counts, dtype=torch.int32, device=rows.device).cumsum(0, dtype=torch.int32)
-        out.copy_(torch._grouped_mm(rows.t(), grad, offs=offsets))
+    if groups.offsets is not None:
+        out.copy_(torch._grouped_mm(rows.t(), grad, offs=groups.offsets))
         return
-    for expert, (rows_e, grad_e) in enumerate(zip(rows.split(counts), grad.split(counts))):
+    for expert, (rows_e, grad_e) in enumerate(zip(rows.split(groups.counts), grad.split(groups.counts))):
         torch.mm(rows_e.t(), grad_e, out=out[expert])
 
 
@@ -91,25 +99,24 @@ class _GatherSwiGLUScatter(torch.autograd.Function):
         up = source.new_empty(num_rows, intermediate)
         out = source.new_zeros(out_rows, w_down.shape[-1])
         chunks = plan_chunks(counts, max_chunk_rows)
-        for first_expert, end_expert, first_row, end_row in chunks:
-            chunk_counts = counts[first_expert:end_expert]
+        groups = [ExpertGroups(counts[first:end], source.device, use_grouped_mm) for first, end, _, _ in chunks]
+        for (first_expert, end_expert, first_row, end_row), chunk_groups in zip(chunks, groups):
             rows = _rows(source, index, first_row, end_row)
-            gate_c = _grouped_matmul(rows, w_gate[first_expert:end_expert], chunk_counts, use_grouped_mm)
-            up_c = _grouped_matmul(rows, w_up[first_expert:end_expert], chunk_counts, use_grouped_mm)
+            gate_c = _grouped_matmul(rows, w_gate[first_expert:end_expert], chunk_groups)
+            up_c = _grouped_matmul(rows, w_up[first_expert:end_expert], chunk_groups)
             gate[first_row:end_row], up[first_row:end_row] = gate_c, up_c
             activation = F.silu(gate_c).mul_(up_c)
             if weight is not None:
                 activation.mul_(weight[first_row:end_row, None].to(activation.dtype))
-            expert_out = _grouped_matmul(activation, w_down[first_expert:end_expert], chunk_counts, use_grouped_mm)
+            expert_out = _grouped_matmul(activation, w_down[first_expert:end_expert], chunk_groups)
             _scatter(out, index, first_row, end_row, expert_out)
         ctx.save_for_backward(source, index, weight, gate, up, w_gate, w_up, w_down)
-        ctx.counts, ctx.chunks, ctx.use_grouped_mm = counts, chunks, use_grouped_mm
+        ctx.chunks, ctx.groups = chunks, groups
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         source, index, weight, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
-        counts, use_grouped_mm = ctx.counts, ctx.use_grouped_mm
         grad_out = grad_out.contiguous()  # grouped GEMM rejects broadcast (stride 0) gradients
         need_source, _, need_weight, need_gate, need_up, need_down = ctx.needs_input_grad[:6]
         grad_source = torch.zeros_like(source) if need_source else None
@@ -117,16 +124,14 @@ class _GatherSwiGLUScatter(torch.autograd.Function):
         grad_w_gate = torch.zeros_like(w_gate) if need_gate else None
         grad_w_up = torch.zeros_like(w_up) if need_up else None
         grad_w_down = torch.zeros_like(w_down) if need_down else None
-        for first_expert, end_expert, first_row, end_row in ctx.chunks:
+        for (first_expert, end_expert, first_row, end_row), groups in zip(ctx.chunks, ctx.groups):
             experts = slice(first_expert, end_expert)
-            chunk_counts = counts[experts]
             grad_expert_out = _rows(grad_out, index, first_row, end_row)  # [chunk rows, hidden]
             gate_c, up_c = gate[first_row:end_row], up[first_row:end_row]
             silu_gate = F.silu(gate_c)
             activation = silu_gate * up_c
             # gradient of the weighted activation (what the down projection saw)
-            grad_weighted = _grouped_matmul(grad_expert_out, w_down[experts].transpose(1, 2), chunk_counts,
-                                            use_grouped_mm)
+            grad_weighted = _grouped_matmul(grad_expert_out, w_down[experts].transpose(1, 2), groups)
             if weight is not None:
                 weight_c = weight[first_row:end_row, None].to(activation.dtype)
                 if grad_weight is not None:
@@ -135,7 +140,7 @@ class _GatherSwiGLUScatter(torch.autograd.Function):
                     activation.mul_(weight_c)
                 grad_weighted.mul_(weight_c)
             if grad_w_down is not None:
-                _grouped_weight_grad(activation, grad_expert_out, chunk_counts, use_grouped_mm, grad_w_down[experts])
+                _grouped_weight_grad(activation, grad_expert_out, groups, grad_w_down[experts])
             del activation, grad_expert_out
             grad_up = grad_weighted * silu_gate
             del silu_gate
@@ -144,13 +149,13 @@ class _GatherSwiGLUScatter(torch.autograd.Function):
             if grad_w_gate is not None or grad_w_up is not None or grad_source is not None:
                 rows = _rows(source, index, first_row, end_row)
                 if grad_w_gate is not None:
-                    _grouped_weight_grad(rows, grad_gate, chunk_counts, use_grouped_mm, grad_w_gate[experts])
+                    _grouped_weight_grad(rows, grad_gate, groups, grad_w_gate[experts])
                 if grad_w_up is not None:
-                    _grouped_weight_grad(rows, grad_up, chunk_counts, use_grouped_mm, grad_w_up[experts])
+                    _grouped_weight_grad(rows, grad_up, groups, grad_w_up[experts])
                 del rows
             if grad_source is not None:
-                grad_rows = _grouped_matmul(grad_gate, w_gate[experts].transpose(1, 2), chunk_counts, use_grouped_mm)
-                grad_rows += _grouped_matmul(grad_up, w_up[experts].transpose(1, 2), chunk_counts, use_grouped_mm)
+                grad_rows = _grouped_matmul(grad_gate, w_gate[experts].transpose(1, 2), groups)
+                grad_rows += _grouped_matmul(grad_up, w_up[experts].transpose(1, 2), groups)
                 _scatter(grad_source, index, first_row, end_row, grad_rows)
         return grad_source, None, grad_weight, grad_w_gate, grad_w_up, grad_w_down, None, None, None, None
 
