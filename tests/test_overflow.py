@@ -149,7 +149,7 @@ def test_layer_output_follows_the_placement():
     out, aux = layer(x)
     tokens = x.reshape(-1, HIDDEN)
     routing = layer.gate(tokens, (2, 12))
-    placement = place_assignments(routing.expert_indices, routing.expert_weights, routing.router_logits,
+    placement = place_assignments(routing.expert_indices, routing.expert_weights, routing.selection_scores,
                                   layer.capacity(24), overflow_policy="spill", batch_shape=(2, 12))
     experts = layer.experts
     expected = torch.zeros_like(tokens)
@@ -182,3 +182,21 @@ def test_null_expert_gives_drop_output_with_its_own_accounting():
 def test_bad_overflow_settings_are_named(values, message):
     with pytest.raises(ConfigError, match=message):
         validate(config_from_dict({"model": {"moe": values}}))
+
+
+def test_spill_respects_group_limits_and_the_balancing_bias():
+    # 8 experts in 4 groups, each token may use 2 groups; expert 7 is blocked by a very low bias
+    layer = make_layer(capacity_factor=0.5, overflow_policy="spill", n_routed_experts=8, num_experts_per_tok=2,
+                       n_group=4, topk_group=2, scoring_func="sigmoid")
+    with torch.no_grad():
+        layer.gate.expert_bias[7] = -1e4
+    tokens = torch.randn(64, HIDDEN) + 0.5
+    routing = layer.gate(tokens)
+    placement = place_assignments(routing.expert_indices, routing.expert_weights, routing.selection_scores,
+                                  layer.capacity(64), overflow_policy="spill")
+    assert bool(placement.spilled.any())
+    allowed = torch.isfinite(routing.selection_scores)  # the experts of each token's chosen groups
+    kept_experts = placement.expert_indices[placement.keep]
+    kept_tokens = torch.arange(64)[:, None].expand(64, 2)[placement.keep]
+    assert bool(allowed[kept_tokens, kept_experts].all())
+    assert not bool((kept_experts == 7).any())

@@ -105,7 +105,7 @@ class MoELayer(nn.Module):
         routing = self.gate(tokens, batch_shape)
 
         capacity = self.capacity(tokens.shape[0])
-        placement = place_assignments(routing.expert_indices, routing.expert_weights, routing.router_logits,
+        placement = place_assignments(routing.expert_indices, routing.expert_weights, routing.selection_scores,
                                       capacity, self.moe.drop_policy, self.moe.overflow_policy,
                                       self.moe.min_tokens_per_sequence_kept, batch_shape)
         batch, handle = self.dispatcher.dispatch(tokens, placement.expert_indices, routing.expert_weights,

@@ -5,8 +5,9 @@
 - ``"drop"`` (default): an overflowing assignment contributes nothing; the residual carries its token.
 - ``"spill"``: it moves to the token's best unchosen expert that still has room, found in rounds: in
   round r every token with an overflowing assignment offers the best-priority one to its r-th best
-  expert outside its top-k (ranked by the clean router logits; noise, balancing bias and group limits
-  shape only the top-k), and each expert accepts offers in priority order while it has room. One offer
+  expert outside its top-k (ranked by the scores top-k ranked: router noise and the balancing bias
+  count, and experts outside the token's groups under group-limited routing are never offered), and
+  each expert accepts offers in priority order while it has room. One offer
   per token per round means a token never lands twice on one expert. No expert ever exceeds its
   capacity. A spilled assignment keeps its combine weight, so the token's output keeps the scale the
   router gave it; the router's gradient flows through the score of the expert first chosen. Spilling
@@ -62,7 +63,7 @@ def protected_first_choices(expert_weights: torch.Tensor, batch_shape: Optional[
     return protected
 
 
-def spill_overflow(expert_indices: torch.Tensor, keep: torch.Tensor, router_logits: torch.Tensor,
+def spill_overflow(expert_indices: torch.Tensor, keep: torch.Tensor, selection_scores: torch.Tensor,
                    capacity: int, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Move overflowing assignments to experts with room, in the rounds the module docstring describes.
 
@@ -70,14 +71,15 @@ def spill_overflow(expert_indices: torch.Tensor, keep: torch.Tensor, router_logi
     and keep [tokens, k], and which assignments were spilled.
     """
     num_tokens, top_k = expert_indices.shape
-    num_experts = router_logits.shape[1]
+    num_experts = selection_scores.shape[1]
     device = expert_indices.device
     flat_experts = expert_indices.reshape(-1).clone()
     flat_keep = keep.reshape(-1).clone()
     spilled = torch.zeros_like(flat_keep)
     chosen = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=device).scatter_(1, expert_indices, True)
-    ranked = router_logits.detach().masked_fill(chosen, float("-inf"))
+    ranked = selection_scores.detach().masked_fill(chosen, float("-inf"))
     alternatives = torch.argsort(ranked, dim=1, descending=True, stable=True)[:, : num_experts - top_k]
+    offerable = torch.isfinite(ranked.gather(1, alternatives))  # -inf: outside the token's groups
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=device)  # priority rank of each assignment
     token_of = torch.arange(num_tokens * top_k, device=device) // top_k
@@ -92,6 +94,8 @@ def spill_overflow(expert_indices: torch.Tensor, keep: torch.Tensor, router_logi
         offers = torch.nonzero(waiting & (rank == best_waiting[token_of])).squeeze(1)
         offers = offers[torch.argsort(rank[offers])]
         target = alternatives[token_of[offers], round_index]
+        open_to_offer = offerable[token_of[offers], round_index]
+        offers, target = offers[open_to_offer], target[open_to_offer]
         by_expert = torch.argsort(target, stable=True)  # priority order kept inside each expert
         offers, target = offers[by_expert], target[by_expert]
         counts = torch.bincount(target, minlength=num_experts)
@@ -106,18 +110,18 @@ def spill_overflow(expert_indices: torch.Tensor, keep: torch.Tensor, router_logi
     return flat_experts.view(shape), flat_keep.view(shape), spilled.view(shape)
 
 
-def place_assignments(expert_indices: torch.Tensor, expert_weights: torch.Tensor, router_logits: torch.Tensor,
+def place_assignments(expert_indices: torch.Tensor, expert_weights: torch.Tensor, selection_scores: torch.Tensor,
                       capacity: Optional[int], drop_policy: str = "probs", overflow_policy: str = "drop",
                       min_tokens_per_sequence_kept: int = 0, batch_shape: Optional[tuple] = None) -> Placement:
     """Capacity, protection and the overflow policy applied to one rank's [tokens, k] assignments."""
     if overflow_policy not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow policy {overflow_policy!r} must be one of {', '.join(OVERFLOW_POLICIES)}")
-    num_experts = router_logits.shape[1]
+    num_experts = selection_scores.shape[1]
     protected = protected_first_choices(expert_weights, batch_shape, min_tokens_per_sequence_kept)
     keep = capacity_keep_mask(expert_indices, expert_weights, num_experts, capacity, drop_policy, protected)
     spilled = torch.zeros_like(keep)
     if overflow_policy == "spill" and capacity is not None:
         order = priority_order(expert_indices, expert_weights, drop_policy, protected)
-        expert_indices, keep, spilled = spill_overflow(expert_indices, keep, router_logits, capacity, order)
+        expert_indices, keep, spilled = spill_overflow(expert_indices, keep, selection_scores, capacity, order)
     null = ~keep if overflow_policy == "null_expert" else torch.zeros_like(keep)
     return Placement(expert_indices, keep, spilled, null)

@@ -32,6 +32,7 @@ class RoutingResult:
     load_balancing_loss: torch.Tensor  # scalars, unweighted, detached
     seq_aux_loss: torch.Tensor
     z_loss: torch.Tensor
+    selection_scores: torch.Tensor  # [tokens, experts] what top-k ranked: noise, bias and group limit included
 
 
 class Router(nn.Module):
@@ -98,7 +99,7 @@ class Router(nn.Module):
                 aux_loss = aux_loss + coefficient * loss
             losses[name] = loss.detach()
         return RoutingResult(expert_indices, expert_weights, logits, aux_loss, losses["load_balancing"],
-                             losses["seq_aux"], losses["z"])
+                             losses["seq_aux"], losses["z"], selection_scores)
 
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         if self.moe.scoring_func == "sigmoid":
