@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from mymoe.config import ModelConfig
-from mymoe.convert.hf_experts import experts_from_hf, experts_to_hf
+from mymoe.convert.hf_experts import dense_mlp_from_hf, experts_from_hf, experts_to_hf
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
 MODEL_TYPE = "deepseek_v3"
@@ -182,7 +182,7 @@ def mlp_to_hf(prefix: str, mlp: dict) -> dict:
 def mlp_from_hf(prefix: str, tensors: dict, num_experts: int, is_moe: bool) -> dict:
     base = f"{prefix}.mlp"
     if not is_moe:
-        return {f"{proj}.weight": tensors[f"{base}.{proj}.weight"] for proj in ("gate_proj", "up_proj", "down_proj")}
+        return dense_mlp_from_hf(base, tensors)
     mlp = {"gate.weight": tensors[f"{base}.gate.weight"],
            "gate.expert_bias": tensors[f"{base}.gate.e_score_correction_bias"].float(),
            **experts_from_hf(base, tensors, num_experts)}

@@ -1,4 +1,5 @@
-"""Our stacked experts <-> Hugging Face's one module per expert, shared by every format adapter.
+"""Our stacked experts <-> Hugging Face's one module per expert, and the dense FFN layers, shared by
+every format adapter.
 
 Ours: experts.w_gate, w_up [E, hidden, ffn] and w_down [E, ffn, hidden], the transposes of the
 nn.Linear weights that transformers keeps per expert under experts.{e}.{gate, up, down name}.weight.
@@ -20,3 +21,8 @@ def experts_from_hf(base: str, tensors: dict, num_experts: int, names: tuple = H
     return {f"experts.{ours}": torch.stack([tensors[f"{base}.experts.{e}.{theirs}.weight"].T
                                            for e in range(num_experts)])
             for ours, theirs in zip(OURS, names)}
+
+
+def dense_mlp_from_hf(base: str, tensors: dict) -> dict:
+    """A dense SwiGLU layer (first_k_dense_replace, mlp_only_layers): the same names on both sides."""
+    return {f"{proj}.weight": tensors[f"{base}.{proj}.weight"] for proj in HF_NAMES}

@@ -15,7 +15,7 @@ ours have none, so exports set qkv_bias=false and imports refuse non-zero biases
 from __future__ import annotations
 
 from mymoe.config import ModelConfig
-from mymoe.convert.hf_experts import experts_from_hf, experts_to_hf
+from mymoe.convert.hf_experts import dense_mlp_from_hf, experts_from_hf, experts_to_hf
 
 ARCHITECTURE = "Qwen2MoeForCausalLM"
 MODEL_TYPE = "qwen2_moe"
@@ -82,7 +82,7 @@ def mlp_to_hf(prefix: str, mlp: dict) -> dict:
 def mlp_from_hf(prefix: str, tensors: dict, num_experts: int, is_moe: bool) -> dict:
     base = f"{prefix}.mlp"
     if not is_moe:
-        return {f"{proj}.weight": tensors[f"{base}.{proj}.weight"] for proj in ("gate_proj", "up_proj", "down_proj")}
+        return dense_mlp_from_hf(base, tensors)
     mlp = {"gate.weight": tensors[f"{base}.gate.weight"],
            "shared_expert_gate.weight": tensors[f"{base}.shared_expert_gate.weight"],
            **experts_from_hf(base, tensors, num_experts)}
