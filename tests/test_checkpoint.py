@@ -86,12 +86,7 @@ def train_worker(rank, world_size, workdir, expert_parallel_size, stop_at, save_
             saved = read_manifest(manager.latest())["expert_checksums"]
             held = {name: {expert: crc == saved[name][expert] for expert, crc in sums.items()}
                     for name, sums in expert_checksums(trainer.model).items()}
-        losses = []
-        while trainer.step < stop_at:
-            losses.append(trainer.train_step()["loss"])
-            if trainer.step in save_at:
-                manager.save(trainer)
-        manager.wait()
+        losses = train_until(trainer, manager, stop_at, save_at)
         return {"losses": losses, "held": held, "reader": trainer.train_reader.state_dict(),
                 "first_expert": [layer.experts.first_expert for layer in trainer.model.iter_moe_layers()]}
     finally:
@@ -124,13 +119,18 @@ def train_in_process(workdir, stop_at, save_at=(), config=None):
     trainer = Trainer(config, ParallelContext())
     manager = CheckpointManager(Path(config.train.out_dir) / "checkpoints", config, ParallelContext(), verbose=False)
     manager.load_latest(trainer)
+    return trainer, manager, train_until(trainer, manager, stop_at, save_at)
+
+
+def train_until(trainer, manager, stop_at, save_at) -> list[float]:
+    """Train to step `stop_at`, saving at the steps in `save_at`; the losses of the steps taken."""
     losses = []
     while trainer.step < stop_at:
         losses.append(trainer.train_step()["loss"])
         if trainer.step in save_at:
             manager.save(trainer)
     manager.wait()
-    return trainer, manager, losses
+    return losses
 
 
 def read_all_tensors(directory: Path) -> dict:
