@@ -1,4 +1,6 @@
-"""Writing `.bin/.idx` pairs: megatron-core's builder, the token dtype, and never a half-written pair.
+"""Writing `.bin/.idx` pairs: the token dtype, staging, and never a half-written pair.
+
+The bytes are written by mymoe.data.indexed.IndexedWriter, identical to megatron-core's builder.
 
 Every pair is written under a hidden staging folder next to the output and renamed into place at the
 end, `.idx` last: an interrupted run leaves at most the staging folder (or a `.bin` without its
@@ -7,29 +9,12 @@ end, `.idx` last: an interrupted run leaves at most the staging folder (or a `.b
 
 import os
 import shutil
-import warnings
 
 import numpy as np
 
 from data_tools import DataError
 
 UINT16_LIMIT = 65536  # token ids 0..65535 fit in uint16
-
-
-def import_builder():
-    """megatron-core's IndexedDatasetBuilder, imported only when a command writes files."""
-    try:
-        # megatron.core pulls in its optimizer package, which warns that Transformer Engine and
-        # Apex are missing; neither matters for writing files, so the warnings are noise here.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    except ImportError as error:
-        raise DataError(
-            f"writing .bin/.idx files needs megatron-core ({error}); install it with "
-            f"pip install 'megatron-core<0.17' (or pip install -e '.[megatron]')"
-        ) from None
-    return IndexedDatasetBuilder
 
 
 def choose_dtype(vocab_size: int, requested: str = "auto") -> type:
@@ -92,7 +77,4 @@ def publish_pair(staged_prefix: str, final_prefix: str) -> None:
 def write_documents(builder, tokens: np.ndarray, lengths: np.ndarray) -> None:
     """Add documents stored back to back in `tokens`, one sequence per document (as Megatron's
     preprocess_data.py does without --split-sentences)."""
-    start = 0
-    for length in lengths.tolist():
-        builder.add_document(tokens[start : start + length], [length])
-        start += length
+    builder.add_documents(tokens, lengths)

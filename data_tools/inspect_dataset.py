@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools import DataError
+from mymoe.data.indexed import IndexedTokens
 
 SCAN_TOKENS = 1 << 26  # tokens per step of the id range scan (128 MB of uint16)
 BAR_WIDTH = 40
@@ -19,8 +20,6 @@ BAR_WIDTH = 40
 def inspect_dataset(prefix: str, tokenizer_path: str | None = None, samples: int = 2,
                     max_chars: int = 400, progress: bool = True) -> list[str]:
     """The report, as lines."""
-    from mymoe.data.indexed import IndexedTokens
-
     try:
         data = IndexedTokens(prefix)
     except (FileNotFoundError, ValueError) as error:

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from mymoe.data.indexed import IndexedTokens, IndexedWriter, strip_suffix
+
 from data_tools import DataError
 from data_tools.indexed_io import (
     check_output_free,
-    import_builder,
     make_staging_folder,
     pair_paths,
     publish_pair,
@@ -43,8 +44,6 @@ class MergeResult:
 
 def resolve_shards(specs: list[str]) -> list[str]:
     """Prefixes from `data/part1`, `data/part1.bin`, `data/part1.idx` or a glob of any of them."""
-    from mymoe.data.indexed import strip_suffix
-
     prefixes = []
     for spec in specs:
         matches = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
@@ -61,7 +60,6 @@ def resolve_shards(specs: list[str]) -> list[str]:
 
 def merge(shard_specs: list[str], output: str, overwrite: bool = False, progress: bool = True,
           announce=print) -> MergeResult:
-    from mymoe.data.indexed import IndexedTokens
 
     started = time.perf_counter()
     prefixes = resolve_shards(shard_specs)
@@ -81,7 +79,6 @@ def merge(shard_specs: list[str], output: str, overwrite: bool = False, progress
             f"with --dtype set to the others' dtype (int32 holds any vocabulary)"
         )
     check_output_free([output], overwrite)
-    builder_class = import_builder()
     documents = sum(s.num_documents for s in shards)
     tokens = sum(s.num_tokens for s in shards)
     dtype = shards[0].dtype
@@ -93,7 +90,7 @@ def merge(shard_specs: list[str], output: str, overwrite: bool = False, progress
     staging = make_staging_folder(output)
     try:
         staged = os.path.join(staging, "merged")
-        builder = builder_class(pair_paths(staged)[0], dtype=dtype.type)
+        builder = IndexedWriter(pair_paths(staged)[0], dtype=dtype.type)
         for prefix in tqdm(prefixes, desc="merging", unit="shard", disable=not progress):
             builder.add_index(prefix)
         builder.finalize(pair_paths(staged)[1])

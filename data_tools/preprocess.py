@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from mymoe.data.indexed import IndexedTokens, IndexedWriter
+
 from data_tools import DataError, count_of
 from data_tools.corpus import (
     TXT_UNITS,
@@ -38,7 +40,6 @@ from data_tools.encode import encode_chunk, init_worker
 from data_tools.indexed_io import (
     check_output_free,
     choose_dtype,
-    import_builder,
     make_staging_folder,
     pair_paths,
     publish_pair,
@@ -80,7 +81,6 @@ class Plan:
     eod: int
     dtype: type
     outputs: list[str]  # final prefixes, train first
-    builder_class: type
 
     @property
     def input_bytes(self) -> int:
@@ -171,7 +171,7 @@ def plan_preprocess(options: PreprocessOptions) -> Plan:
     splitting = o.split is not None or o.valid_docs is not None
     outputs = [o.output + "_train", o.output + "_valid"] if splitting else [o.output]
     check_output_free(outputs, o.overwrite)
-    return Plan(o, sources, vocab_size, eod, dtype, outputs, import_builder())
+    return Plan(o, sources, vocab_size, eod, dtype, outputs)
 
 
 def preprocess(options: PreprocessOptions, announce=print) -> PreprocessResult:
@@ -207,7 +207,7 @@ def tokenize_into(
         read_documents(sources, report, o.json_key, o.txt_unit, o.strict), o.max_docs, o.max_bytes
     )
     bin_path, idx_path = pair_paths(prefix)
-    builder = plan.builder_class(bin_path, dtype=plan.dtype)
+    builder = IndexedWriter(bin_path, dtype=plan.dtype)
     bar = tqdm(
         total=sum(s.size for s in sources), unit="B", unit_scale=True, desc="tokenizing",
         disable=not progress,
@@ -257,8 +257,6 @@ def _encoded_chunks(plan: Plan, chunks: Iterator[list[str]]):
 
 def finish(plan: Plan, staging: str, everything: str, report: CorpusReport) -> PreprocessResult:
     """Check the staged pair of all documents, split it if asked, and publish the outputs."""
-    from mymoe.data.indexed import IndexedTokens
-
     o = plan.options
     data = IndexedTokens(everything)
     if data.num_documents == 0:
@@ -275,7 +273,7 @@ def finish(plan: Plan, staging: str, everything: str, report: CorpusReport) -> P
         staged = [os.path.join(staging, "train"), os.path.join(staging, "valid")]
         valid_count = validation_count(data.num_documents, o.split, o.valid_docs)
         documents, tokens = split_pair(
-            data, valid_count, staged[0], staged[1], plan.builder_class, plan.dtype, o.progress
+            data, valid_count, staged[0], staged[1], plan.dtype, o.progress
         )
     del data  # release the memory maps before the files move
     for staged_prefix, final_prefix in zip(staged, plan.outputs):

@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from mymoe.data.indexed import IndexedWriter
+
 from data_tools import DataError
 from data_tools.corpus import CorpusReport, Source
 from data_tools.indexed_io import make_staging_folder, pair_paths
@@ -82,7 +84,7 @@ def run_mpi(plan: Plan, announce) -> PreprocessResult:
             for other in reports[1:]:
                 report.add(other)
             everything = os.path.join(staging, "all")
-            builder = plan.builder_class(pair_paths(everything)[0], dtype=plan.dtype)
+            builder = IndexedWriter(pair_paths(everything)[0], dtype=plan.dtype)
             for shard in range(world_size):
                 builder.add_index(os.path.join(staging, f"shard-{shard:05d}"))
             builder.finalize(pair_paths(everything)[1])

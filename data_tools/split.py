@@ -9,6 +9,8 @@ same however the documents were tokenized.
 import numpy as np
 from tqdm import tqdm
 
+from mymoe.data.indexed import IndexedWriter
+
 from data_tools import DataError
 from data_tools.indexed_io import pair_paths
 
@@ -35,14 +37,14 @@ def validation_mask(total: int, valid_count: int) -> np.ndarray:
     return (j + 1) * valid_count // total > j * valid_count // total
 
 
-def split_pair(data, valid_count: int, train_prefix: str, valid_prefix: str, builder_class,
+def split_pair(data, valid_count: int, train_prefix: str, valid_prefix: str,
                dtype, progress: bool) -> tuple[list[int], list[int]]:
     """Write `data` (an IndexedTokens) as two pairs; ([train, valid] documents, [.., ..] tokens)."""
     total = data.num_documents
     lengths = data.document_lengths()
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     is_valid = validation_mask(total, valid_count)
-    builders = [builder_class(pair_paths(p)[0], dtype=dtype) for p in (train_prefix, valid_prefix)]
+    builders = [IndexedWriter(pair_paths(p)[0], dtype=dtype) for p in (train_prefix, valid_prefix)]
     rows = zip(starts.tolist(), lengths.tolist(), is_valid.tolist())
     for start, length, valid in tqdm(
         rows, total=total, desc="splitting", unit="doc", disable=not progress

@@ -23,7 +23,17 @@ slices of every global batch, so together they see every sample exactly once per
 uses numpy memmap and needs neither megatron-core nor a DataLoader. Details in reader.py.
 """
 
-from mymoe.data.indexed import IndexedTokens
-from mymoe.data.reader import PackedTokenReader, build_train_reader
+from mymoe.data.indexed import IndexedTokens, IndexedWriter
 
-__all__ = ["IndexedTokens", "PackedTokenReader", "build_train_reader"]
+__all__ = ["IndexedTokens", "IndexedWriter", "PackedTokenReader", "build_train_reader"]
+
+
+def __getattr__(name: str):
+    # The reader needs torch; the format module does not. Loading the reader on first use keeps
+    # `python -m data_tools preprocess` (which writes files through indexed.py) free of torch's
+    # import time.
+    if name in ("PackedTokenReader", "build_train_reader"):
+        from mymoe.data import reader
+
+        return getattr(reader, name)
+    raise AttributeError(f"module 'mymoe.data' has no attribute {name!r}")
