@@ -24,6 +24,7 @@ import torch
 import torch.multiprocessing as mp
 
 from mymoe.config import config_from_dict, validate
+from peers import require_launch
 
 WORLD_SIZE = 2
 
@@ -120,6 +121,7 @@ def disk_floor(directory: Path, size: int) -> float:
 
 
 def main() -> None:
+    require_launch("checkpoint.py", torchrun=False)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary folder, removed after)")
     parser.add_argument("--hidden", type=int, default=1024)

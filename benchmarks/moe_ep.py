@@ -29,6 +29,7 @@ from mymoe.model.layers import SwiGLU
 from mymoe.model.moe.layer import MoELayer
 from mymoe.parallel import build_context
 from mymoe.parallel.parallelize import DISPATCHERS
+from peers import require_launch
 
 
 @dataclass
@@ -131,6 +132,7 @@ def timed(step, layer, hidden, upstream) -> float:
 
 
 def main() -> None:
+    require_launch("moe_ep.py", torchrun=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions of each layer and workload")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")

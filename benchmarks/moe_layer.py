@@ -31,7 +31,7 @@ from torch import nn
 from mymoe.config import MoEConfig
 from mymoe.model.layers import SwiGLU
 from mymoe.model.moe.layer import MoELayer
-from peers import init_deepspeed
+from peers import init_deepspeed, require_launch
 
 WORKLOADS = {
     "coarse": dict(tokens=4096, hidden=512, ffn=1024, experts=8, top_k=2),
@@ -133,6 +133,7 @@ def peak_memory_bytes(candidate, x) -> int:
 
 
 def main(argv=None) -> None:
+    require_launch("moe_layer.py", torchrun=False)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--naive-repeats", type=int, default=2, help="the naive layer is slow; fewer repeats")

@@ -31,7 +31,7 @@ from mymoe.config import ModelConfig, MoEConfig, TrainConfig
 from mymoe.model.layers import SwiGLU
 from mymoe.model.transformer import MoECausalLM
 from mymoe.train.optim import build_optimizer, parameter_groups
-from peers import init_deepspeed
+from peers import init_deepspeed, require_launch
 
 MICRO_BATCH_SIZE = 8
 SEQ_LEN = 256
@@ -105,6 +105,7 @@ class Candidate:
 
 
 def main(argv=None) -> None:
+    require_launch("train.py", torchrun=False)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=4)
