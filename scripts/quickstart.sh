@@ -19,7 +19,7 @@ DATA=data/quickstart
 RUN=runs/quickstart
 start=$SECONDS
 
-step() { echo; echo "=== [quickstart] $* ==="; }
+step() { echo; echo "=== [quickstart] $* (at $((SECONDS - start)) s) ==="; }
 
 step "1/5 install"
 PYTHON="$PYTHON" bash scripts/setup.sh hf
