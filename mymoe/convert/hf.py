@@ -24,11 +24,12 @@ from safetensors.torch import save_file
 
 from mymoe.checkpoint.storage import CheckpointError
 from mymoe.config import ConfigError, config_from_dict, validate
-from mymoe.convert import hf_deepseek_v3, hf_mixtral, hf_qwen2_moe, hf_qwen3_moe
+from mymoe.convert import hf_deepseek_v3, hf_mixtral, hf_olmoe, hf_qwen2_moe, hf_qwen3_moe
 from mymoe.convert.atomic import atomic_output
 from mymoe.convert.consolidate import FORMAT, FORMAT_VERSION, config_path_beside, model_tensors
 
-ADAPTERS = {"mixtral": hf_mixtral, "qwen2_moe": hf_qwen2_moe, "qwen3_moe": hf_qwen3_moe, "deepseek_v3": hf_deepseek_v3}
+ADAPTERS = {"mixtral": hf_mixtral, "qwen2_moe": hf_qwen2_moe, "qwen3_moe": hf_qwen3_moe, "olmoe": hf_olmoe,
+            "deepseek_v3": hf_deepseek_v3}
 
 
 def choose_format(model) -> str:
@@ -60,14 +61,16 @@ ATTENTION_OPTIONS = {"attention_bias": "biases on the q, k, v and o projections"
 
 def attention_option_problems(config, name: str) -> list[str]:
     """The attention options this model uses that architecture `name` does not compute."""
+    def computes(adapter, option, value) -> bool:  # True among the values: any value of a numeric option
+        allowed = getattr(adapter, "ATTENTION_OPTIONS", {}).get(option, ())
+        return value in allowed or (True in allowed and not isinstance(value, str))
+
     problems = []
     for option, what in ATTENTION_OPTIONS.items():
         value = getattr(config, option)
-        if value in (None, False) or value in getattr(ADAPTERS[name], "ATTENTION_OPTIONS", {}).get(option, ()):
+        if value in (None, False) or computes(ADAPTERS[name], option, value):
             continue
-        others = [other for other, adapter in ADAPTERS.items()
-                  if (value is True and option in getattr(adapter, "ATTENTION_OPTIONS", {}))
-                  or value in getattr(adapter, "ATTENTION_OPTIONS", {}).get(option, ())]
+        others = [other for other, adapter in ADAPTERS.items() if computes(adapter, option, value)]
         problems.append(f"{option}={value!r}: {ADAPTERS[name].ARCHITECTURE}'s attention has no {what} (export as "
                         f"{' or '.join(others) or 'nothing transformers runs'}, or train without it)")
     return problems
@@ -117,7 +120,9 @@ def hf_config(model, name: str) -> dict:
               "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.rms_norm_eps,
               "rope_parameters": rope_parameters(config), "tie_word_embeddings": config.tie_word_embeddings,
               "hidden_act": "silu", "initializer_range": config.initializer_range, "attention_dropout": 0.0,
-              "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."), "use_cache": True}
+              "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."), "use_cache": True,
+              # no tokenizer, no special ids: left out, each family's defaults (OLMoE's eos 50279) would apply
+              "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     return {**common, **ADAPTERS[name].config(config)}
 
 
