@@ -24,12 +24,12 @@ from safetensors.torch import save_file
 
 from mymoe.checkpoint.storage import CheckpointError
 from mymoe.config import ConfigError, config_from_dict, validate
-from mymoe.convert import hf_deepseek_v3, hf_mixtral, hf_olmoe, hf_qwen2_moe, hf_qwen3_moe
+from mymoe.convert import hf_deepseek_v2, hf_deepseek_v3, hf_mixtral, hf_olmoe, hf_qwen2_moe, hf_qwen3_moe
 from mymoe.convert.atomic import atomic_output
 from mymoe.convert.consolidate import FORMAT, FORMAT_VERSION, config_path_beside, model_tensors
 
 ADAPTERS = {"mixtral": hf_mixtral, "qwen2_moe": hf_qwen2_moe, "qwen3_moe": hf_qwen3_moe, "olmoe": hf_olmoe,
-            "deepseek_v3": hf_deepseek_v3}
+            "deepseek_v2": hf_deepseek_v2, "deepseek_v3": hf_deepseek_v3}
 
 
 def choose_format(model) -> str:
