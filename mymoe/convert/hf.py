@@ -18,18 +18,18 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mymoe.checkpoint.storage import CheckpointError
 from mymoe.config import ConfigError, config_from_dict, validate
-from mymoe.convert import hf_deepseek_v2, hf_deepseek_v3, hf_mixtral, hf_olmoe, hf_qwen2_moe, hf_qwen3_moe
+from mymoe.convert import (hf_deepseek_v2, hf_deepseek_v3, hf_llama, hf_mixtral, hf_olmoe, hf_qwen2_moe, hf_qwen3,
+                           hf_qwen3_moe)
 from mymoe.convert.atomic import atomic_output
-from mymoe.convert.consolidate import FORMAT, FORMAT_VERSION, config_path_beside, model_tensors
+from mymoe.convert.consolidate import model_tensors, save_weights
 
 ADAPTERS = {"mixtral": hf_mixtral, "qwen2_moe": hf_qwen2_moe, "qwen3_moe": hf_qwen3_moe, "olmoe": hf_olmoe,
-            "deepseek_v2": hf_deepseek_v2, "deepseek_v3": hf_deepseek_v3}
+            "deepseek_v2": hf_deepseek_v2, "deepseek_v3": hf_deepseek_v3, "llama": hf_llama, "qwen3": hf_qwen3}
 
 
 def choose_format(model) -> str:
@@ -300,11 +300,5 @@ def import_hf(source: str | Path, out_file: str | Path, overwrite: bool = False)
         model.load_state_dict(state)
     except RuntimeError as error:
         raise CheckpointError(f"the tensors in {source} do not fit its config.json: {error}") from None
-    tensors_out = model_tensors(model)
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(config.to_dict()),
-                "imported_from": ADAPTERS[name].ARCHITECTURE}
-    with atomic_output(out_file, overwrite) as temporary, \
-            atomic_output(config_path_beside(out_file), overwrite) as temporary_config:
-        save_file({key: value.contiguous() for key, value in tensors_out.items()}, str(temporary), metadata=metadata)
-        temporary_config.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return {"architecture": ADAPTERS[name].ARCHITECTURE, "tensors": len(tensors_out)}
+    count = save_weights(model, config, out_file, overwrite, imported_from=ADAPTERS[name].ARCHITECTURE)
+    return {"architecture": ADAPTERS[name].ARCHITECTURE, "tensors": count}
