@@ -82,6 +82,12 @@ class ModelConfig:
     # attention: "gqa" (grouped-query, the fields above) or "mla" (DeepSeek multi-head latent attention,
     # the fields below; num_key_value_heads and head_dim are then unused)
     attention_type: str = "gqa"
+    # options of grouped-query attention, all off by default (Hugging Face names)
+    attention_bias: bool = False  # biases on the q, k, v and o projections (Llama, Qwen3-MoE, GPT-OSS)
+    qkv_bias: bool = False  # biases on the q, k and v projections only (Qwen2-MoE)
+    qk_norm: Optional[str] = None  # RMSNorm of queries and keys before rotary: "head" per head (Qwen3),
+    #                                "full" over the whole projection (OLMoE)
+    clip_qkv: Optional[float] = None  # clamp queries, keys and values to [-clip_qkv, clip_qkv] (OLMoE)
     q_lora_rank: Optional[int] = None  # None: queries projected directly, no low-rank bottleneck
     kv_lora_rank: int = 512
     qk_nope_head_dim: int = 128
@@ -358,16 +364,27 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
     for name, value in positive:
         if value <= 0:
             raise ConfigError(f"{name}={value} must be a positive integer")
-    if m.hidden_size % m.num_attention_heads:
+    # an explicit head_dim (Qwen3, GPT-OSS) decouples the heads' width from hidden_size
+    if m.hidden_size % m.num_attention_heads and m.head_dim == m.hidden_size // m.num_attention_heads:
         raise ConfigError(
             f"model.num_attention_heads={m.num_attention_heads} must divide model.hidden_size={m.hidden_size} "
-            f"(try one of {_divisors(m.hidden_size) if m.hidden_size <= 4096 else 'its divisors'})")
+            f"(try one of {_divisors(m.hidden_size) if m.hidden_size <= 4096 else 'its divisors'}, or set "
+            f"model.head_dim)")
     if m.num_attention_heads % m.num_key_value_heads:
         raise ConfigError(
             f"model.num_key_value_heads={m.num_key_value_heads} must divide model.num_attention_heads="
             f"{m.num_attention_heads} (try {_divisors(m.num_attention_heads)})")
     if m.attention_type not in ("gqa", "mla"):
         raise ConfigError(f"model.attention_type={m.attention_type!r} must be 'gqa' or 'mla'")
+    if m.qk_norm not in (None, "head", "full"):
+        raise ConfigError(f"model.qk_norm={m.qk_norm!r} must be null, 'head' (per head, Qwen3) or 'full' (over the "
+                          f"whole projection, OLMoE)")
+    if m.clip_qkv is not None and m.clip_qkv <= 0:
+        raise ConfigError(f"model.clip_qkv={m.clip_qkv} must be positive (or null for no clamping)")
+    gqa_options = [name for name in ("attention_bias", "qkv_bias", "qk_norm", "clip_qkv") if getattr(m, name)]
+    if m.attention_type == "mla" and gqa_options:
+        raise ConfigError(f"model.{gqa_options[0]}={getattr(m, gqa_options[0])!r} is an option of grouped-query "
+                          f"attention: set it to its default (false or null) with attention_type=mla")
     if m.attention_type == "mla":
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if getattr(m, name) <= 0:

@@ -3,8 +3,9 @@
     mymoe-convert consolidate runs/x/checkpoints model.safetensors        # + model.yaml; --weights_only
     mymoe-convert to-sharded model.safetensors runs/y/checkpoints --world_size 4 --expert_parallel_size 4
     mymoe-convert reshard runs/x/checkpoints runs/y/checkpoints --world_size 2 --expert_parallel_size 1
-    mymoe-convert export-hf runs/x/checkpoints hf_out/ [--format mixtral|qwen2_moe|deepseek_v3]
+    mymoe-convert export-hf runs/x/checkpoints hf_out/ [--format mixtral|qwen2_moe|qwen3_moe|olmoe|...]
     mymoe-convert import-hf hf_dir/ model.safetensors
+    mymoe-convert upcycle llama_dir/ moe.safetensors --experts 8 --top-k 2   # + moe.yaml, for --train.init_from
     mymoe-convert export-megatron runs/x/checkpoints megatron.safetensors
 
     atomic.py          every output is written under a temporary name and renamed when complete
@@ -12,7 +13,8 @@
     consolidate.py     sharded <-> one safetensors file (weights, optimizer moments, RNG, run state)
     reshard.py         write any source as a sharded checkpoint of a chosen world size and EP size
     hf.py              choose the Hugging Face architecture, write/read config.json + model.safetensors
-    hf_mixtral.py, hf_qwen2_moe.py, hf_deepseek_v3.py   per-architecture state-dict adapters and refusals
+    hf_<family>.py     per-architecture state-dict adapters and refusals: mixtral, qwen2_moe, qwen3_moe,
+                       olmoe, deepseek_v2, deepseek_v3, and the dense llama, qwen3
     megatron_names.py  the state dict under Megatron-Core GPT MoE parameter names
 """
 from mymoe.convert.cli import main

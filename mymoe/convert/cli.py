@@ -44,7 +44,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = commands.add_parser("export-hf", help="checkpoint or consolidated file -> Hugging Face folder")
     p.add_argument("source", help="a checkpoints folder, step_* folder or consolidated .safetensors file")
     p.add_argument("out", help="the folder to create (config.json + model.safetensors)")
-    p.add_argument("--format", choices=("auto", "mixtral", "qwen2_moe", "deepseek_v3"), default="auto",
+    p.add_argument("--format", choices=("auto", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
+                                        "deepseek_v3", "llama", "qwen3"), default="auto",
                    help="auto picks the one whose routing matches the config")
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--tokenizer", default=None, help="sentencepiece .model to copy into the export")
@@ -53,6 +54,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = commands.add_parser("import-hf", help="Hugging Face folder -> consolidated .safetensors (weights only)")
     p.add_argument("source", help="a folder with config.json and *.safetensors (Mixtral, Qwen2-MoE)")
     p.add_argument("out", help="the .safetensors file to write")
+    _add_common(p)
+
+    p = commands.add_parser("upcycle", help="dense model -> MoE whose experts start as copies of its MLPs")
+    p.add_argument("source", help="a dense Hugging Face folder (Llama, Qwen3), consolidated file or checkpoints folder")
+    p.add_argument("out", help="the .safetensors file to write (its .yaml config beside it), for --train.init_from")
+    p.add_argument("--experts", type=int, required=True, help="routed experts per MoE layer")
+    p.add_argument("--top-k", "--top_k", dest="top_k", type=int, required=True, help="experts chosen per token")
+    p.add_argument("--first_k_dense_replace", type=int, default=0, help="leading layers that stay dense")
+    p.add_argument("--noise_std", type=float, default=0.0,
+                   help="per-expert noise (in standard deviations of each weight); 0 keeps the dense logits")
+    p.add_argument("--router_init_std", type=float, default=0.02, help="std of the new routers' weights")
+    p.add_argument("--seed", type=int, default=0)
     _add_common(p)
 
     p = commands.add_parser("export-megatron", help="model weights under Megatron-Core GPT MoE names")
@@ -111,6 +124,19 @@ def run(args: argparse.Namespace) -> str:
         print(f"importing the Hugging Face model in {args.source} into {args.out}", file=sys.stderr)
         done = import_hf(args.source, args.out, args.overwrite)
         return f"wrote {args.out} from {done['architecture']} ({done['tensors']} tensors, weights only)"
+    if args.command == "upcycle":
+        from mymoe.upcycle import upcycle_checkpoint
+
+        print(f"upcycling {args.source} into {args.experts} experts (top-{args.top_k}) per MoE layer, writing "
+              f"{args.out}", file=sys.stderr)
+        done = upcycle_checkpoint(args.source, args.out, args.experts, args.top_k, args.first_k_dense_replace,
+                                  args.noise_std, args.router_init_std, args.seed, args.overwrite)
+        if not done["same_function"]:
+            print("note: with these settings the MoE does not compute the dense model's logits at the start (that "
+                  "needs top-k > 1, norm_topk_prob, routed_scaling_factor 1, noise_std 0 and no capacity limit)",
+                  file=sys.stderr)
+        return (f"wrote {args.out} ({done['tensors']} tensors, {done['moe_layers']} MoE layers of {args.experts} "
+                f"experts) and its .yaml config; fine-tune with --train.init_from {args.out}")
     if args.command == "export-megatron":
         from mymoe.convert.megatron_names import export_megatron
 

@@ -94,6 +94,20 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def save_weights(model: torch.nn.Module, config: Config, out_file: str | Path, overwrite: bool = False,
+                 **metadata: str) -> int:
+    """A weights-only consolidated file of `model` and its YAML config beside it (what import-hf and upcycle
+    write, and train.init_from reads); returns the number of tensors."""
+    out_file = Path(out_file)
+    tensors = model_tensors(model)
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(config.to_dict()), **metadata}
+    with atomic_output(out_file, overwrite) as temporary, \
+            atomic_output(config_path_beside(out_file), overwrite) as temporary_config:
+        save_file({key: value.contiguous() for key, value in tensors.items()}, str(temporary), metadata=metadata)
+        temporary_config.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return len(tensors)
+
+
 class ConsolidatedFile:
     """A consolidated safetensors file opened lazily: experts are read only for the slice asked for."""
 

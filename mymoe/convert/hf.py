@@ -18,32 +18,67 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mymoe.checkpoint.storage import CheckpointError
 from mymoe.config import ConfigError, config_from_dict, validate
-from mymoe.convert import hf_deepseek_v3, hf_mixtral, hf_qwen2_moe
+from mymoe.convert import (hf_deepseek_v2, hf_deepseek_v3, hf_llama, hf_mixtral, hf_olmoe, hf_qwen2_moe, hf_qwen3,
+                           hf_qwen3_moe)
 from mymoe.convert.atomic import atomic_output
-from mymoe.convert.consolidate import FORMAT, FORMAT_VERSION, config_path_beside, model_tensors
+from mymoe.convert.consolidate import model_tensors, save_weights
 
-ADAPTERS = {"mixtral": hf_mixtral, "qwen2_moe": hf_qwen2_moe, "deepseek_v3": hf_deepseek_v3}
+ADAPTERS = {"mixtral": hf_mixtral, "qwen2_moe": hf_qwen2_moe, "qwen3_moe": hf_qwen3_moe, "olmoe": hf_olmoe,
+            "deepseek_v2": hf_deepseek_v2, "deepseek_v3": hf_deepseek_v3, "llama": hf_llama, "qwen3": hf_qwen3}
 
 
 def choose_format(model) -> str:
-    """The architecture whose attention and routing match: DeepSeek-V3 for latent attention and for sigmoid,
-    group-limited or biased routing, Qwen2-MoE with shared experts, Mixtral otherwise."""
-    moe = model.config.moe
+    """The architecture whose attention and routing match: Llama or Qwen3 for a model without MoE layers;
+    DeepSeek-V2 for latent attention with softmax routing, DeepSeek-V3 for latent attention and for
+    sigmoid, group-limited or biased routing; OLMoE and Qwen3-MoE for normalised queries and keys,
+    Qwen2-MoE with shared experts or q/k/v biases, Mixtral otherwise."""
+    config, moe = model.config, model.config.moe
+    if config.first_k_dense_replace == config.num_hidden_layers:
+        return "qwen3" if config.qk_norm == "head" else "llama"
     biased = any(bool(layer.gate.expert_bias.any()) for layer in model.iter_moe_layers())
-    if model.config.attention_type == "mla" or moe.scoring_func == "sigmoid" or moe.n_group > 1 or biased:
+    if config.attention_type == "mla" and moe.scoring_func == "softmax" and not biased:
+        return "deepseek_v2"
+    if config.attention_type == "mla" or moe.scoring_func == "sigmoid" or moe.n_group > 1 or biased:
         return "deepseek_v3"
-    return "qwen2_moe" if moe.n_shared_experts else "mixtral"
+    if config.qk_norm == "full" or config.clip_qkv is not None:
+        return "olmoe"
+    if config.qk_norm == "head":
+        return "qwen3_moe"
+    return "qwen2_moe" if moe.n_shared_experts or config.qkv_bias else "mixtral"
+
+
+# the options of our grouped-query attention, and what each adds; an adapter's ATTENTION_OPTIONS names the
+# values its architecture computes
+ATTENTION_OPTIONS = {"attention_bias": "biases on the q, k, v and o projections",
+                     "qkv_bias": "biases on the q, k and v projections", "qk_norm": "query and key norms",
+                     "clip_qkv": "clamping of queries, keys and values"}
+
+
+def attention_option_problems(config, name: str) -> list[str]:
+    """The attention options this model uses that architecture `name` does not compute."""
+    def computes(adapter, option, value) -> bool:  # True among the values: any value of a numeric option
+        allowed = getattr(adapter, "ATTENTION_OPTIONS", {}).get(option, ())
+        return value in allowed or (True in allowed and not isinstance(value, str))
+
+    problems = []
+    for option, what in ATTENTION_OPTIONS.items():
+        value = getattr(config, option)
+        if value in (None, False) or computes(ADAPTERS[name], option, value):
+            continue
+        others = [other for other, adapter in ADAPTERS.items() if computes(adapter, option, value)]
+        problems.append(f"{option}={value!r}: {ADAPTERS[name].ARCHITECTURE}'s attention has no {what} (export as "
+                        f"{' or '.join(others) or 'nothing transformers runs'}, or train without it)")
+    return problems
 
 
 def export_refusals(model, name: str) -> list[str]:
     config, moe = model.config, model.config.moe
-    problems = list(ADAPTERS[name].refusals(config))
+    problems = list(ADAPTERS[name].refusals(config)) + attention_option_problems(config, name)
     eval_factor = moe.eval_capacity_factor if moe.eval_capacity_factor is not None else moe.capacity_factor
     if eval_factor is not None:
         problems.append(f"capacity factor {eval_factor} at inference: mymoe drops tokens past capacity, "
@@ -51,15 +86,16 @@ def export_refusals(model, name: str) -> list[str]:
     if any(getattr(module, "prefix", None) is not None for module in model.modules()):
         problems.append(f"prefix-tuning adapters: {name} has no trainable attention prefixes (LoRA merges into "
                         f"the weights, prefixes cannot)")
-    if name == "deepseek_v3":  # its routing has groups, scaling and the bias
-        return problems
-    if config.attention_type == "mla":
+    if name == "deepseek_v3" or config.first_k_dense_replace == config.num_hidden_layers:
+        return problems  # DeepSeek-V3 routing has groups, scaling and the bias; a dense model has no routing
+    computes = getattr(ADAPTERS[name], "COMPUTES", ())  # what beyond Mixtral's routing the architecture has
+    if config.attention_type == "mla" and "mla" not in computes:
         problems.append(f"attention_type=mla: {name} has grouped-query attention, not multi-head latent attention "
-                        f"(export as deepseek_v3)")
-    if moe.n_group > 1 and moe.topk_group < moe.n_group:
+                        f"(export as deepseek_v2 or deepseek_v3)")
+    if moe.n_group > 1 and moe.topk_group < moe.n_group and "group_limit" not in computes:
         problems.append(f"group-limited routing (n_group={moe.n_group}, topk_group={moe.topk_group}): {name} "
                         f"chooses among all experts")
-    if moe.routed_scaling_factor != 1.0:
+    if moe.routed_scaling_factor != 1.0 and "routed_scaling" not in computes:
         problems.append(f"routed_scaling_factor={moe.routed_scaling_factor}: {name} does not scale expert outputs")
     if any(bool(layer.gate.expert_bias.any()) for layer in model.iter_moe_layers()):
         problems.append(f"the routers carry a non-zero balancing bias (bias_update_rate={moe.bias_update_rate}): "
@@ -84,7 +120,9 @@ def hf_config(model, name: str) -> dict:
               "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.rms_norm_eps,
               "rope_parameters": rope_parameters(config), "tie_word_embeddings": config.tie_word_embeddings,
               "hidden_act": "silu", "initializer_range": config.initializer_range, "attention_dropout": 0.0,
-              "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."), "use_cache": True}
+              "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."), "use_cache": True,
+              # no tokenizer, no special ids: left out, each family's defaults (OLMoE's eos 50279) would apply
+              "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     return {**common, **ADAPTERS[name].config(config)}
 
 
@@ -225,10 +263,6 @@ def import_hf(source: str | Path, out_file: str | Path, overwrite: bool = False)
     except ConfigError as error:
         raise CheckpointError(f"{config_file} does not describe a model mymoe can build: {error}") from None
     tensors = read_hf_tensors(source)
-    biases = [key for key, value in tensors.items() if key.endswith("_proj.bias") and bool(value.any())]
-    if biases:
-        raise CheckpointError(f"{len(biases)} projections carry non-zero biases ({biases[0]}, ...): mymoe's "
-                              f"attention has none, so the import would compute differently; nothing was written")
     layers = config.model.num_hidden_layers
     beyond = sorted({int(key.split(".")[2]) for key in tensors if key.startswith("model.layers.")} - set(range(layers)))
     if beyond:
@@ -238,6 +272,13 @@ def import_hf(source: str | Path, out_file: str | Path, overwrite: bool = False)
         tensors = ADAPTERS[name].attention_from_hf(tensors, config.model, hf)
     model = MoECausalLM(config.model)
     plain, mlps = split_layers(model.state_dict())
+    biases = [key for key, value in tensors.items()
+              if key.endswith("_proj.bias") and key not in plain and bool(value.any())]
+    if biases:
+        raise CheckpointError(f"{len(biases)} projections carry non-zero biases ({biases[0]}, ...) with no place "
+                              f"in mymoe's model of this {name} config.json (mymoe has attention biases where the "
+                              f"config declares them, and no MLP biases), so the import would compute "
+                              f"differently; nothing was written")
     state = {}
     for key in plain:
         source_key = "model.embed_tokens.weight" if key == "lm_head.weight" and config.model.tie_word_embeddings \
@@ -259,11 +300,5 @@ def import_hf(source: str | Path, out_file: str | Path, overwrite: bool = False)
         model.load_state_dict(state)
     except RuntimeError as error:
         raise CheckpointError(f"the tensors in {source} do not fit its config.json: {error}") from None
-    tensors_out = model_tensors(model)
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(config.to_dict()),
-                "imported_from": ADAPTERS[name].ARCHITECTURE}
-    with atomic_output(out_file, overwrite) as temporary, \
-            atomic_output(config_path_beside(out_file), overwrite) as temporary_config:
-        save_file({key: value.contiguous() for key, value in tensors_out.items()}, str(temporary), metadata=metadata)
-        temporary_config.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return {"architecture": ADAPTERS[name].ARCHITECTURE, "tensors": len(tensors_out)}
+    count = save_weights(model, config, out_file, overwrite, imported_from=ADAPTERS[name].ARCHITECTURE)
+    return {"architecture": ADAPTERS[name].ARCHITECTURE, "tensors": count}

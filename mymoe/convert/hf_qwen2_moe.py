@@ -9,8 +9,8 @@
     model.layers.N.mlp.{gate,up,down}_proj (mlp_only_layers) = the dense SwiGLU of first_k_dense_replace
 
 Qwen2-MoE routes with softmax and top-k, renormalises when norm_topk_prob, and always adds one shared
-expert scaled by sigmoid(shared_expert_gate(x)). Its q/k/v projections may carry biases (qkv_bias);
-ours have none, so exports set qkv_bias=false and imports refuse non-zero biases.
+expert scaled by sigmoid(shared_expert_gate(x)). Its q/k/v projections carry biases when qkv_bias (every
+released Qwen1.5-MoE / Qwen2-MoE), ours when the model's qkv_bias is set.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from mymoe.convert.hf_experts import dense_mlp_from_hf, experts_from_hf, experts
 
 ARCHITECTURE = "Qwen2MoeForCausalLM"
 MODEL_TYPE = "qwen2_moe"
+ATTENTION_OPTIONS = {"qkv_bias": (True,)}
 
 
 def refusals(model: ModelConfig) -> list[str]:
@@ -42,18 +43,24 @@ def config(model: ModelConfig) -> dict:
             "moe_intermediate_size": moe.moe_intermediate_size, "shared_expert_intermediate_size": shared,
             "num_experts": moe.n_routed_experts, "num_experts_per_tok": moe.num_experts_per_tok,
             "norm_topk_prob": moe.norm_topk_prob, "decoder_sparse_step": 1,
-            "mlp_only_layers": list(range(model.first_k_dense_replace)), "qkv_bias": False,
+            "mlp_only_layers": list(range(model.first_k_dense_replace)), "qkv_bias": model.qkv_bias,
             "use_sliding_window": False, "router_aux_loss_coef": moe.router_aux_loss_coef}
 
 
-def model_fields(hf: dict) -> tuple[dict, list[str]]:
+def dense_layers(hf: dict, problems: list) -> list[int]:
+    """The layers with a dense MLP (mlp_only_layers, and those decoder_sparse_step skips), Qwen-style."""
     layers = hf["num_hidden_layers"]
     step = hf.get("decoder_sparse_step", 1)
     dense = sorted(set(hf.get("mlp_only_layers") or []) | {i for i in range(layers) if (i + 1) % step})
-    problems = []
     if dense != list(range(len(dense))):
         problems.append(f"dense layers {dense} (mlp_only_layers, decoder_sparse_step={step}): mymoe's dense "
                         f"layers are the first first_k_dense_replace ones")
+    return dense
+
+
+def model_fields(hf: dict) -> tuple[dict, list[str]]:
+    problems = []
+    dense = dense_layers(hf, problems)
     if hf.get("use_sliding_window"):
         problems.append("use_sliding_window=true: mymoe attends to the whole context")
     k = hf.get("num_experts_per_tok", 4)
@@ -62,6 +69,7 @@ def model_fields(hf: dict) -> tuple[dict, list[str]]:
         problems.append("norm_topk_prob=true with num_experts_per_tok=1: the weight would be 1, ours keeps the "
                         "probability")
     fields = {"intermediate_size": hf["intermediate_size"], "first_k_dense_replace": len(dense),
+              "qkv_bias": bool(hf.get("qkv_bias", True)),
               "moe": {"n_routed_experts": hf["num_experts"], "num_experts_per_tok": k,
                       "moe_intermediate_size": hf["moe_intermediate_size"], "n_shared_experts": 1,
                       "shared_expert_intermediate_size": hf["shared_expert_intermediate_size"],

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from mymoe.checkpoint.storage import CheckpointError
 from mymoe.convert.atomic import atomic_output
 
 
@@ -49,6 +50,11 @@ def fused_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
 
 def megatron_state_dict(model) -> dict[str, torch.Tensor]:
     config = model.config
+    options = [f"{name}={getattr(config, name)!r}" for name in ("attention_bias", "qkv_bias", "qk_norm", "clip_qkv")
+               if getattr(config, name)]
+    if options:
+        raise CheckpointError(f"{', '.join(options)}: the Megatron-Core names written here have no attention "
+                              f"biases, q/k norms or clamping; export to Hugging Face (export-hf) instead")
     state = model.state_dict()
     out = {"embedding.word_embeddings.weight": state["model.embed_tokens.weight"],
            "decoder.final_layernorm.weight": state["model.norm.weight"]}

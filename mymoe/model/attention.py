@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mymoe.model.layers import apply_rotary
+from mymoe.model.layers import RMSNorm, apply_rotary
 
 
 class KVCache:
@@ -59,17 +59,27 @@ class Attention(nn.Module):
     """Causal self-attention where groups of query heads share one key/value head (GQA).
 
     num_key_value_heads == num_attention_heads is plain multi-head attention, 1 is multi-query.
+    Options, all off by default: biases on q, k, v (qkv_bias) and o (out_bias); ``qk_norm`` "head"
+    RMS-normalises each query and key head (Qwen3), "full" the whole query and key projection (OLMoE),
+    both before rotary; ``clip_qkv`` clamps queries, keys and values after that (OLMoE).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, qkv_bias: bool = False,
+                 out_bias: bool = False, qk_norm: Optional[str] = None, clip_qkv: Optional[float] = None,
+                 eps: float = 1e-6):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=out_bias)
+        self.qk_norm, self.clip_qkv = qk_norm, clip_qkv
+        if qk_norm is not None:
+            per_head = qk_norm == "head"
+            self.q_norm = RMSNorm(head_dim if per_head else num_heads * head_dim, eps)
+            self.k_norm = RMSNorm(head_dim if per_head else num_kv_heads * head_dim, eps)
         self.prefix = None  # prefix tuning (mymoe.peft): trainable keys and values every query sees
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -77,9 +87,16 @@ class Attention(nn.Module):
         """hidden [B, S, d]; cos, sin [B, S, head_dim]; mask [B, 1, S, past + S] bool (True = may attend)
         or None for plain causal attention over this call's tokens (and the whole cache when S == 1)."""
         batch, seq, _ = hidden.shape
-        queries = self.q_proj(hidden).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        keys = self.k_proj(hidden).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        values = self.v_proj(hidden).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        queries, keys, values = self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
+        if self.qk_norm == "full":
+            queries, keys = self.q_norm(queries), self.k_norm(keys)
+        if self.clip_qkv is not None:
+            queries, keys, values = (x.clamp(-self.clip_qkv, self.clip_qkv) for x in (queries, keys, values))
+        queries = queries.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        keys = keys.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        values = values.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":
+            queries, keys = self.q_norm(queries), self.k_norm(keys)
         queries, keys = apply_rotary(queries, cos, sin), apply_rotary(keys, cos, sin)
         if cache is not None:
             keys, values = cache.update(keys, values)  # [B, kv_heads, past + S, head_dim]

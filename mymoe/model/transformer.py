@@ -47,7 +47,9 @@ class Block(nn.Module):
             self.self_attn = MultiHeadLatentAttention(config)
         else:
             self.self_attn = Attention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                                       config.head_dim)
+                                       config.head_dim, qkv_bias=config.attention_bias or config.qkv_bias,
+                                       out_bias=config.attention_bias, qk_norm=config.qk_norm,
+                                       clip_qkv=config.clip_qkv, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = layer_index >= config.first_k_dense_replace
         if self.is_moe:
