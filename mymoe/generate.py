@@ -71,12 +71,12 @@ def parse_rope_scaling(spec: str) -> dict:
     """`yarn:4` or `{"type": "yarn", "factor": 4, ...}` -> a rope_scaling mapping, checked like the config's."""
     import json
 
-    from mymoe.config import ConfigError, _validate_rope_scaling
+    from mymoe.config import ConfigError, validate_rope_scaling
 
     try:
         scaling = json.loads(spec) if spec.strip().startswith("{") else {
             "type": spec.split(":")[0], "factor": float(spec.split(":")[1])}
-        _validate_rope_scaling(scaling)
+        validate_rope_scaling(scaling)
     except (ValueError, IndexError, ConfigError) as error:
         raise ValueError(f"--rope_scaling={spec!r}: {error} (write e.g. yarn:4 or "
                          f'\'{{"type": "yarn", "factor": 4}}\')') from None

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from mymoe.checkpoint import CheckpointError, CheckpointManager, expert_checksums, load_model, resolve_checkpoint
+from mymoe.checkpoint import (CheckpointError, CheckpointManager, architecture_differences, expert_checksums, load_model,
+                              resolve_checkpoint)
 from mymoe.config import config_from_dict, validate
 from mymoe.parallel import ParallelContext
 
@@ -257,6 +258,32 @@ def test_other_architecture_or_vocabulary_is_refused_with_the_difference(saved_r
         train_in_process(tmp_path, 4, config=config)
     assert "model.vocab_size: checkpoint 64, this run 96" in str(error.value)
     assert "model.moe.n_routed_experts: checkpoint 4, this run 8" in str(error.value)
+
+
+MLA = {"attention_type": "mla", "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
+
+
+@pytest.mark.parametrize("model,named", [(MLA, "model.attention_type: checkpoint 'gqa', this run 'mla'"),
+                                         ({"num_nextn_predict_layers": 1},
+                                          "model.num_nextn_predict_layers: checkpoint 0, this run 1")])
+def test_a_checkpoint_of_another_attention_type_or_prediction_depth_is_refused_at_resume(saved_run, tmp_path,
+                                                                                         model, named):
+    fresh_copy(saved_run, tmp_path)
+    with pytest.raises(CheckpointError) as error:
+        train_in_process(tmp_path, 4, config=tiny_config(tmp_path, model=model))
+    assert named in str(error.value)
+
+
+def test_latent_attention_sizes_count_only_under_latent_attention():
+    saved = {**tiny_config_dict(), **MLA}
+    assert architecture_differences(saved, {**saved, "kv_lora_rank": 16}) == [
+        "model.kv_lora_rank: checkpoint 8, this run 16"]
+    plain = tiny_config_dict()
+    assert architecture_differences(plain, {**plain, "kv_lora_rank": 16}) == []  # unused by grouped-query attention
+
+
+def tiny_config_dict() -> dict:
+    return config_from_dict({"model": {"vocab_size": 64}}).to_dict()["model"]
 
 
 def test_noise_and_capacity_may_change_between_runs(saved_run, tmp_path):
