@@ -23,6 +23,7 @@ from data_tools.indexed_io import (
     pair_paths,
     publish_pair,
 )
+from mymoe.data.indexed import IndexedTokens, strip_suffix
 
 
 @dataclass
@@ -43,8 +44,6 @@ class MergeResult:
 
 def resolve_shards(specs: list[str]) -> list[str]:
     """Prefixes from `data/part1`, `data/part1.bin`, `data/part1.idx` or a glob of any of them."""
-    from mymoe.data.indexed import strip_suffix
-
     prefixes = []
     for spec in specs:
         matches = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
@@ -61,8 +60,6 @@ def resolve_shards(specs: list[str]) -> list[str]:
 
 def merge(shard_specs: list[str], output: str, overwrite: bool = False, progress: bool = True,
           announce=print) -> MergeResult:
-    from mymoe.data.indexed import IndexedTokens
-
     started = time.perf_counter()
     prefixes = resolve_shards(shard_specs)
     shards = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import time
 from typing import Iterator, Optional
@@ -23,8 +24,11 @@ from typing import Iterator, Optional
 import torch
 
 from mymoe.checkpoint import CheckpointError
-from mymoe.convert.load import load_any
+from mymoe.config import ConfigError, validate_rope_scaling
+from mymoe.load import load_model
 from mymoe.model.attention import KVCache
+from mymoe.model.layers import RotaryEmbedding
+from mymoe.model.mtp import speculative_greedy
 from mymoe.model.transformer import sample_next_token
 
 
@@ -69,10 +73,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def parse_rope_scaling(spec: str) -> dict:
     """`yarn:4` or `{"type": "yarn", "factor": 4, ...}` -> a rope_scaling mapping, checked like the config's."""
-    import json
-
-    from mymoe.config import ConfigError, validate_rope_scaling
-
     try:
         scaling = json.loads(spec) if spec.strip().startswith("{") else {
             "type": spec.split(":")[0], "factor": float(spec.split(":")[1])}
@@ -85,8 +85,6 @@ def parse_rope_scaling(spec: str) -> dict:
 
 def apply_rope_scaling(model, scaling: dict) -> None:
     """Extend the context at inference: the rotary tables are rebuilt with `scaling`; weights are untouched."""
-    from mymoe.model.layers import RotaryEmbedding
-
     config = model.config
     config.rope_scaling = scaling
     model.model.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
@@ -150,7 +148,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"loading {source}{f' step {args.step}' if args.step is not None else ''} ...", file=sys.stderr)
     start = time.perf_counter()
     try:
-        model, config, manifest = load_any(source, args.step)
+        model, config, manifest = load_model(source, args.step)
         if args.rope_scaling is not None:
             apply_rope_scaling(model, args.rope_scaling)
         vocab_path = args.vocab_path or config.data.tokenizer
@@ -213,8 +211,6 @@ def tokenizer_ids_only(model, size: int):
 
 def generate_speculative(model, tokenizer, args, input_ids: torch.Tensor) -> int:
     """Self-speculative greedy decoding of one prompt; reports how often the drafts were accepted."""
-    from mymoe.model.mtp import speculative_greedy
-
     if model.mtp is None:
         print("error: --speculative needs a model trained with a multi-token prediction head "
               "(model.num_nextn_predict_layers=1)", file=sys.stderr)

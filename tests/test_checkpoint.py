@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from mymoe.checkpoint import (CheckpointError, CheckpointManager, architecture_differences, expert_checksums, load_model,
-                              resolve_checkpoint)
+from mymoe.checkpoint import CheckpointError, CheckpointManager, architecture_differences, expert_checksums, resolve_checkpoint
+from mymoe.load import load_model
 from mymoe.config import config_from_dict, validate
 from mymoe.parallel import ParallelContext
 

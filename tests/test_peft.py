@@ -111,7 +111,8 @@ def test_trainer_fine_tunes_only_adapters_from_config(tmp_path):
 
 
 def test_a_lora_checkpoint_loads_merged_for_generation_and_export(tmp_path):
-    from mymoe.checkpoint import CheckpointManager, load_model
+    from mymoe.checkpoint import CheckpointManager
+    from mymoe.load import load_model
     from mymoe.config import load_config
     from mymoe.convert.hf import export_refusals
     from mymoe.parallel import ParallelContext

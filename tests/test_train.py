@@ -11,13 +11,15 @@ import torch
 
 from mymoe.config import ConfigError, load_config
 from mymoe.model import MoECausalLM
+from mymoe.model.moe.experts import is_expert
 from mymoe.parallel import ParallelContext
 from mymoe.train.__main__ import main as train_main
 from mymoe.train.deepspeed_engine import load_deepspeed_config
 from mymoe.train.heatmap import render
 from mymoe.train.loop import Trainer, autocast_context, run
 from mymoe.train.metrics import ExpertHealth, MetricsLogger
-from mymoe.train.optim import aux_loss_scale, learning_rate, parameter_groups, total_steps
+from mymoe.optim import parameter_groups
+from mymoe.train.optim import aux_loss_scale, learning_rate, total_steps
 from test_train_support import REPO, TINY_CONFIG, make_dataset, tiny_overrides
 
 torch.set_num_threads(1)
@@ -43,7 +45,7 @@ def test_parameter_groups_decay_matrices_only_and_keep_experts_apart(tmp_path):
         for param in group["params"]:
             decayed = group["weight_decay"] > 0
             assert decayed == (param.dim() >= 2 and "norm" not in names[id(param)]), names[id(param)]
-            assert getattr(param, "is_expert", False) == group["name"].startswith("expert")
+            assert is_expert(param) == group["name"].startswith("expert")
     norm_weights = [p for n, p in model.named_parameters() if "norm" in n]
     assert norm_weights and all(any(p is q for q in groups["dense_no_decay"]["params"]) for p in norm_weights)
     # every trainable parameter exactly once (the tied embedding / head matrix too)

@@ -78,6 +78,22 @@ def resolve_checkpoint(root: str | Path, step: Optional[int] = None) -> Optional
     return steps[-1][1] if steps else None
 
 
+def find_checkpoint(checkpoint: str | Path, step: Optional[int] = None, verify: bool = True) -> tuple[Path, dict]:
+    """The committed step folder under `checkpoint` (its `latest`, or `step`; or a step folder itself) and its
+    manifest, with every file checked against its crc32 unless verify is False."""
+    directory = resolve_checkpoint(checkpoint, step)
+    if directory is None:
+        raise CheckpointError(f"no committed checkpoint under {checkpoint}: train first, or pass a run's "
+                              f"checkpoints folder (the one that holds the step_* directories) or one step_* folder")
+    manifest = read_manifest(directory)
+    if verify:
+        problems = verify_files(directory, manifest["files"])
+        if problems:
+            raise CheckpointError(f"checkpoint {directory} is damaged, nothing was read from it:\n  "
+                                  + "\n  ".join(problems))
+    return directory, manifest
+
+
 def _get(values: dict, dotted: str):
     for key in dotted.split("."):
         values = values.get(key, {}) if isinstance(values, dict) else {}

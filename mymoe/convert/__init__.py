@@ -14,7 +14,5 @@
     hf.py              choose the Hugging Face architecture, write/read config.json + model.safetensors
     hf_mixtral.py, hf_qwen2_moe.py, hf_deepseek_v3.py   per-architecture state-dict adapters and refusals
     megatron_names.py  the state dict under Megatron-Core GPT MoE parameter names
+    cli.py             the command line; it loads models through mymoe.load, which sits above this package
 """
-from mymoe.convert.cli import main
-
-__all__ = ["main"]

@@ -4,11 +4,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 from mymoe.checkpoint.storage import CheckpointError
 from mymoe.config import ConfigError, load_config
+from mymoe.convert.consolidate import consolidate
+from mymoe.convert.hf import export_hf, import_hf
+from mymoe.convert.megatron_names import export_megatron
+from mymoe.convert.reshard import write_sharded
+from mymoe.load import load_model
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -63,33 +67,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_any_model(source: str, step: Optional[int] = None):
-    """(model with every expert, config) from a checkpoints folder, step folder or consolidated file."""
-    from mymoe.convert.consolidate import find_checkpoint, load_consolidated_model
-
-    path = Path(source)
-    if path.is_file():
-        return load_consolidated_model(path)
-    from mymoe.checkpoint import load_model
-
-    directory, _ = find_checkpoint(path, step)
-    model, config, _ = load_model(directory, verify=False)
-    return model, config
-
-
 def run(args: argparse.Namespace) -> str:
     """Do the conversion; return the one-line summary."""
     if args.command == "consolidate":
-        from mymoe.convert.consolidate import consolidate
-
         print(f"consolidating {args.checkpoint} into {args.out}"
               f"{' (weights only)' if args.weights_only else ' (weights and training state)'}", file=sys.stderr)
         done = consolidate(args.checkpoint, args.out, args.step, args.weights_only, args.overwrite)
         return (f"wrote {args.out} ({done['tensors']} tensors, {done['bytes'] / 2**20:.1f} MiB, step {done['step']}) "
                 f"and {done['config_file']}")
     if args.command in ("to-sharded", "reshard"):
-        from mymoe.convert.reshard import write_sharded
-
         run_config = load_config(args.config) if args.config else None
         print(f"writing {args.source} as a checkpoint of {args.world_size} rank(s) at expert-parallel size "
               f"{args.expert_parallel_size} into {args.out}", file=sys.stderr)
@@ -99,22 +85,16 @@ def run(args: argparse.Namespace) -> str:
                 f"{done['world_size']}, EP {done['expert_parallel_size']}); resume with train.out_dir set to its "
                 f"parent folder")
     if args.command == "export-hf":
-        from mymoe.convert.hf import export_hf
-
-        model, config = load_any_model(args.source, args.step)
+        model, _, _ = load_model(args.source, args.step)
         print(f"exporting {args.source} to Hugging Face format '{args.format}' in {args.out}", file=sys.stderr)
         done = export_hf(model, args.out, args.format, args.tokenizer, args.overwrite)
         return f"wrote {done['architecture']} to {args.out} ({done['tensors']} tensors)"
     if args.command == "import-hf":
-        from mymoe.convert.hf import import_hf
-
         print(f"importing the Hugging Face model in {args.source} into {args.out}", file=sys.stderr)
         done = import_hf(args.source, args.out, args.overwrite)
         return f"wrote {args.out} from {done['architecture']} ({done['tensors']} tensors, weights only)"
     if args.command == "export-megatron":
-        from mymoe.convert.megatron_names import export_megatron
-
-        model, config = load_any_model(args.source, args.step)
+        model, _, _ = load_model(args.source, args.step)
         print(f"writing {args.source} under Megatron-Core names to {args.out}", file=sys.stderr)
         done = export_megatron(model, args.out, args.overwrite)
         return f"wrote {args.out} ({done['tensors']} tensors under Megatron-Core names)"

@@ -23,10 +23,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mymoe.checkpoint.storage import CheckpointError
-from mymoe.config import ConfigError, config_from_dict, validate
+from mymoe.config import Config, ConfigError, config_from_dict, validate
 from mymoe.convert import hf_deepseek_v3, hf_mixtral, hf_qwen2_moe
 from mymoe.convert.atomic import atomic_output
 from mymoe.convert.consolidate import FORMAT, FORMAT_VERSION, config_path_beside, model_tensors
+from mymoe.model import MoECausalLM
 
 ADAPTERS = {"mixtral": hf_mixtral, "qwen2_moe": hf_qwen2_moe, "deepseek_v3": hf_deepseek_v3}
 
@@ -210,11 +211,10 @@ def model_config_from_hf(hf: dict) -> tuple[str, dict]:
     return name, model
 
 
-def import_hf(source: str | Path, out_file: str | Path, overwrite: bool = False) -> dict:
-    """A Hugging Face folder -> a consolidated weights-only file (+ YAML config) of the same model."""
-    from mymoe.model import MoECausalLM
-
-    source, out_file = Path(source), Path(out_file)
+def hf_model(source: str | Path) -> tuple[MoECausalLM, Config, str]:
+    """A Hugging Face folder -> (our model of the same computation with its weights, its config, the
+    architecture it was read as), in memory."""
+    source = Path(source)
     config_file = source / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing: pass a folder written by save_pretrained")
@@ -259,11 +259,18 @@ def import_hf(source: str | Path, out_file: str | Path, overwrite: bool = False)
         model.load_state_dict(state)
     except RuntimeError as error:
         raise CheckpointError(f"the tensors in {source} do not fit its config.json: {error}") from None
+    return model, config, ADAPTERS[name].ARCHITECTURE
+
+
+def import_hf(source: str | Path, out_file: str | Path, overwrite: bool = False) -> dict:
+    """A Hugging Face folder -> a consolidated weights-only file (+ YAML config) of the same model."""
+    out_file = Path(out_file)
+    model, config, architecture = hf_model(source)
     tensors_out = model_tensors(model)
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(config.to_dict()),
-                "imported_from": ADAPTERS[name].ARCHITECTURE}
+                "imported_from": architecture}
     with atomic_output(out_file, overwrite) as temporary, \
             atomic_output(config_path_beside(out_file), overwrite) as temporary_config:
         save_file({key: value.contiguous() for key, value in tensors_out.items()}, str(temporary), metadata=metadata)
         temporary_config.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return {"architecture": ADAPTERS[name].ARCHITECTURE, "tensors": len(tensors_out)}
+    return {"architecture": architecture, "tensors": len(tensors_out)}

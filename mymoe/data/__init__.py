@@ -24,6 +24,14 @@ uses numpy memmap and needs neither megatron-core nor a DataLoader. Details in r
 """
 
 from mymoe.data.indexed import IndexedTokens
-from mymoe.data.reader import PackedTokenReader, build_train_reader
 
 __all__ = ["IndexedTokens", "PackedTokenReader", "build_train_reader"]
+
+
+def __getattr__(name: str):
+    if name in ("PackedTokenReader", "build_train_reader"):
+        # reader.py imports torch; data_tools reads mymoe.data.indexed (numpy only) and must start without it
+        from mymoe.data import reader
+
+        return getattr(reader, name)
+    raise AttributeError(f"module 'mymoe.data' has no attribute {name!r}")

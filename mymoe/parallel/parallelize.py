@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from mymoe.model.moe.experts import is_expert
 from mymoe.parallel.collectives import apply_flat, named_collective
 from mymoe.parallel.dedup_dispatch import DedupAllToAllDispatcher
 from mymoe.parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher
-from mymoe.parallel.grads import is_expert
 from mymoe.parallel.groups import ParallelContext
 
 DISPATCHERS = {"alltoall": AllToAllDispatcher, "alltoall_dedup": DedupAllToAllDispatcher,

@@ -20,13 +20,17 @@ import torch
 import torch.distributed as dist
 
 from mymoe.config import Config, ConfigError
-from mymoe.data import build_train_reader
+from mymoe.checkpoint import CheckpointManager
+from mymoe.data.reader import build_train_reader
+from mymoe.load import init_from as load_initial_weights
 from mymoe.model import MoECausalLM
 from mymoe.peft import apply_peft
 from mymoe.parallel import ParallelContext, clip_grad_norm_, init_distributed, parallelize, reduce_gradients, shutdown
+from mymoe.train.deepspeed_engine import ZeroOptimizerView, initialize_deepspeed
 from mymoe.train.metrics import MetricsLogger, peak_flops_per_second
 from mymoe.train.stop import GracefulStop
-from mymoe.train.optim import Schedule, aux_loss_scale, build_optimizer, parameter_groups, total_steps
+from mymoe.optim import build_optimizer, parameter_groups
+from mymoe.train.optim import Schedule, aux_loss_scale, total_steps
 
 
 @dataclass
@@ -93,8 +97,6 @@ class Trainer:
         torch.manual_seed(train.seed)  # the same initial model on every rank (parallelize also broadcasts it)
         self.model = MoECausalLM(config.model)
         if init_from is not None:  # fine-tuning: the whole model's weights, before each rank keeps its experts
-            from mymoe.convert.load import init_from as load_initial_weights
-
             load_initial_weights(self.model, config, init_from)
         parallelize(self.model, ctx)
         if config.peft.enabled:  # after sharding, so expert adapters match the experts this rank holds
@@ -104,8 +106,6 @@ class Trainer:
         torch.manual_seed(train.seed + ctx.rank)  # router noise and the like differ per rank, reproducibly
         self.engine = None
         if deepspeed_config is not None:
-            from mymoe.train.deepspeed_engine import ZeroOptimizerView, initialize_deepspeed
-
             self.engine, stepping_optimizer = initialize_deepspeed(self.model, config, ctx, deepspeed_config)
             # checkpoints see ZeRO's partitioned state per parameter, as the native optimizer holds it
             self.optimizer = ZeroOptimizerView(self.model, stepping_optimizer, train.weight_decay)
@@ -212,9 +212,7 @@ class Trainer:
         return self.step >= self.total_steps
 
 
-def checkpoint_manager(config: Config, ctx: ParallelContext):
-    from mymoe.checkpoint import CheckpointManager  # imported late: it is not needed to build a Trainer
-
+def checkpoint_manager(config: Config, ctx: ParallelContext) -> CheckpointManager:
     return CheckpointManager(Path(config.train.out_dir) / "checkpoints", config, ctx)
 
 
