@@ -26,10 +26,8 @@ import torch
 from mymoe.checkpoint import CheckpointError
 from mymoe.config import ConfigError, validate_rope_scaling
 from mymoe.load import load_model
-from mymoe.model.attention import KVCache
 from mymoe.model.layers import RotaryEmbedding
 from mymoe.model.mtp import speculative_greedy
-from mymoe.model.transformer import sample_next_token
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -122,23 +120,12 @@ def end_of_document_id(tokenizer) -> Optional[int]:
 def sample_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
                   top_p: Optional[float], repetition_penalty: float, generator: torch.Generator,
                   eos_token_id: Optional[int], tokenizer_size: Optional[int] = None) -> Iterator[int]:
-    """Yield sampled token ids one at a time for a single prompt [1, S]: the same sampling, cache and random
-    draws as model.generate. Ids from tokenizer_size up (a vocabulary padded past the tokenizer's pieces)
-    are never sampled."""
-    model.eval()
-    cache = [KVCache(max_length=input_ids.shape[1] + max_new_tokens) for _ in range(model.config.num_hidden_layers)]
-    tokens, step_input = input_ids, input_ids
-    for _ in range(max_new_tokens):
-        logits = model(step_input, past_key_values=cache).logits[:, -1].float()  # [1, V]
-        if tokenizer_size is not None:
-            logits[:, tokenizer_size:] = float("-inf")
-        next_token = sample_next_token(logits, tokens, None, temperature, top_k, top_p, repetition_penalty,
-                                       generator)  # [1]
-        tokens = torch.cat((tokens, next_token[:, None]), dim=1)
-        step_input = next_token[:, None]
+    """Yield sampled token ids one at a time for a single prompt [1, S]: model.stream, the decode loop of
+    model.generate. Ids from tokenizer_size up (a vocabulary padded past the tokenizer's pieces) are never
+    sampled."""
+    for next_token in model.stream(input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                   generator, eos_token_id=eos_token_id, vocab_limit=tokenizer_size):
         yield int(next_token)
-        if eos_token_id is not None and int(next_token) == eos_token_id:
-            return
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -199,7 +186,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 @contextlib.contextmanager
 def tokenizer_ids_only(model, size: int):
-    """Ids past the tokenizer's pieces (a padded vocabulary) are never chosen, as in sample_tokens."""
+    """Ids past the tokenizer's pieces (a padded vocabulary) are never chosen by speculative decoding, which
+    has its own loop (draft, then verify); model.stream masks them itself."""
     hook = model.lm_head.register_forward_hook(
         lambda module, inputs, logits: logits.index_fill(-1, torch.arange(size, logits.shape[-1], device=logits.device),
                                                          float("-inf")))
@@ -237,11 +225,11 @@ def generate_batch(model, tokenizer, args, eod: Optional[int], device) -> int:
     input_ids, attention_mask = left_padded_batch(prompts)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start = time.perf_counter()
-    with tokenizer_ids_only(model, tokenizer.vocab_size()):
-        tokens = model.generate(input_ids.to(device), args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
-                                repetition_penalty=args.repetition_penalty, generator=generator,
-                                attention_mask=attention_mask.to(device), eos_token_id=eod)
+    tokens = model.generate(input_ids.to(device), args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
+                            repetition_penalty=args.repetition_penalty, generator=generator,
+                            attention_mask=attention_mask.to(device), eos_token_id=eod,
+                            vocab_limit=tokenizer.vocab_size())
     new_tokens = 0
     for line, row in zip(lines, tokens[:, input_ids.shape[1]:].tolist()):
         if eod is not None and eod in row:

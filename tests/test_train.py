@@ -15,6 +15,7 @@ from mymoe.model.moe.experts import is_expert
 from mymoe.parallel import ParallelContext
 from mymoe.train.__main__ import main as train_main
 from mymoe.train.deepspeed_engine import load_deepspeed_config
+from mymoe.train import loop
 from mymoe.train.heatmap import render
 from mymoe.train.loop import Trainer, autocast_context, run
 from mymoe.train.metrics import ExpertHealth, MetricsLogger
@@ -103,6 +104,21 @@ def test_gradient_accumulation_equals_one_larger_batch(dataset, tmp_path):
     assert first["grad_norm"] == pytest.approx(second["grad_norm"], rel=1e-5)
     for (name, a), (_, b) in zip(whole.model.named_parameters(), halves.model.named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_expert_loads_of_every_layer_are_summed_in_one_collective(dataset, tmp_path, monkeypatch):
+    trainer = Trainer(tiny(dataset, tmp_path), ParallelContext())
+    trainer.train_step()
+    layers = list(trainer.model.iter_moe_layers())
+    for layer in layers:
+        layer._pending_load = torch.ones(layer.num_experts, dtype=torch.int64)
+    calls = []
+    monkeypatch.setattr(loop, "all_reduce", lambda tensor, name, *args, **kwargs: calls.append((name, tensor.shape)))
+    trainer.ctx = ParallelContext(world_size=2)  # as if distributed: the collective is recorded, not run
+    loads = trainer.update_expert_biases()
+    assert calls == [("all_reduce (expert loads of every MoE layer, world)",
+                      torch.Size([len(layers), layers[0].num_experts]))]
+    assert len(layers) > 1 and loads == [[1.0] * layers[0].num_experts] * len(layers)
 
 
 def test_seed_controls_the_run_and_gradient_checkpointing_changes_nothing(dataset, tmp_path):
