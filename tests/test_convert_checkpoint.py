@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_checkpoint import run_layout, tiny_config, train_in_process
+from conftest import run_layout, tiny_config, train_in_process
 from mymoe.checkpoint import CheckpointError, read_manifest, resolve_checkpoint
 from mymoe.load import load_model
 from mymoe.config import config_from_dict

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from test_convert_hf import MIXTRAL, our_model
+from conftest import MIXTRAL, our_model
 from mymoe.generate import apply_rope_scaling, left_padded_batch, main, parse_rope_scaling
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from test_checkpoint import run_layout
+from conftest import run_layout
 
 
 @pytest.fixture(scope="module")

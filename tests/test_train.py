@@ -21,7 +21,7 @@ from mymoe.train.loop import Trainer, autocast_context, run
 from mymoe.train.metrics import ExpertHealth, MetricsLogger
 from mymoe.optim import parameter_groups
 from mymoe.train.optim import aux_loss_scale, learning_rate, total_steps
-from test_train_support import REPO, TINY_CONFIG, make_dataset, tiny_overrides
+from conftest import REPO, TINY_CONFIG, make_dataset, tiny_overrides
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ import torch
 
 from dist_utils import run_distributed
 from mymoe.model.moe.experts import is_expert
-from test_train_support import REPO, TINY_CONFIG, make_dataset, python, tiny_overrides
+from conftest import REPO, TINY_CONFIG, make_dataset, python, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
