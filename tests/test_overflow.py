@@ -21,10 +21,12 @@ def reference_protected(weights, batch, seq_len, per_sequence):
 
 def reference_order(weights, policy, protected):
     tokens, k = weights.shape
-    if policy == "position":
-        key = lambda tc: (not protected[tc], tc[1], tc[0])
-    else:
-        key = lambda tc: (not protected[tc], -float(weights[tc]), tc[0] * k + tc[1])
+
+    def key(tc):
+        if policy == "position":
+            return (not protected[tc], tc[1], tc[0])
+        return (not protected[tc], -float(weights[tc]), tc[0] * k + tc[1])
+
     return sorted(((t, c) for t in range(tokens) for c in range(k)), key=key)
 
 
