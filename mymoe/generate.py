@@ -1,16 +1,16 @@
 """Generate text from a sharded checkpoint, a consolidated file or a Hugging Face export, in one process.
 
-    python -m mymoe.generate --checkpoint runs/x/checkpoints --vocab_path tok.model \\
-        --prompt "Once upon a time" --max_new_tokens 50 --temperature 0.8 --top_k 50 --top_p 0.9 --seed 0
+    python -m mymoe.generate --checkpoint runs/x/checkpoints --vocab-path tok.model \\
+        --prompt "Once upon a time" --max-new-tokens 50 --temperature 0.8 --top-k 50 --top-p 0.9 --seed 0
 
 Every expert is loaded into one model (the checkpoint addresses experts by global index), the prompt is
 encoded with the sentencepiece model and, like every training document, follows an end-of-document
 token; tokens are printed as they are sampled, with a KV cache, until max_new_tokens or end of document.
 
-    --model_path PATH       instead of --checkpoint: a checkpoints folder, a consolidated .safetensors file
+    --model-path PATH       instead of --checkpoint: a checkpoints folder, a consolidated .safetensors file
                             (mymoe-convert consolidate) or a Hugging Face folder (Mixtral, Qwen2-MoE)
-    --input_file FILE       one prompt per line, generated as one left-padded batch, one output line each
-    --rope_scaling SPEC     context extension at inference: yarn:4, dynamic:2, linear:2 or a JSON mapping
+    --input-file FILE       one prompt per line, generated as one left-padded batch, one output line each
+    --rope-scaling SPEC     context extension at inference: yarn:4, dynamic:2, linear:2 or a JSON mapping
 """
 from __future__ import annotations
 
@@ -34,38 +34,41 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mymoe-generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoints folder of a run (its `latest` is used) or one step_* folder")
-    parser.add_argument("--model_path", default=None, help="a checkpoints folder, consolidated .safetensors file "
-                        "or Hugging Face folder (instead of --checkpoint)")
-    parser.add_argument("--input_file", default=None, help="one prompt per line, generated as one batch")
-    parser.add_argument("--rope_scaling", default=None, help="yarn:FACTOR, dynamic:FACTOR, linear:FACTOR or JSON")
+    parser.add_argument("--model-path", "--model_path", default=None,
+                        help="a checkpoints folder, consolidated .safetensors file or Hugging Face folder (instead "
+                             "of --checkpoint)")
+    parser.add_argument("--input-file", "--input_file", default=None,
+                        help="one prompt per line, generated as one batch")
+    parser.add_argument("--rope-scaling", "--rope_scaling", default=None,
+                        help="yarn:FACTOR, dynamic:FACTOR, linear:FACTOR or JSON")
     parser.add_argument("--step", type=int, default=None, help="load this step instead of the latest")
-    parser.add_argument("--vocab_path", default=None,
+    parser.add_argument("--vocab-path", "--vocab_path", default=None,
                         help="sentencepiece .model (default: data.tokenizer from the checkpoint's config)")
     parser.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
-    parser.add_argument("--max_new_tokens", type=int, default=50)
+    parser.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=50)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    parser.add_argument("--top_k", type=int, default=50, help="0 disables")
-    parser.add_argument("--top_p", type=float, default=0.9, help="1 disables")
-    parser.add_argument("--repetition_penalty", type=float, default=1.0)
+    parser.add_argument("--top-k", "--top_k", type=int, default=50, help="0 disables")
+    parser.add_argument("--top-p", "--top_p", type=float, default=0.9, help="1 disables")
+    parser.add_argument("--repetition-penalty", "--repetition_penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no_stream", action="store_true", help="print the text once, at the end")
+    parser.add_argument("--no-stream", "--no_stream", action="store_true", help="print the text once, at the end")
     parser.add_argument("--speculative", action="store_true",
                         help="greedy decoding drafted by the model's multi-token prediction head and verified by "
                              "its main head: the plain greedy output, in fewer main-model steps")
     args = parser.parse_args(argv)
     if (args.checkpoint is None) == (args.model_path is None):
-        parser.error("give one of --checkpoint or --model_path")
+        parser.error("give one of --checkpoint or --model-path")
     if args.rope_scaling is not None:
         try:
             args.rope_scaling = parse_rope_scaling(args.rope_scaling)
         except ValueError as error:
             parser.error(str(error))
     if args.max_new_tokens < 1:
-        parser.error(f"--max_new_tokens={args.max_new_tokens} must be >= 1")
+        parser.error(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        parser.error(f"--temperature={args.temperature} and --top_k={args.top_k} must be >= 0, "
-                     f"--top_p={args.top_p} in (0, 1]")
+        parser.error(f"--temperature={args.temperature} and --top-k={args.top_k} must be >= 0, "
+                     f"--top-p={args.top_p} in (0, 1]")
     return args
 
 
@@ -76,7 +79,7 @@ def parse_rope_scaling(spec: str) -> dict:
             "type": spec.split(":")[0], "factor": float(spec.split(":")[1])}
         validate_rope_scaling(scaling)
     except (ValueError, IndexError, ConfigError) as error:
-        raise ValueError(f"--rope_scaling={spec!r}: {error} (write e.g. yarn:4 or "
+        raise ValueError(f"--rope-scaling={spec!r}: {error} (write e.g. yarn:4 or "
                          f'\'{{"type": "yarn", "factor": 4}}\')') from None
     return scaling
 
@@ -140,7 +143,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             apply_rope_scaling(model, args.rope_scaling)
         vocab_path = args.vocab_path or config.data.tokenizer
         if not vocab_path:
-            raise CheckpointError("the checkpoint's config names no tokenizer: pass --vocab_path tok.model")
+            raise CheckpointError("the checkpoint's config names no tokenizer: pass --vocab-path tok.model")
         tokenizer = load_tokenizer(vocab_path, config.model.vocab_size)
     except (CheckpointError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -215,7 +218,7 @@ def generate_speculative(model, tokenizer, args, input_ids: torch.Tensor) -> int
 
 
 def generate_batch(model, tokenizer, args, eod: Optional[int], device) -> int:
-    """Every line of --input_file as one left-padded batch; one output line per prompt."""
+    """Every line of --input-file as one left-padded batch; one output line per prompt."""
     with open(args.input_file) as f:
         lines = [line.rstrip("\n") for line in f if line.strip()]
     if not lines:

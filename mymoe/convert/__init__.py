@@ -1,8 +1,8 @@
 """Checkpoint conversion: consolidate, reshard, Hugging Face export and import, Megatron-Core names.
 
-    mymoe-convert consolidate runs/x/checkpoints model.safetensors        # + model.yaml; --weights_only
-    mymoe-convert to-sharded model.safetensors runs/y/checkpoints --world_size 4 --expert_parallel_size 4
-    mymoe-convert reshard runs/x/checkpoints runs/y/checkpoints --world_size 2 --expert_parallel_size 1
+    mymoe-convert consolidate runs/x/checkpoints model.safetensors        # + model.yaml; --weights-only
+    mymoe-convert to-sharded model.safetensors runs/y/checkpoints --world-size 4 --expert-parallel-size 4
+    mymoe-convert reshard runs/x/checkpoints runs/y/checkpoints --world-size 2 --expert-parallel-size 1
     mymoe-convert export-hf runs/x/checkpoints hf_out/ [--format mixtral|qwen2_moe|deepseek_v3]
     mymoe-convert import-hf hf_dir/ model.safetensors
     mymoe-convert export-megatron runs/x/checkpoints megatron.safetensors

@@ -28,7 +28,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("checkpoint", help="a run's checkpoints folder (its latest step) or one step_* folder")
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--step", type=int, default=None)
-    p.add_argument("--weights_only", action="store_true",
+    p.add_argument("--weights-only", "--weights_only", action="store_true",
                    help="leave out optimizer state, step, reader position and RNG (cannot be resumed)")
     _add_common(p)
 
@@ -38,8 +38,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.add_argument("source", help="a .safetensors file written by consolidate" if name == "to-sharded"
                        else "a run's checkpoints folder or one step_* folder")
         p.add_argument("out", help="the checkpoints folder to create (step_* and latest inside)")
-        p.add_argument("--world_size", type=int, default=1, help="ranks the checkpoint is written by")
-        p.add_argument("--expert_parallel_size", type=int, default=1)
+        p.add_argument("--world-size", "--world_size", type=int, default=1, help="ranks the checkpoint is written by")
+        p.add_argument("--expert-parallel-size", "--expert_parallel_size", type=int, default=1)
         p.add_argument("--step", type=int, default=None)
         p.add_argument("--config", default=None, help="the YAML config of the run that will resume (default: "
                        "the source's); its architecture must match the source")

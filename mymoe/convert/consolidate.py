@@ -113,9 +113,9 @@ class ConsolidatedFile:
 
     def require_training(self) -> dict:
         if self.training is None:
-            raise CheckpointError(f"{self.path} holds weights only (it was consolidated with --weights_only or "
+            raise CheckpointError(f"{self.path} holds weights only (it was consolidated with --weights-only or "
                                   f"imported from Hugging Face), so a run cannot resume from it: consolidate the "
-                                  f"checkpoint again without --weights_only")
+                                  f"checkpoint again without --weights-only")
         return self.training
 
     def load_model_into(self, model: torch.nn.Module) -> None:
