@@ -12,7 +12,7 @@ library's source, so both commands run in seconds without a download.
 Layout: cli.py (argument parsing, `main`), corpus.py (find inputs, read documents, count bad
 input), builtin_corpus.py (the offline `builtin:stdlib` corpus), tokenizer.py (SentencePiece
 training), encode.py (the worker side of preprocessing), indexed_io.py (dtype choice, staging and
-publishing `.bin/.idx` pairs), split.py (train/valid split), preprocess.py and preprocess_mpi.py,
+publishing `.bin/.idx` pairs), split.py (train/valid split), preprocess.py (local and MPI),
 merge.py, inspect_dataset.py (the commands).
 The training-side reader of the files is `mymoe.data`.
 """

@@ -10,6 +10,11 @@ import os
 import sys
 
 from data_tools import DataError, count_of
+from data_tools.corpus import resolve_inputs
+from data_tools.inspect_dataset import inspect_dataset
+from data_tools.merge import merge
+from data_tools.preprocess import PreprocessOptions, preprocess
+from data_tools.tokenizer import TokenizerOptions, check_tokenizer_options, train_tokenizer
 
 INPUT_HELP = (
     "files, directories (searched recursively) or glob patterns of .txt, .txt.gz, .jsonl, "
@@ -106,9 +111,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train_tokenizer(args) -> int:
-    from data_tools.corpus import resolve_inputs
-    from data_tools.tokenizer import TokenizerOptions, check_tokenizer_options, train_tokenizer
-
     options = TokenizerOptions(
         inputs=args.input, output=args.output, vocab_size=args.vocab_size,
         model_type=args.model_type, normalization=args.normalization,
@@ -135,8 +137,6 @@ def _train_tokenizer(args) -> int:
 
 
 def _preprocess(args) -> int:
-    from data_tools.preprocess import PreprocessOptions, preprocess
-
     options = PreprocessOptions(
         inputs=args.input, output=args.output, tokenizer=args.tokenizer, json_key=args.json_key,
         txt_unit=args.txt_unit, workers=args.workers, split=args.split,
@@ -152,16 +152,12 @@ def _preprocess(args) -> int:
 
 
 def _merge(args) -> int:
-    from data_tools.merge import merge
-
     result = merge(args.shards, args.output, overwrite=args.overwrite, progress=not args.quiet)
     print(result.summary())
     return 0
 
 
 def _inspect(args) -> int:
-    from data_tools.inspect_dataset import inspect_dataset
-
     lines = inspect_dataset(args.prefix, args.tokenizer, samples=args.samples,
                             max_chars=args.max_chars, progress=not args.quiet)
     print("\n".join(lines))

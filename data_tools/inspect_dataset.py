@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools import DataError
+from data_tools.tokenizer import load_tokenizer
 from mymoe.data.indexed import IndexedTokens
 
 SCAN_TOKENS = 1 << 26  # tokens per step of the id range scan (128 MB of uint16)
@@ -70,8 +71,6 @@ def token_id_range(tokens: np.ndarray, progress: bool) -> tuple[int, int]:
 
 
 def _check_and_decode(data, tokenizer_path, high, samples, max_chars) -> list[str]:
-    from data_tools.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size, eod = tokenizer.vocab_size(), tokenizer.eos_id()
     lines = []

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from mymoe.data.indexed import IndexedTokens, IndexedWriter, strip_suffix
-
 from data_tools import DataError
 from data_tools.indexed_io import (
     check_output_free,
@@ -24,6 +22,7 @@ from data_tools.indexed_io import (
     pair_paths,
     publish_pair,
 )
+from mymoe.data.indexed import IndexedTokens, IndexedWriter, strip_suffix
 
 
 @dataclass
@@ -60,7 +59,6 @@ def resolve_shards(specs: list[str]) -> list[str]:
 
 def merge(shard_specs: list[str], output: str, overwrite: bool = False, progress: bool = True,
           announce=print) -> MergeResult:
-
     started = time.perf_counter()
     prefixes = resolve_shards(shard_specs)
     shards = []

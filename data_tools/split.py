@@ -9,10 +9,9 @@ same however the documents were tokenized.
 import numpy as np
 from tqdm import tqdm
 
-from mymoe.data.indexed import IndexedWriter
-
 from data_tools import DataError
 from data_tools.indexed_io import pair_paths
+from mymoe.data.indexed import IndexedWriter
 
 
 def validation_count(total: int, split: float | None, valid_docs: int | None) -> int:

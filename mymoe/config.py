@@ -13,7 +13,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -22,6 +22,22 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the field and the fix."""
 
 
+# The allowed values of the enum-like fields: the code that acts on them reads these too
+# (typing.get_args), and validation checks every field so annotated.
+ScoringFunc = Literal["softmax", "sigmoid"]
+DropPolicy = Literal["probs", "position"]  # mymoe.model.moe.overflow.priority_order
+OverflowPolicy = Literal["drop", "spill", "null_expert"]  # mymoe.model.moe.overflow.place_assignments
+AttentionType = Literal["gqa", "mla"]
+QKNorm = Literal["head", "full"]  # per head (Qwen3) or over the whole projection (OLMoE)
+DispatcherName = Literal["alltoall", "alltoall_dedup", "allgather"]  # mymoe.parallel.parallelize.DISPATCHERS
+Backend = Literal["auto", "gloo", "nccl", "mpi"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+# Field metadata: the field changes the shape or meaning of the weights, so a checkpoint saved with another
+# value is refused at resume (mymoe.checkpoint.manager). `when` names the setting under which it matters.
+ARCHITECTURE = {"architecture": True}
+MLA_ARCHITECTURE = {"architecture": True, "when": ("attention_type", "mla")}
+
 ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn")
 # weights LoRA can adapt, by the last part of their module name (mymoe.peft)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "experts", "shared_experts")
@@ -29,14 +45,17 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "experts", "shar
 
 @dataclass
 class MoEConfig:
-    n_routed_experts: int = 8
-    num_experts_per_tok: int = 2
-    moe_intermediate_size: int = 256
-    n_shared_experts: int = 0
-    shared_expert_intermediate_size: Optional[int] = None  # default: n_shared_experts * moe_intermediate_size
-    shared_expert_gate: bool = False  # Qwen2-MoE style sigmoid gate on the shared expert output
+    n_routed_experts: int = field(default=8, metadata=ARCHITECTURE)
+    num_experts_per_tok: int = field(default=2, metadata=ARCHITECTURE)
+    moe_intermediate_size: int = field(default=256, metadata=ARCHITECTURE)
+    n_shared_experts: int = field(default=0, metadata=ARCHITECTURE)
+    # default: n_shared_experts * moe_intermediate_size
+    shared_expert_intermediate_size: Optional[int] = field(default=None, metadata=ARCHITECTURE)
+    # Qwen2-MoE style sigmoid gate on the shared expert output
+    shared_expert_gate: bool = field(default=False, metadata=ARCHITECTURE)
 
-    scoring_func: str = "softmax"  # "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3)
+    # "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3)
+    scoring_func: ScoringFunc = field(default="softmax", metadata=ARCHITECTURE)
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     n_group: int = 1  # group-limited routing: experts split into n_group groups ...
@@ -48,8 +67,8 @@ class MoEConfig:
     capacity_factor: Optional[float] = None  # None = dropless
     eval_capacity_factor: Optional[float] = None  # None = same as capacity_factor
     min_capacity: int = 4
-    drop_policy: str = "probs"  # "probs": keep the highest-weight assignments; "position": first come
-    overflow_policy: str = "drop"  # "drop", "spill" (to the next-best expert with room) or "null_expert"
+    drop_policy: DropPolicy = "probs"  # "probs": keep the highest-weight assignments; "position": first come
+    overflow_policy: OverflowPolicy = "drop"  # "drop", "spill" (to the next-best expert with room) or "null_expert"
     min_tokens_per_sequence_kept: int = 0  # first choices of this many tokens per sequence never dropped
 
     router_aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss
@@ -64,37 +83,43 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 32000
-    hidden_size: int = 256
-    intermediate_size: int = 1024  # dense FFN width (first_k_dense_replace layers)
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: Optional[int] = None  # None = num_attention_heads (plain multi-head)
-    head_dim: Optional[int] = None  # None = hidden_size // num_attention_heads
+    vocab_size: int = field(default=32000, metadata=ARCHITECTURE)
+    hidden_size: int = field(default=256, metadata=ARCHITECTURE)
+    # dense FFN width (first_k_dense_replace layers)
+    intermediate_size: int = field(default=1024, metadata=ARCHITECTURE)
+    num_hidden_layers: int = field(default=4, metadata=ARCHITECTURE)
+    num_attention_heads: int = field(default=4, metadata=ARCHITECTURE)
+    # None = num_attention_heads (plain multi-head)
+    num_key_value_heads: Optional[int] = field(default=None, metadata=ARCHITECTURE)
+    # None = hidden_size // num_attention_heads
+    head_dim: Optional[int] = field(default=None, metadata=ARCHITECTURE)
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    rope_theta: float = field(default=10000.0, metadata=ARCHITECTURE)
     rope_scaling: Optional[dict] = None  # {"type": linear|dynamic|yarn, "factor": f, ...}
-    tie_word_embeddings: bool = False
-    first_k_dense_replace: int = 0
+    tie_word_embeddings: bool = field(default=False, metadata=ARCHITECTURE)
+    first_k_dense_replace: int = field(default=0, metadata=ARCHITECTURE)
     gradient_checkpointing: bool = False
     initializer_range: float = 0.02
     # attention: "gqa" (grouped-query, the fields above) or "mla" (DeepSeek multi-head latent attention,
     # the fields below; num_key_value_heads and head_dim are then unused)
-    attention_type: str = "gqa"
+    attention_type: AttentionType = field(default="gqa", metadata=ARCHITECTURE)
     # options of grouped-query attention, all off by default (Hugging Face names)
-    attention_bias: bool = False  # biases on the q, k, v and o projections (Llama, Qwen3-MoE, GPT-OSS)
-    qkv_bias: bool = False  # biases on the q, k and v projections only (Qwen2-MoE)
-    qk_norm: Optional[str] = None  # RMSNorm of queries and keys before rotary: "head" per head (Qwen3),
-    #                                "full" over the whole projection (OLMoE)
-    clip_qkv: Optional[float] = None  # clamp queries, keys and values to [-clip_qkv, clip_qkv] (OLMoE)
-    q_lora_rank: Optional[int] = None  # None: queries projected directly, no low-rank bottleneck
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
+    # biases on the q, k, v and o projections (Llama, Qwen3-MoE, GPT-OSS)
+    attention_bias: bool = field(default=False, metadata=ARCHITECTURE)
+    qkv_bias: bool = field(default=False, metadata=ARCHITECTURE)  # biases on q, k and v only (Qwen2-MoE)
+    # RMSNorm of queries and keys before rotary: "head" per head (Qwen3), "full" over the whole projection (OLMoE)
+    qk_norm: Optional[QKNorm] = field(default=None, metadata=ARCHITECTURE)
+    # clamp queries, keys and values to [-clip_qkv, clip_qkv] (OLMoE)
+    clip_qkv: Optional[float] = field(default=None, metadata=ARCHITECTURE)
+    # None: queries projected directly, no low-rank bottleneck
+    q_lora_rank: Optional[int] = field(default=None, metadata=MLA_ARCHITECTURE)
+    kv_lora_rank: int = field(default=512, metadata=MLA_ARCHITECTURE)
+    qk_nope_head_dim: int = field(default=128, metadata=MLA_ARCHITECTURE)
+    qk_rope_head_dim: int = field(default=64, metadata=MLA_ARCHITECTURE)
+    v_head_dim: int = field(default=128, metadata=MLA_ARCHITECTURE)
     # multi-token prediction (DeepSeek-V3): 1 adds a head predicting token t+2, trained with this weight
-    num_nextn_predict_layers: int = 0
+    num_nextn_predict_layers: int = field(default=0, metadata=ARCHITECTURE)
     mtp_loss_weight: float = 0.3
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -113,11 +138,11 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     expert_parallel_size: int = 1
-    backend: str = "auto"  # "auto": nccl on CUDA, gloo on CPU
+    backend: Backend = "auto"  # "auto": nccl on CUDA, gloo on CPU
     timeout_seconds: float = 600.0
     # "alltoall"; "alltoall_dedup" sends a token to a rank once however many of its experts live there;
     # "allgather" for small groups on fast links
-    dispatcher: str = "alltoall"
+    dispatcher: DispatcherName = "alltoall"
 
 
 @dataclass
@@ -136,7 +161,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     aux_loss_ramp_steps: int = 0  # aux coefficients rise linearly from 0 over this many steps
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
+    precision: Precision = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
     eval_interval: int = 50
     eval_steps: int = 5
     log_interval: int = 1
@@ -236,7 +261,7 @@ def _coerce(value: Any, tp, where: str):
             return float(number)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}={value!r} must be {'an integer' if tp is int else 'a number'}") from None
-    if tp is str:
+    if tp is str or typing.get_origin(tp) is Literal:  # a Literal's values are checked by validate
         return str(value)
     if tp in (list, dict) or typing.get_origin(tp) in (list, dict):
         if isinstance(value, str):
@@ -348,22 +373,45 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
-def validate(config: Config, world_size: Optional[int] = None) -> Config:
-    """Raise ConfigError naming the first bad field and its fix. Pure: no I/O, no collectives."""
-    m, moe, par, tr = config.model, config.model.moe, config.parallel, config.train
-    positive = [
-        ("model.vocab_size", m.vocab_size), ("model.hidden_size", m.hidden_size),
-        ("model.num_hidden_layers", m.num_hidden_layers), ("model.num_attention_heads", m.num_attention_heads),
-        ("model.num_key_value_heads", m.num_key_value_heads), ("model.max_position_embeddings", m.max_position_embeddings),
-        ("model.moe.n_routed_experts", moe.n_routed_experts), ("model.moe.num_experts_per_tok", moe.num_experts_per_tok),
-        ("model.moe.moe_intermediate_size", moe.moe_intermediate_size), ("model.moe.n_group", moe.n_group),
-        ("model.moe.topk_group", moe.topk_group), ("parallel.expert_parallel_size", par.expert_parallel_size),
-        ("train.micro_batch_size", tr.micro_batch_size), ("train.gradient_accumulation_steps", tr.gradient_accumulation_steps),
-        ("data.seq_len", config.data.seq_len),
-    ]
-    for name, value in positive:
+def _literal_values(tp) -> Optional[tuple]:
+    tp, _ = _unwrap_optional(tp)
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+def _one_of(values: tuple) -> str:
+    quoted = [repr(value) for value in values]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+def check_choices(section, where: str) -> None:
+    """Every field of `section` typed as a Literal holds one of its values."""
+    for name, tp in _field_types(type(section)).items():
+        allowed = _literal_values(tp)
+        value = getattr(section, name)
+        if allowed is not None and value not in allowed and not (value is None and _unwrap_optional(tp)[1]):
+            options = _one_of(allowed)
+            raise ConfigError(f"{where}.{name}={value!r} must be " + ("null, " if _unwrap_optional(tp)[1] else "")
+                              + options)
+
+
+def _check_positive(where: str, section, names: tuple) -> None:
+    for name in names:
+        value = getattr(section, name)
         if value <= 0:
-            raise ConfigError(f"{name}={value} must be a positive integer")
+            raise ConfigError(f"{where}.{name}={value} must be a positive integer")
+
+
+def _check_non_negative(where: str, section, names: tuple) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value < 0:
+            raise ConfigError(f"{where}.{name}={value} must be >= 0")
+
+
+def validate_model(m: ModelConfig) -> None:
+    _check_positive("model", m, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                 "num_key_value_heads", "max_position_embeddings"))
+    check_choices(m, "model")
     # an explicit head_dim (Qwen3, GPT-OSS) decouples the heads' width from hidden_size
     if m.hidden_size % m.num_attention_heads and m.head_dim == m.hidden_size // m.num_attention_heads:
         raise ConfigError(
@@ -374,11 +422,6 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
         raise ConfigError(
             f"model.num_key_value_heads={m.num_key_value_heads} must divide model.num_attention_heads="
             f"{m.num_attention_heads} (try {_divisors(m.num_attention_heads)})")
-    if m.attention_type not in ("gqa", "mla"):
-        raise ConfigError(f"model.attention_type={m.attention_type!r} must be 'gqa' or 'mla'")
-    if m.qk_norm not in (None, "head", "full"):
-        raise ConfigError(f"model.qk_norm={m.qk_norm!r} must be null, 'head' (per head, Qwen3) or 'full' (over the "
-                          f"whole projection, OLMoE)")
     if m.clip_qkv is not None and m.clip_qkv <= 0:
         raise ConfigError(f"model.clip_qkv={m.clip_qkv} must be positive (or null for no clamping)")
     gqa_options = [name for name in ("attention_bias", "qkv_bias", "qk_norm", "clip_qkv") if getattr(m, name)]
@@ -394,8 +437,7 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
     if m.num_nextn_predict_layers not in (0, 1):
         raise ConfigError(f"model.num_nextn_predict_layers={m.num_nextn_predict_layers}: only 0 or 1 "
                           f"multi-token prediction module is supported")
-    if m.mtp_loss_weight < 0:
-        raise ConfigError(f"model.mtp_loss_weight={m.mtp_loss_weight} must be >= 0")
+    _check_non_negative("model", m, ("mtp_loss_weight",))
     if m.rope_head_dim % 2:
         name = "qk_rope_head_dim" if m.attention_type == "mla" else "head_dim"
         raise ConfigError(f"model.{name}={m.rope_head_dim} must be even for rotary embeddings")
@@ -403,7 +445,14 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
         raise ConfigError(f"model.first_k_dense_replace={m.first_k_dense_replace} must be between 0 and "
                           f"model.num_hidden_layers={m.num_hidden_layers}")
     if m.rope_scaling is not None:
-        _validate_rope_scaling(m.rope_scaling)
+        validate_rope_scaling(m.rope_scaling)
+    validate_moe(m.moe)
+
+
+def validate_moe(moe: MoEConfig) -> None:
+    _check_positive("model.moe", moe, ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group",
+                                       "topk_group"))
+    check_choices(moe, "model.moe")
     if moe.num_experts_per_tok > moe.n_routed_experts:
         raise ConfigError(f"model.moe.num_experts_per_tok={moe.num_experts_per_tok} is larger than "
                           f"model.moe.n_routed_experts={moe.n_routed_experts}: lower top-k or add experts")
@@ -415,51 +464,46 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
     if moe.n_group > 1 and moe.topk_group * (moe.n_routed_experts // moe.n_group) < moe.num_experts_per_tok:
         raise ConfigError(f"model.moe.topk_group={moe.topk_group} groups of {moe.n_routed_experts // moe.n_group} "
                           f"experts hold fewer than num_experts_per_tok={moe.num_experts_per_tok}: raise topk_group")
-    if moe.scoring_func not in ("softmax", "sigmoid"):
-        raise ConfigError(f"model.moe.scoring_func={moe.scoring_func!r} must be 'softmax' or 'sigmoid'")
     for name in ("capacity_factor", "eval_capacity_factor"):
         value = getattr(moe, name)
         if value is not None and value <= 0:
             raise ConfigError(f"model.moe.{name}={value} must be positive (or null for dropless)")
-    if moe.min_capacity < 0:
-        raise ConfigError(f"model.moe.min_capacity={moe.min_capacity} must be >= 0")
-    if moe.drop_policy not in ("probs", "position"):
-        raise ConfigError(f"model.moe.drop_policy={moe.drop_policy!r} must be 'probs' or 'position'")
-    if moe.overflow_policy not in ("drop", "spill", "null_expert"):
-        raise ConfigError(f"model.moe.overflow_policy={moe.overflow_policy!r} must be 'drop', 'spill' or "
-                          f"'null_expert' (see mymoe/model/moe/overflow.py)")
+    _check_non_negative("model.moe", moe, ("min_capacity", "router_jitter_noise", "router_noise_std",
+                                           "router_aux_loss_coef", "seq_aux_loss_coef", "router_z_loss_coef",
+                                           "bias_update_rate", "n_shared_experts"))
     if moe.min_tokens_per_sequence_kept < 0:
         raise ConfigError(f"model.moe.min_tokens_per_sequence_kept={moe.min_tokens_per_sequence_kept} must be "
                           f">= 0 (0 protects no token)")
-    for name in ("router_jitter_noise", "router_noise_std", "router_aux_loss_coef", "seq_aux_loss_coef",
-                 "router_z_loss_coef", "bias_update_rate", "n_shared_experts"):
-        if getattr(moe, name) < 0:
-            raise ConfigError(f"model.moe.{name}={getattr(moe, name)} must be >= 0")
-    if par.backend not in ("auto", "gloo", "nccl", "mpi"):
-        raise ConfigError(f"parallel.backend={par.backend!r} must be auto, gloo, nccl or mpi")
-    if par.dispatcher not in ("alltoall", "alltoall_dedup", "allgather"):
-        raise ConfigError(f"parallel.dispatcher={par.dispatcher!r} must be 'alltoall', 'alltoall_dedup' or "
-                          f"'allgather'")
+
+
+def validate_parallel(par: ParallelConfig, num_experts: int, world_size: Optional[int]) -> None:
+    _check_positive("parallel", par, ("expert_parallel_size",))
+    check_choices(par, "parallel")
     if par.timeout_seconds <= 0:
         raise ConfigError(f"parallel.timeout_seconds={par.timeout_seconds} must be positive")
-    if moe.n_routed_experts % par.expert_parallel_size:
+    if num_experts % par.expert_parallel_size:
         raise ConfigError(f"parallel.expert_parallel_size={par.expert_parallel_size} must divide "
-                          f"model.moe.n_routed_experts={moe.n_routed_experts} (try {_divisors(moe.n_routed_experts)})")
+                          f"model.moe.n_routed_experts={num_experts} (try {_divisors(num_experts)})")
     if world_size is not None and world_size % par.expert_parallel_size:
         raise ConfigError(f"parallel.expert_parallel_size={par.expert_parallel_size} must divide the world size "
                           f"{world_size} (try {_divisors(world_size)}, or launch a multiple of it processes)")
-    peft = config.peft
+
+
+def validate_peft(peft: PEFTConfig, attention_type: str) -> None:
     if peft.lora_rank < 0 or peft.prefix_length < 0:
         raise ConfigError(f"peft.lora_rank={peft.lora_rank} and peft.prefix_length={peft.prefix_length} must be "
                           f">= 0 (0 disables)")
     unknown = [t for t in peft.lora_targets if t not in LORA_TARGETS]
     if peft.lora_rank and unknown:
         raise ConfigError(f"peft.lora_targets has unknown {unknown}: choose from {', '.join(LORA_TARGETS)}")
-    if peft.prefix_length and m.attention_type != "gqa":
+    if peft.prefix_length and attention_type != "gqa":
         raise ConfigError("peft.prefix_length needs model.attention_type=gqa (prefix tuning of latent attention "
                           "is not supported); use LoRA instead")
-    if tr.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"train.precision={tr.precision!r} must be auto, fp32 or bf16")
+
+
+def validate_train(tr: TrainConfig) -> None:
+    _check_positive("train", tr, ("micro_batch_size", "gradient_accumulation_steps"))
+    check_choices(tr, "train")
     if tr.lr <= 0 or tr.min_lr < 0 or tr.min_lr > tr.lr:
         raise ConfigError(f"train.lr={tr.lr} and train.min_lr={tr.min_lr} need 0 <= min_lr <= lr, lr > 0")
     if tr.log_interval <= 0:
@@ -473,13 +517,44 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
         raise ConfigError(f"train.max_tokens={tr.max_tokens} must be positive (or null for no token limit)")
     if tr.warmup_steps < 0 or tr.max_steps < 0 or tr.grad_clip < 0:
         raise ConfigError("train.warmup_steps, train.max_steps and train.grad_clip must be >= 0")
-    if config.data.train_weights is not None and len(config.data.train_weights) != len(config.data.train_prefixes):
-        raise ConfigError(f"data.train_weights has {len(config.data.train_weights)} entries but data.train_prefixes "
-                          f"has {len(config.data.train_prefixes)}: give one weight per prefix")
+
+
+def validate_data(data: DataConfig) -> None:
+    _check_positive("data", data, ("seq_len",))
+    if data.train_weights is not None and len(data.train_weights) != len(data.train_prefixes):
+        raise ConfigError(f"data.train_weights has {len(data.train_weights)} entries but data.train_prefixes "
+                          f"has {len(data.train_prefixes)}: give one weight per prefix")
+
+
+def validate(config: Config, world_size: Optional[int] = None) -> Config:
+    """Raise ConfigError naming the first bad field and its fix. Pure: no I/O, no collectives.
+
+    Each section is checked by its own function; the checks that join two sections (experts per rank,
+    prefix tuning under latent attention) live with the section that has the choice.
+    """
+    validate_model(config.model)
+    validate_parallel(config.parallel, config.model.moe.n_routed_experts, world_size)
+    validate_peft(config.peft, config.model.attention_type)
+    validate_train(config.train)
+    validate_data(config.data)
     return config
 
 
-def _validate_rope_scaling(rope_scaling: dict) -> None:
+def architecture_fields(cls=None, prefix: str = "") -> list[tuple[str, Optional[tuple]]]:
+    """(dotted name under `model`, the (field, value) setting under which it matters or None) of every
+    field marked ARCHITECTURE: what a checkpoint must agree on to be loaded."""
+    cls = ModelConfig if cls is None else cls
+    found = []
+    for f in dataclasses.fields(cls):
+        nested = _nested_dataclass_fields(cls)
+        if f.name in nested:
+            found += architecture_fields(nested[f.name], f"{prefix}{f.name}.")
+        elif f.metadata.get("architecture"):
+            found.append((prefix + f.name, f.metadata.get("when")))
+    return found
+
+
+def validate_rope_scaling(rope_scaling: dict) -> None:
     if not isinstance(rope_scaling, dict):
         raise ConfigError(f"model.rope_scaling={rope_scaling!r} must be a mapping like {{type: yarn, factor: 4}}")
     kind = rope_scaling.get("type", rope_scaling.get("rope_type"))

@@ -1,21 +1,22 @@
 """Generate text from a sharded checkpoint, a consolidated file or a Hugging Face export, in one process.
 
-    python -m mymoe.generate --checkpoint runs/x/checkpoints --vocab_path tok.model \\
-        --prompt "Once upon a time" --max_new_tokens 50 --temperature 0.8 --top_k 50 --top_p 0.9 --seed 0
+    python -m mymoe.generate --checkpoint runs/x/checkpoints --vocab-path tok.model \\
+        --prompt "Once upon a time" --max-new-tokens 50 --temperature 0.8 --top-k 50 --top-p 0.9 --seed 0
 
 Every expert is loaded into one model (the checkpoint addresses experts by global index), the prompt is
 encoded with the sentencepiece model and, like every training document, follows an end-of-document
 token; tokens are printed as they are sampled, with a KV cache, until max_new_tokens or end of document.
 
-    --model_path PATH       instead of --checkpoint: a checkpoints folder, a consolidated .safetensors file
+    --model-path PATH       instead of --checkpoint: a checkpoints folder, a consolidated .safetensors file
                             (mymoe-convert consolidate) or a Hugging Face folder (Mixtral, Qwen2-MoE)
-    --input_file FILE       one prompt per line, generated as one left-padded batch, one output line each
-    --rope_scaling SPEC     context extension at inference: yarn:4, dynamic:2, linear:2 or a JSON mapping
+    --input-file FILE       one prompt per line, generated as one left-padded batch, one output line each
+    --rope-scaling SPEC     context extension at inference: yarn:4, dynamic:2, linear:2 or a JSON mapping
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import time
 from typing import Iterator, Optional
@@ -23,70 +24,68 @@ from typing import Iterator, Optional
 import torch
 
 from mymoe.checkpoint import CheckpointError
-from mymoe.convert.load import load_any
-from mymoe.model.attention import KVCache
-from mymoe.model.transformer import sample_next_token
+from mymoe.config import ConfigError, validate_rope_scaling
+from mymoe.load import load_model
+from mymoe.model.layers import RotaryEmbedding
+from mymoe.model.mtp import speculative_greedy
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mymoe-generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoints folder of a run (its `latest` is used) or one step_* folder")
-    parser.add_argument("--model_path", default=None, help="a checkpoints folder, consolidated .safetensors file "
-                        "or Hugging Face folder (instead of --checkpoint)")
-    parser.add_argument("--input_file", default=None, help="one prompt per line, generated as one batch")
-    parser.add_argument("--rope_scaling", default=None, help="yarn:FACTOR, dynamic:FACTOR, linear:FACTOR or JSON")
+    parser.add_argument("--model-path", "--model_path", default=None,
+                        help="a checkpoints folder, consolidated .safetensors file or Hugging Face folder (instead "
+                             "of --checkpoint)")
+    parser.add_argument("--input-file", "--input_file", default=None,
+                        help="one prompt per line, generated as one batch")
+    parser.add_argument("--rope-scaling", "--rope_scaling", default=None,
+                        help="yarn:FACTOR, dynamic:FACTOR, linear:FACTOR or JSON")
     parser.add_argument("--step", type=int, default=None, help="load this step instead of the latest")
-    parser.add_argument("--vocab_path", default=None,
+    parser.add_argument("--vocab-path", "--vocab_path", default=None,
                         help="sentencepiece .model (default: data.tokenizer from the checkpoint's config)")
     parser.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
-    parser.add_argument("--max_new_tokens", type=int, default=50)
+    parser.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=50)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    parser.add_argument("--top_k", type=int, default=50, help="0 disables")
-    parser.add_argument("--top_p", type=float, default=0.9, help="1 disables")
-    parser.add_argument("--repetition_penalty", type=float, default=1.0)
+    parser.add_argument("--top-k", "--top_k", type=int, default=50, help="0 disables")
+    parser.add_argument("--top-p", "--top_p", type=float, default=0.9, help="1 disables")
+    parser.add_argument("--repetition-penalty", "--repetition_penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no_stream", action="store_true", help="print the text once, at the end")
+    parser.add_argument("--no-stream", "--no_stream", action="store_true", help="print the text once, at the end")
     parser.add_argument("--speculative", action="store_true",
                         help="greedy decoding drafted by the model's multi-token prediction head and verified by "
                              "its main head: the plain greedy output, in fewer main-model steps")
     args = parser.parse_args(argv)
     if (args.checkpoint is None) == (args.model_path is None):
-        parser.error("give one of --checkpoint or --model_path")
+        parser.error("give one of --checkpoint or --model-path")
     if args.rope_scaling is not None:
         try:
             args.rope_scaling = parse_rope_scaling(args.rope_scaling)
         except ValueError as error:
             parser.error(str(error))
     if args.max_new_tokens < 1:
-        parser.error(f"--max_new_tokens={args.max_new_tokens} must be >= 1")
+        parser.error(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        parser.error(f"--temperature={args.temperature} and --top_k={args.top_k} must be >= 0, "
-                     f"--top_p={args.top_p} in (0, 1]")
+        parser.error(f"--temperature={args.temperature} and --top-k={args.top_k} must be >= 0, "
+                     f"--top-p={args.top_p} in (0, 1]")
     return args
 
 
 def parse_rope_scaling(spec: str) -> dict:
     """`yarn:4` or `{"type": "yarn", "factor": 4, ...}` -> a rope_scaling mapping, checked like the config's."""
-    import json
-
-    from mymoe.config import ConfigError, _validate_rope_scaling
-
     try:
         scaling = json.loads(spec) if spec.strip().startswith("{") else {
             "type": spec.split(":")[0], "factor": float(spec.split(":")[1])}
-        _validate_rope_scaling(scaling)
+        validate_rope_scaling(scaling)
     except (ValueError, IndexError, ConfigError) as error:
-        raise ValueError(f"--rope_scaling={spec!r}: {error} (write e.g. yarn:4 or "
+        raise ValueError(f"--rope-scaling={spec!r}: {error} (write e.g. yarn:4 or "
                          f'\'{{"type": "yarn", "factor": 4}}\')') from None
     return scaling
 
 
 def apply_rope_scaling(model, scaling: dict) -> None:
     """Extend the context at inference: the rotary tables are rebuilt with `scaling`; weights are untouched."""
-    from mymoe.model.layers import RotaryEmbedding
-
     config = model.config
     config.rope_scaling = scaling
     model.model.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
@@ -124,23 +123,12 @@ def end_of_document_id(tokenizer) -> Optional[int]:
 def sample_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
                   top_p: Optional[float], repetition_penalty: float, generator: torch.Generator,
                   eos_token_id: Optional[int], tokenizer_size: Optional[int] = None) -> Iterator[int]:
-    """Yield sampled token ids one at a time for a single prompt [1, S]: the same sampling, cache and random
-    draws as model.generate. Ids from tokenizer_size up (a vocabulary padded past the tokenizer's pieces)
-    are never sampled."""
-    model.eval()
-    cache = [KVCache(max_length=input_ids.shape[1] + max_new_tokens) for _ in range(model.config.num_hidden_layers)]
-    tokens, step_input = input_ids, input_ids
-    for _ in range(max_new_tokens):
-        logits = model(step_input, past_key_values=cache).logits[:, -1].float()  # [1, V]
-        if tokenizer_size is not None:
-            logits[:, tokenizer_size:] = float("-inf")
-        next_token = sample_next_token(logits, tokens, None, temperature, top_k, top_p, repetition_penalty,
-                                       generator)  # [1]
-        tokens = torch.cat((tokens, next_token[:, None]), dim=1)
-        step_input = next_token[:, None]
+    """Yield sampled token ids one at a time for a single prompt [1, S]: model.stream, the decode loop of
+    model.generate. Ids from tokenizer_size up (a vocabulary padded past the tokenizer's pieces) are never
+    sampled."""
+    for next_token in model.stream(input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                   generator, eos_token_id=eos_token_id, vocab_limit=tokenizer_size):
         yield int(next_token)
-        if eos_token_id is not None and int(next_token) == eos_token_id:
-            return
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -150,12 +138,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"loading {source}{f' step {args.step}' if args.step is not None else ''} ...", file=sys.stderr)
     start = time.perf_counter()
     try:
-        model, config, manifest = load_any(source, args.step)
+        model, config, manifest = load_model(source, args.step)
         if args.rope_scaling is not None:
             apply_rope_scaling(model, args.rope_scaling)
         vocab_path = args.vocab_path or config.data.tokenizer
         if not vocab_path:
-            raise CheckpointError("the checkpoint's config names no tokenizer: pass --vocab_path tok.model")
+            raise CheckpointError("the checkpoint's config names no tokenizer: pass --vocab-path tok.model")
         tokenizer = load_tokenizer(vocab_path, config.model.vocab_size)
     except (CheckpointError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -201,7 +189,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 @contextlib.contextmanager
 def tokenizer_ids_only(model, size: int):
-    """Ids past the tokenizer's pieces (a padded vocabulary) are never chosen, as in sample_tokens."""
+    """Ids past the tokenizer's pieces (a padded vocabulary) are never chosen by speculative decoding, which
+    has its own loop (draft, then verify); model.stream masks them itself."""
     hook = model.lm_head.register_forward_hook(
         lambda module, inputs, logits: logits.index_fill(-1, torch.arange(size, logits.shape[-1], device=logits.device),
                                                          float("-inf")))
@@ -213,8 +202,6 @@ def tokenizer_ids_only(model, size: int):
 
 def generate_speculative(model, tokenizer, args, input_ids: torch.Tensor) -> int:
     """Self-speculative greedy decoding of one prompt; reports how often the drafts were accepted."""
-    from mymoe.model.mtp import speculative_greedy
-
     if model.mtp is None:
         print("error: --speculative needs a model trained with a multi-token prediction head "
               "(model.num_nextn_predict_layers=1)", file=sys.stderr)
@@ -231,7 +218,7 @@ def generate_speculative(model, tokenizer, args, input_ids: torch.Tensor) -> int
 
 
 def generate_batch(model, tokenizer, args, eod: Optional[int], device) -> int:
-    """Every line of --input_file as one left-padded batch; one output line per prompt."""
+    """Every line of --input-file as one left-padded batch; one output line per prompt."""
     with open(args.input_file) as f:
         lines = [line.rstrip("\n") for line in f if line.strip()]
     if not lines:
@@ -241,11 +228,11 @@ def generate_batch(model, tokenizer, args, eod: Optional[int], device) -> int:
     input_ids, attention_mask = left_padded_batch(prompts)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start = time.perf_counter()
-    with tokenizer_ids_only(model, tokenizer.vocab_size()):
-        tokens = model.generate(input_ids.to(device), args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
-                                repetition_penalty=args.repetition_penalty, generator=generator,
-                                attention_mask=attention_mask.to(device), eos_token_id=eod)
+    tokens = model.generate(input_ids.to(device), args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
+                            repetition_penalty=args.repetition_penalty, generator=generator,
+                            attention_mask=attention_mask.to(device), eos_token_id=eod,
+                            vocab_limit=tokenizer.vocab_size())
     new_tokens = 0
     for line, row in zip(lines, tokens[:, input_ids.shape[1]:].tolist()):
         if eod is not None and eod in row:

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from mymoe.config import LORA_TARGETS
 from mymoe.model.attention import Attention
-from mymoe.model.moe.experts import GroupedExperts
+from mymoe.model.moe.experts import GroupedExperts, is_expert, mark_expert
 from mymoe.model.moe.router import Router
 
 
@@ -47,7 +47,7 @@ class LoRA(nn.Module):
             full = torch.empty(total, fan_in, rank).normal_(0, 1 / math.sqrt(fan_in), generator=generator)
             self.lora_A = nn.Parameter(full[first:first + experts].to(weight))
             self.lora_B = nn.Parameter(weight.new_zeros(experts, rank, fan_out))
-            self.lora_A.is_expert = self.lora_B.is_expert = True  # reduced over expert-data-parallel ranks
+            mark_expert(self.lora_A), mark_expert(self.lora_B)  # reduced over expert-data-parallel ranks
         else:
             fan_out, fan_in = weight.shape
             self.lora_A = nn.Parameter(torch.empty(rank, fan_in).normal_(0, 1 / math.sqrt(fan_in),
@@ -145,12 +145,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if parametrize.is_parametrized(module):
             for attribute in list(module.parametrizations.keys()):
                 original = module.parametrizations[attribute].original
-                marked_expert = getattr(original, "is_expert", False)
+                marked_expert = is_expert(original)
                 parametrize.remove_parametrizations(module, attribute, leave_parametrized=True)
                 merged = getattr(module, attribute)
                 merged.requires_grad_(True)
                 if marked_expert:
-                    merged.is_expert = True
+                    mark_expert(merged)
     return model
 
 

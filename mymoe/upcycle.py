@@ -89,36 +89,3 @@ def upcycle(dense: Union[MoECausalLM, dict], moe: MoEConfig, dense_config: Optio
                 state[f"{prefix}.shared_experts.down_proj.weight"])
     model.load_state_dict(state)
     return model
-
-
-
-def upcycle_checkpoint(source, out_file, experts: int, top_k: int, first_k_dense_replace: int = 0,
-                       noise_std: float = 0.0, router_init_std: float = 0.02, seed: int = 0,
-                       overwrite: bool = False) -> dict:
-    """A dense model (Hugging Face folder such as a Llama or Qwen3, consolidated file or checkpoints folder)
-    -> a weights-only MoE file with its YAML config beside it, ready for ``--train.init_from``.
-
-    The other MoE fields keep the source config's moe section (softmax, norm_topk_prob true, dropless by
-    default). The logits equal the dense model's when the chosen weights sum to one (top_k > 1 with
-    norm_topk_prob and routed_scaling_factor 1), noise_std is 0 and no token is dropped.
-    """
-    from mymoe.checkpoint.storage import CheckpointError
-    from mymoe.config import validate
-    from mymoe.convert.consolidate import save_weights
-    from mymoe.convert.load import load_any
-
-    dense, config, _ = load_any(source)
-    layers = config.model.num_hidden_layers
-    if config.model.first_k_dense_replace != layers:
-        raise CheckpointError(f"{source} is already an MoE model ({layers - config.model.first_k_dense_replace} of "
-                              f"{layers} layers MoE): upcycling starts from a dense one (a Llama or Qwen3 folder, "
-                              f"or a model of ours with first_k_dense_replace = num_hidden_layers)")
-    moe = dataclasses.replace(config.model.moe, n_routed_experts=experts, num_experts_per_tok=top_k)
-    config = validate(dataclasses.replace(config, model=upcycled_config(config.model, moe, first_k_dense_replace)))
-    model = upcycle(dense, config.model.moe, first_k_dense_replace=first_k_dense_replace, noise_std=noise_std,
-                    router_init_std=router_init_std, seed=seed)
-    moe = config.model.moe
-    same_function = (moe.norm_topk_prob and top_k > 1 and moe.routed_scaling_factor == 1.0 and noise_std == 0
-                     and moe.dropless)
-    count = save_weights(model, config, out_file, overwrite, upcycled_from=str(source))
-    return {"tensors": count, "same_function": same_function, "moe_layers": layers - first_k_dense_replace}

@@ -29,9 +29,9 @@ def greedy_with_transformers(folder: Path, prompt_ids: list[int], max_new_tokens
 
 
 def greedy_with_mymoe(checkpoint: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    from mymoe.convert.load import load_any
+    from mymoe.load import load_model
 
-    model = load_any(checkpoint)[0]
+    model = load_model(checkpoint)[0]
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, temperature=0.0)
     return out[0, len(prompt_ids):].tolist()
 

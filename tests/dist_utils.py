@@ -20,13 +20,16 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
-import socket
 import tempfile
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from mymoe.parallel.env import free_port
+
+__all__ = ["DistributedTestError", "RankResult", "free_port", "run_distributed"]
 
 PORT_IN_USE = ("address already in use", "eaddrinuse")
 
@@ -48,12 +51,6 @@ class RankResult:
 
 class DistributedTestError(AssertionError):
     """A rank failed or the run passed its deadline; the message holds every rank's story."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _child(fn, rank: int, world_size: int, port: int, args: tuple, env: dict, result_path: str,
@@ -83,7 +80,7 @@ def _child(fn, rank: int, world_size: int, port: int, args: tuple, env: dict, re
 def _run_once(fn, world_size, args, env, timeout, init_process_group, pg_timeout, grace_after_failure,
               workdir) -> list[RankResult]:
     context = multiprocessing.get_context("spawn")
-    port = free_port()
+    port = free_port("127.0.0.1")
     start = time.monotonic()
     processes, paths = [], []
     for rank in range(world_size):

@@ -111,7 +111,7 @@ def test_an_explicit_head_dim_frees_hidden_size_from_the_head_count():
 def test_every_option_trains_from_scratch(tmp_path):
     from mymoe.parallel import ParallelContext
     from mymoe.train.loop import train
-    from test_train_support import make_dataset, tiny_overrides
+    from conftest import make_dataset, tiny_overrides
 
     train_prefix, valid_prefix = make_dataset(tmp_path / "data")
     overrides = tiny_overrides(train_prefix, valid_prefix, tmp_path / "run", 8, {

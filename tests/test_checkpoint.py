@@ -22,82 +22,21 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_layout, tiny_config, train_in_process
 from dist_utils import run_distributed
-from mymoe.checkpoint import CheckpointError, CheckpointManager, expert_checksums, load_model, resolve_checkpoint
-from mymoe.config import config_from_dict, validate
-from mymoe.parallel import ParallelContext
+from mymoe.checkpoint import CheckpointError, architecture_differences, expert_checksums, resolve_checkpoint
+from mymoe.load import load_model
+from mymoe.config import config_from_dict
 
-GLOBAL_BATCH = 4  # samples per step on every layout: micro_batch_size = GLOBAL_BATCH / world_size
 
 
 # ---------------------------------------------------------------------------------------------------
 # helpers (module level, so spawned ranks can import them)
 
 
-def write_dataset(prefix: str, num_tokens: int = 4000, vocab_size: int = 64, seed: int = 0) -> None:
-    """A Megatron .bin/.idx pair of random uint16 tokens in four documents."""
-    tokens = np.random.default_rng(seed).integers(0, vocab_size, num_tokens).astype(np.uint16)
-    lengths = np.full(4, num_tokens // 4, dtype=np.int32)
-    pointers = np.concatenate([[0], np.cumsum(lengths[:-1]) * 2]).astype(np.int64)
-    tokens[:int(lengths.sum())].tofile(prefix + ".bin")
-    with open(prefix + ".idx", "wb") as f:
-        f.write(b"MMIDIDX\x00\x00" + np.uint64(1).tobytes() + np.uint8(8).tobytes())
-        f.write(np.uint64(len(lengths)).tobytes() + np.uint64(len(lengths) + 1).tobytes())
-        f.write(lengths.tobytes() + pointers.tobytes() + np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
-
-
-def tiny_config(workdir, world_size: int = 1, expert_parallel_size: int = 1, max_steps: int = 6,
-                model: dict | None = None, moe: dict | None = None, train: dict | None = None):
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not (workdir / "data.bin").exists():
-        write_dataset(str(workdir / "data"))
-    config = config_from_dict({
-        "model": {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                  "num_attention_heads": 2, "num_key_value_heads": 1, **(model or {}),
-                  "moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                          "bias_update_rate": 0.01, "router_aux_loss_coef": 0.0, **(moe or {})}},
-        "parallel": {"expert_parallel_size": expert_parallel_size, "backend": "gloo"},
-        "train": {"max_steps": max_steps, "micro_batch_size": GLOBAL_BATCH // world_size, "eval_interval": 0,
-                  "warmup_steps": 2, "precision": "fp32", "keep_last": 10, "out_dir": str(workdir / "run"),
-                  **(train or {})},
-        "data": {"train_prefixes": [str(workdir / "data")], "seq_len": 16}})
-    return validate(config)
-
-
 def parameter_crcs(model) -> dict[str, int]:
     return {name: zlib.crc32(p.detach().contiguous().view(-1).view(torch.uint8).numpy())
             for name, p in model.state_dict().items()}
-
-
-def train_worker(rank, world_size, workdir, expert_parallel_size, stop_at, save_at, config_overrides):
-    """Resume from workdir/run/checkpoints if there is a checkpoint, train to `stop_at`, saving at `save_at`."""
-    from mymoe.checkpoint import read_manifest
-    from mymoe.parallel import init_distributed, shutdown
-    from mymoe.train.loop import Trainer
-
-    config = tiny_config(workdir, world_size, expert_parallel_size, max_steps=stop_at, **config_overrides)
-    ctx = init_distributed(config)
-    try:
-        trainer = Trainer(config, ctx)
-        manager = CheckpointManager(Path(config.train.out_dir) / "checkpoints", config, ctx, verbose=False)
-        held = None
-        if manager.load_latest(trainer):
-            saved = read_manifest(manager.latest())["expert_checksums"]
-            held = {name: {expert: crc == saved[name][expert] for expert, crc in sums.items()}
-                    for name, sums in expert_checksums(trainer.model).items()}
-        losses = train_until(trainer, manager, stop_at, save_at)
-        return {"losses": losses, "held": held, "reader": trainer.train_reader.state_dict(),
-                "first_expert": [layer.experts.first_expert for layer in trainer.model.iter_moe_layers()]}
-    finally:
-        shutdown()
-
-
-def run_layout(workdir, world_size, expert_parallel_size, stop_at, save_at=(), config_overrides=None):
-    results = run_distributed(train_worker, world_size, args=(str(workdir), expert_parallel_size, stop_at,
-                                                              tuple(save_at), config_overrides or {}),
-                              init_process_group=False, timeout=90)
-    return [r.value for r in results]
 
 
 def copy_checkpoint(source_workdir: Path, target_workdir: Path, step: int) -> None:
@@ -109,28 +48,6 @@ def copy_checkpoint(source_workdir: Path, target_workdir: Path, step: int) -> No
     (target / "latest").write_text(name + "\n")
     for suffix in (".bin", ".idx"):
         shutil.copy(source_workdir / f"data{suffix}", target_workdir / f"data{suffix}")
-
-
-def train_in_process(workdir, stop_at, save_at=(), config=None):
-    """Single process, no process group: (trainer, manager, losses)."""
-    from mymoe.train.loop import Trainer
-
-    config = config or tiny_config(workdir, max_steps=stop_at)
-    trainer = Trainer(config, ParallelContext())
-    manager = CheckpointManager(Path(config.train.out_dir) / "checkpoints", config, ParallelContext(), verbose=False)
-    manager.load_latest(trainer)
-    return trainer, manager, train_until(trainer, manager, stop_at, save_at)
-
-
-def train_until(trainer, manager, stop_at, save_at) -> list[float]:
-    """Train to step `stop_at`, saving at the steps in `save_at`; the losses of the steps taken."""
-    losses = []
-    while trainer.step < stop_at:
-        losses.append(trainer.train_step()["loss"])
-        if trainer.step in save_at:
-            manager.save(trainer)
-    manager.wait()
-    return losses
 
 
 def read_all_tensors(directory: Path) -> dict:
@@ -259,6 +176,32 @@ def test_other_architecture_or_vocabulary_is_refused_with_the_difference(saved_r
     assert "model.moe.n_routed_experts: checkpoint 4, this run 8" in str(error.value)
 
 
+MLA = {"attention_type": "mla", "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
+
+
+@pytest.mark.parametrize("model,named", [(MLA, "model.attention_type: checkpoint 'gqa', this run 'mla'"),
+                                         ({"num_nextn_predict_layers": 1},
+                                          "model.num_nextn_predict_layers: checkpoint 0, this run 1")])
+def test_a_checkpoint_of_another_attention_type_or_prediction_depth_is_refused_at_resume(saved_run, tmp_path,
+                                                                                         model, named):
+    fresh_copy(saved_run, tmp_path)
+    with pytest.raises(CheckpointError) as error:
+        train_in_process(tmp_path, 4, config=tiny_config(tmp_path, model=model))
+    assert named in str(error.value)
+
+
+def test_latent_attention_sizes_count_only_under_latent_attention():
+    saved = {**tiny_config_dict(), **MLA}
+    assert architecture_differences(saved, {**saved, "kv_lora_rank": 16}) == [
+        "model.kv_lora_rank: checkpoint 8, this run 16"]
+    plain = tiny_config_dict()
+    assert architecture_differences(plain, {**plain, "kv_lora_rank": 16}) == []  # unused by grouped-query attention
+
+
+def tiny_config_dict() -> dict:
+    return config_from_dict({"model": {"vocab_size": 64}}).to_dict()["model"]
+
+
 def test_noise_and_capacity_may_change_between_runs(saved_run, tmp_path):
     fresh_copy(saved_run, tmp_path)
     config = tiny_config(tmp_path, max_steps=4, moe={"router_noise_std": 0.1, "capacity_factor": 2.0})
@@ -382,7 +325,7 @@ def test_resume_at_another_world_and_expert_parallel_size(ep2_reference, tmp_pat
 TORCHRUN_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-from test_checkpoint import tiny_config
+from conftest import tiny_config
 from mymoe.train import loop
 
 kill_at = int(sys.argv[1])

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_checkpoint import run_layout, tiny_config, train_in_process
-from mymoe.checkpoint import CheckpointError, load_model, read_manifest, resolve_checkpoint
+from conftest import run_layout, tiny_config, train_in_process
+from mymoe.checkpoint import CheckpointError, read_manifest, resolve_checkpoint
+from mymoe.load import load_model
 from mymoe.config import config_from_dict
 from mymoe.convert.consolidate import consolidate
 from mymoe.convert.reshard import write_sharded
@@ -25,7 +26,7 @@ def convert(*args: str) -> subprocess.CompletedProcess:
 
 def convert_in_process(capsys, *args: str) -> tuple[int, str]:
     """The CLI without a new interpreter: (exit code, stderr)."""
-    from mymoe.convert import main
+    from mymoe.convert.cli import main
 
     code = main([str(arg) for arg in args])
     return code, capsys.readouterr().err

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from test_convert_hf import MIXTRAL, our_model
-from mymoe.generate import apply_rope_scaling, left_padded_batch, main, parse_rope_scaling
+from conftest import MIXTRAL, our_model
+from mymoe.convert.cli import parse_args as convert_parse_args
+from mymoe.generate import apply_rope_scaling, left_padded_batch, main, parse_args, parse_rope_scaling
 
 
 def test_left_padded_batch_gives_each_prompt_its_greedy_tokens():
@@ -45,3 +46,12 @@ def test_cli_model_path_input_file(tmp_path, capsys):
     lines = out.out.strip().split("\n")
     assert len(lines) == 2 and lines[0].startswith("the cat") and lines[1].startswith("the dog saw many")
     assert "for 2 prompts" in out.err
+
+
+def test_flags_are_kebab_case_and_the_old_snake_case_spellings_still_work():
+    kebab = parse_args(["--model-path", "m", "--max-new-tokens", "3", "--top-p", "0.5", "--no-stream"])
+    snake = parse_args(["--model_path", "m", "--max_new_tokens", "3", "--top_p", "0.5", "--no_stream"])
+    assert vars(kebab) == vars(snake)
+    assert (kebab.model_path, kebab.max_new_tokens, kebab.top_p, kebab.no_stream) == ("m", 3, 0.5, True)
+    converted = convert_parse_args(["reshard", "a", "b", "--world-size", "2", "--expert_parallel_size", "2"])
+    assert (converted.world_size, converted.expert_parallel_size) == (2, 2)

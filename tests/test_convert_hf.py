@@ -3,23 +3,16 @@ transformers model imported computes its own logits in mymoe; what cannot map is
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import BASE, MIXTRAL, QWEN, our_model
 from mymoe.checkpoint import CheckpointError
 from mymoe.config import config_from_dict, validate
 from mymoe.convert.consolidate import load_consolidated_model
 from mymoe.convert.hf import export_hf, import_hf
-from mymoe.model import MoECausalLM
 
-BASE = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "rope_theta": 500.0}
-MIXTRAL = {"moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24}}
-QWEN = {"first_k_dense_replace": 1, "tie_word_embeddings": True,
-        "moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24, "n_shared_experts": 1,
-                "shared_expert_intermediate_size": 40, "shared_expert_gate": True, "norm_topk_prob": False}}
 # multi-head latent attention, sigmoid group-limited routing with scaling, a shared expert, one dense layer
 DEEPSEEK = {"attention_type": "mla", "q_lora_rank": 12, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
             "qk_rope_head_dim": 8, "v_head_dim": 6, "first_k_dense_replace": 1,
@@ -31,19 +24,6 @@ DEEPSEEK_DIRECT_QUERY = {**DEEPSEEK, "q_lora_rank": None, "num_nextn_predict_lay
                                           "mscale": 1.0, "mscale_all_dim": 1.0}}
 DEEPSEEK_NO_SHARED = {**DEEPSEEK, "moe": {**DEEPSEEK["moe"], "n_shared_experts": 0}}
 BATCH = torch.tensor([[3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3], [2, 7, 18, 28, 18, 28, 4, 59, 0, 45, 23, 53]])
-
-
-def our_model(fields: dict, seed: int = 0) -> MoECausalLM:
-    torch.manual_seed(seed)
-    model = MoECausalLM(validate(config_from_dict({"model": {**BASE, **fields}})).model)
-    with torch.no_grad():  # norms away from 1, so a swapped norm would show
-        for name, param in model.named_parameters():
-            if name.endswith("layernorm.weight") or name == "model.norm.weight":
-                param.uniform_(0.5, 1.5)
-        for layer in model.iter_moe_layers():  # a balancing bias that changes which experts are chosen
-            if model.config.moe.scoring_func == "sigmoid":
-                layer.gate.expert_bias.uniform_(-0.05, 0.05)
-    return model.eval()
 
 
 def our_logits(model) -> torch.Tensor:
@@ -207,7 +187,7 @@ def test_a_transformers_model_fine_tunes_here_from_train_init_from(tmp_path):
     from mymoe.config import load_config
     from mymoe.parallel import ParallelContext
     from mymoe.train.loop import Trainer, train
-    from test_train_support import make_dataset, tiny_overrides
+    from conftest import make_dataset, tiny_overrides
 
     reference = random_hf_model("mixtral")
     reference.save_pretrained(tmp_path / "hf")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from test_convert_hf import QWEN, our_model
+from conftest import QWEN, our_model
 from mymoe.convert.megatron_names import export_megatron, megatron_state_dict
 
 

@@ -16,14 +16,12 @@ from data_tools.encode import encode_chunk, init_worker
 from data_tools.indexed_io import choose_dtype
 from data_tools.tokenizer import TokenizerOptions, check_tokenizer_options, train_tokenizer
 from mymoe.data.indexed import IndexedTokens
-from test_data_tools_support import (  # noqa: F401 - fixtures
+from conftest import (
     documents,
     leftover_staging,
     megatron_documents,
-    nfkc_tokenizer_model,
     pair_bytes,
     run_preprocess,
-    tokenizer_model,
     write_jsonl,
 )
 

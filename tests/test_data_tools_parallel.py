@@ -10,11 +10,10 @@ import pytest
 
 import data_tools.preprocess
 from mymoe.data import build_train_reader
-from test_data_tools_support import (  # noqa: F401 - fixtures
+from conftest import (
     REPO_ROOT,
     documents,
     run_preprocess,
-    tokenizer_model,
     write_jsonl,
     write_txt_files,
 )

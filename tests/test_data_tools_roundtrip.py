@@ -13,14 +13,13 @@ from data_tools.inspect_dataset import inspect_dataset
 from data_tools.merge import merge
 from data_tools.split import validation_mask
 from mymoe.data.indexed import IndexedTokens
-from test_data_tools_support import (  # noqa: F401 - fixtures
+from conftest import (
     SHARED_CORPUS,
     SPECIAL_TOKENS,
     documents,
     megatron_documents,
     pair_bytes,
     run_preprocess,
-    tokenizer_model,
     write_jsonl,
     write_txt_files,
 )

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from test_checkpoint import run_layout
+from conftest import run_layout
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,7 @@ def test_generate_from_an_ep2_checkpoint_is_deterministic(ep2_checkpoint_and_tok
 
 @pytest.mark.slow
 def test_streamed_sampling_equals_model_generate(ep2_checkpoint_and_tokenizer):
-    from mymoe.checkpoint import load_model
+    from mymoe.load import load_model
     from mymoe.generate import sample_tokens
 
     checkpoint, _ = ep2_checkpoint_and_tokenizer

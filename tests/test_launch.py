@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dist_utils import free_port
-from test_train_support import REPO, TINY_CONFIG, make_dataset, python, tiny_overrides
+from conftest import REPO, TINY_CONFIG, make_dataset, python, tiny_overrides
 
 LAUNCH = REPO / "launch"
 STEPS = 3

@@ -136,6 +136,17 @@ def test_greedy_generation_with_and_without_cache_agree():
     assert model.training  # generate restores the mode it found
 
 
+def test_generation_never_samples_past_the_vocabulary_limit():
+    torch.manual_seed(0)
+    model = MoECausalLM(small_config())
+    prompt = torch.randint(0, 97, (2, 4))
+    tokens = model.generate(prompt, 16, temperature=2.0, generator=torch.Generator().manual_seed(0), vocab_limit=10)
+    assert int(tokens[:, 4:].max()) < 10
+    streamed = torch.stack(list(model.stream(prompt, 16, temperature=2.0, generator=torch.Generator().manual_seed(0),
+                                             vocab_limit=10)), dim=1)
+    assert torch.equal(streamed, tokens[:, 4:])  # generate is the stream, collected
+
+
 def test_loss_ignores_minus_100_and_adds_aux():
     torch.manual_seed(0)
     model = MoECausalLM(small_config())

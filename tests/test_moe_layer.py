@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from mymoe.config import MoEConfig
-from mymoe.model.moe.dispatch import capacity_keep_mask, compute_capacity
+from mymoe.model.moe.overflow import capacity_keep_mask, compute_capacity
 from mymoe.model.moe.layer import MoELayer
 
 HIDDEN = 16

@@ -72,7 +72,7 @@ def test_generate_command_decodes_speculatively_from_a_checkpoint(tmp_path, caps
     import sentencepiece as spm
 
     from mymoe.generate import main as generate_main
-    from test_checkpoint import tiny_config, train_in_process
+    from conftest import tiny_config, train_in_process
 
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(f"the {animal} saw {count} birds" for animal in ("cat", "dog", "owl")

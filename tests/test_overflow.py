@@ -4,9 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from mymoe.config import ConfigError, MoEConfig, config_from_dict, validate
-from mymoe.model.moe.dispatch import compute_capacity
 from mymoe.model.moe.layer import MoELayer
-from mymoe.model.moe.overflow import place_assignments, protected_first_choices
+from mymoe.model.moe.overflow import compute_capacity, place_assignments, protected_first_choices
 
 HIDDEN = 16
 
@@ -22,10 +21,12 @@ def reference_protected(weights, batch, seq_len, per_sequence):
 
 def reference_order(weights, policy, protected):
     tokens, k = weights.shape
-    if policy == "position":
-        key = lambda tc: (not protected[tc], tc[1], tc[0])
-    else:
-        key = lambda tc: (not protected[tc], -float(weights[tc]), tc[0] * k + tc[1])
+
+    def key(tc):
+        if policy == "position":
+            return (not protected[tc], tc[1], tc[0])
+        return (not protected[tc], -float(weights[tc]), tc[0] * k + tc[1])
+
     return sorted(((t, c) for t in range(tokens) for c in range(k)), key=key)
 
 
@@ -81,7 +82,8 @@ def test_placement_matches_loop_reference(policy, overflow, per_sequence, capaci
     capacity = compute_capacity(64, 8, 2, capacity_factor)
     batch_shape = (4, 16)
     protected = reference_protected(weights, *batch_shape, per_sequence)
-    got = place_assignments(indices, weights, logits, capacity, policy, overflow, per_sequence, batch_shape)
+    got = place_assignments(indices, weights, logits, capacity=capacity, drop_policy=policy, overflow_policy=overflow,
+                            min_tokens_per_sequence_kept=per_sequence, batch_shape=batch_shape)
     experts, keep, spilled, null = reference_placement(indices, weights, logits, capacity, policy, overflow,
                                                        protected)
     assert torch.equal(got.keep, keep)
@@ -93,8 +95,8 @@ def test_placement_matches_loop_reference(policy, overflow, per_sequence, capaci
 def test_spill_drops_strictly_fewer_and_respects_capacity():
     indices, weights, logits = skewed_routing(tokens=256, seed=3)
     capacity = compute_capacity(256, 8, 2, 1.25)
-    dropped = place_assignments(indices, weights, logits, capacity, overflow_policy="drop")
-    spilled = place_assignments(indices, weights, logits, capacity, overflow_policy="spill")
+    dropped = place_assignments(indices, weights, logits, capacity=capacity, overflow_policy="drop")
+    spilled = place_assignments(indices, weights, logits, capacity=capacity, overflow_policy="spill")
     drop_fraction = float((~dropped.keep).float().mean())
     spill_fraction = float((~spilled.keep).float().mean())
     assert drop_fraction > 0.3  # the skewed router overloads experts 0 and 1
@@ -112,7 +114,7 @@ def test_spill_drops_strictly_fewer_and_respects_capacity():
 def test_spill_at_tight_capacity_fills_every_expert_and_no_more():
     indices, weights, logits = skewed_routing(tokens=256, seed=4)
     capacity = compute_capacity(256, 8, 2, 0.5)  # room for half the assignments
-    placement = place_assignments(indices, weights, logits, capacity, overflow_policy="spill")
+    placement = place_assignments(indices, weights, logits, capacity=capacity, overflow_policy="spill")
     load = torch.bincount(placement.expert_indices[placement.keep], minlength=8)
     assert load.tolist() == [capacity] * 8
 
@@ -120,15 +122,15 @@ def test_spill_at_tight_capacity_fills_every_expert_and_no_more():
 def test_protection_keeps_each_sequences_best_first_choices():
     indices, weights, logits = skewed_routing(tokens=64, seed=5, skew=6.0)
     capacity = 2  # far too small for 64 tokens that all want experts 0 and 1
-    unprotected = place_assignments(indices, weights, logits, capacity, batch_shape=(4, 16))
+    unprotected = place_assignments(indices, weights, logits, capacity=capacity, batch_shape=(4, 16))
     assert int(unprotected.keep[:, 0].view(4, 16).sum(1).min()) < 3  # some sequence loses almost everything
-    placement = place_assignments(indices, weights, logits, capacity, min_tokens_per_sequence_kept=3,
+    placement = place_assignments(indices, weights, logits, capacity=capacity, min_tokens_per_sequence_kept=3,
                                   batch_shape=(4, 16))
     protected = protected_first_choices(weights, (4, 16), 3)
     assert bool(placement.keep[protected].all())
     assert placement.keep[:, 0].view(4, 16).sum(1).tolist() >= [3] * 4
     # every first choice protected: none is ever dropped
-    everything = place_assignments(indices, weights, logits, capacity, min_tokens_per_sequence_kept=16,
+    everything = place_assignments(indices, weights, logits, capacity=capacity, min_tokens_per_sequence_kept=16,
                                    batch_shape=(4, 16))
     assert bool(everything.keep[:, 0].all())
 
@@ -150,7 +152,7 @@ def test_layer_output_follows_the_placement():
     tokens = x.reshape(-1, HIDDEN)
     routing = layer.gate(tokens, (2, 12))
     placement = place_assignments(routing.expert_indices, routing.expert_weights, routing.selection_scores,
-                                  layer.capacity(24), overflow_policy="spill", batch_shape=(2, 12))
+                                  capacity=layer.capacity(24), overflow_policy="spill", batch_shape=(2, 12))
     experts = layer.experts
     expected = torch.zeros_like(tokens)
     for t in range(24):
@@ -193,7 +195,7 @@ def test_spill_respects_group_limits_and_the_balancing_bias():
     tokens = torch.randn(64, HIDDEN) + 0.5
     routing = layer.gate(tokens)
     placement = place_assignments(routing.expert_indices, routing.expert_weights, routing.selection_scores,
-                                  layer.capacity(64), overflow_policy="spill")
+                                  capacity=layer.capacity(64), overflow_policy="spill")
     assert bool(placement.spilled.any())
     allowed = torch.isfinite(routing.selection_scores)  # the experts of each token's chosen groups
     kept_experts = placement.expert_indices[placement.keep]

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
+from mymoe.model.moe.experts import is_expert
 from mymoe.config import Config, ModelConfig, MoEConfig, ParallelConfig
 from mymoe.model import MoECausalLM
 from mymoe.parallel import clip_grad_norm_, init_distributed, parallelize, reduce_gradients, shutdown
@@ -75,7 +76,7 @@ def training_worker(rank: int, world_size: int) -> dict:
         worst = 0.0
         for name, param in model.named_parameters():
             expected = reference_params[name].detach()
-            if getattr(param, "is_expert", False):
+            if is_expert(param):
                 first, count = ctx.local_experts(config.model.moe.n_routed_experts)
                 expected = expected[first:first + count]
             worst = max(worst, (param.detach() - expected).abs().max().item())

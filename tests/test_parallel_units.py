@@ -2,14 +2,17 @@
 and the errors collectives raise."""
 import sys
 import types
+import typing
 
 import pytest
 import torch
 
-from mymoe.config import Config, ConfigError, validate
+from mymoe.config import Config, ConfigError, DispatcherName, validate
+from mymoe.model.moe.dispatch import Dispatcher, LocalDispatcher
 from mymoe.parallel.collectives import CollectiveError, named_collective
 from mymoe.parallel.env import agree_master_over_mpi, detect_launch, expand_slurm_nodelist, slurm_port
 from mymoe.parallel.groups import ParallelContext, expert_data_parallel_ranks, expert_parallel_ranks
+from mymoe.parallel.parallelize import DISPATCHERS
 from mymoe.parallel.startup import resolve_backend
 
 
@@ -31,6 +34,13 @@ def test_groups_layout(world_size, expert_parallel_size, ep_groups, edp_groups):
     for groups in (ep_groups, edp_groups):
         assert sorted(rank for group in groups for rank in group) == list(range(world_size))
     assert all(len(set(ep) & set(edp)) == 1 for ep in ep_groups for edp in edp_groups)
+
+
+def test_every_dispatcher_name_has_a_dispatcher_of_the_one_interface():
+    assert set(DISPATCHERS) == set(typing.get_args(DispatcherName))
+    assert isinstance(LocalDispatcher(4), Dispatcher)
+    for dispatcher_class in DISPATCHERS.values():
+        assert callable(dispatcher_class.dispatch) and callable(dispatcher_class.combine)
 
 
 def test_local_experts_split_contiguously():

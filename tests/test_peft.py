@@ -95,7 +95,7 @@ def test_trainer_fine_tunes_only_adapters_from_config(tmp_path):
     from mymoe.config import load_config
     from mymoe.parallel import ParallelContext
     from mymoe.train.loop import Trainer
-    from test_train_support import TINY_CONFIG, make_dataset, tiny_overrides
+    from conftest import TINY_CONFIG, make_dataset, tiny_overrides
 
     train, valid = make_dataset(tmp_path / "data")
     overrides = tiny_overrides(train, valid, tmp_path / "run", 3, {"peft.lora_rank": 4, "peft.prefix_length": 2,
@@ -111,12 +111,13 @@ def test_trainer_fine_tunes_only_adapters_from_config(tmp_path):
 
 
 def test_a_lora_checkpoint_loads_merged_for_generation_and_export(tmp_path):
-    from mymoe.checkpoint import CheckpointManager, load_model
+    from mymoe.checkpoint import CheckpointManager
+    from mymoe.load import load_model
     from mymoe.config import load_config
     from mymoe.convert.hf import export_refusals
     from mymoe.parallel import ParallelContext
     from mymoe.train.loop import Trainer
-    from test_train_support import TINY_CONFIG, make_dataset, tiny_overrides
+    from conftest import TINY_CONFIG, make_dataset, tiny_overrides
 
     train, valid = make_dataset(tmp_path / "data")
     overrides = tiny_overrides(train, valid, tmp_path / "run", 2, {"peft.lora_rank": 4,

@@ -11,14 +11,17 @@ import torch
 
 from mymoe.config import ConfigError, load_config
 from mymoe.model import MoECausalLM
+from mymoe.model.moe.experts import is_expert
 from mymoe.parallel import ParallelContext
 from mymoe.train.__main__ import main as train_main
 from mymoe.train.deepspeed_engine import load_deepspeed_config
+from mymoe.train import loop
 from mymoe.train.heatmap import render
 from mymoe.train.loop import Trainer, autocast_context, run
 from mymoe.train.metrics import ExpertHealth, MetricsLogger
-from mymoe.train.optim import aux_loss_scale, learning_rate, parameter_groups, total_steps
-from test_train_support import REPO, TINY_CONFIG, make_dataset, tiny_overrides
+from mymoe.optim import parameter_groups
+from mymoe.train.optim import aux_loss_scale, learning_rate, total_steps
+from conftest import REPO, TINY_CONFIG, make_dataset, tiny_overrides
 
 torch.set_num_threads(1)
 
@@ -43,7 +46,7 @@ def test_parameter_groups_decay_matrices_only_and_keep_experts_apart(tmp_path):
         for param in group["params"]:
             decayed = group["weight_decay"] > 0
             assert decayed == (param.dim() >= 2 and "norm" not in names[id(param)]), names[id(param)]
-            assert getattr(param, "is_expert", False) == group["name"].startswith("expert")
+            assert is_expert(param) == group["name"].startswith("expert")
     norm_weights = [p for n, p in model.named_parameters() if "norm" in n]
     assert norm_weights and all(any(p is q for q in groups["dense_no_decay"]["params"]) for p in norm_weights)
     # every trainable parameter exactly once (the tied embedding / head matrix too)
@@ -101,6 +104,21 @@ def test_gradient_accumulation_equals_one_larger_batch(dataset, tmp_path):
     assert first["grad_norm"] == pytest.approx(second["grad_norm"], rel=1e-5)
     for (name, a), (_, b) in zip(whole.model.named_parameters(), halves.model.named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_expert_loads_of_every_layer_are_summed_in_one_collective(dataset, tmp_path, monkeypatch):
+    trainer = Trainer(tiny(dataset, tmp_path), ParallelContext())
+    trainer.train_step()
+    layers = list(trainer.model.iter_moe_layers())
+    for layer in layers:
+        layer._pending_load = torch.ones(layer.num_experts, dtype=torch.int64)
+    calls = []
+    monkeypatch.setattr(loop, "all_reduce", lambda tensor, name, *args, **kwargs: calls.append((name, tensor.shape)))
+    trainer.ctx = ParallelContext(world_size=2)  # as if distributed: the collective is recorded, not run
+    loads = trainer.update_expert_biases()
+    assert calls == [("all_reduce (expert loads of every MoE layer, world)",
+                      torch.Size([len(layers), layers[0].num_experts]))]
+    assert len(layers) > 1 and loads == [[1.0] * layers[0].num_experts] * len(layers)
 
 
 def test_seed_controls_the_run_and_gradient_checkpointing_changes_nothing(dataset, tmp_path):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from test_train_support import REPO, TINY_CONFIG, make_dataset, python, tiny_overrides
+from mymoe.model.moe.experts import is_expert
+from conftest import REPO, TINY_CONFIG, make_dataset, python, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -96,8 +97,8 @@ def _dp2_ep2(rank, world_size, train_prefix, valid_prefix, out_dir):
     trainer = Trainer(config, ctx)
     losses = [trainer.train_step()["loss"] for _ in range(3)]
     # replicas must still agree after training: dense weights on all 4 ranks, experts across each edp group
-    dense = torch.cat([p.detach().flatten() for p in trainer.model.parameters() if not getattr(p, "is_expert", False)])
-    experts = torch.cat([p.detach().flatten() for p in trainer.model.parameters() if getattr(p, "is_expert", False)])
+    dense = torch.cat([p.detach().flatten() for p in trainer.model.parameters() if not is_expert(p)])
+    experts = torch.cat([p.detach().flatten() for p in trainer.model.parameters() if is_expert(p)])
     gathered_dense = [torch.empty_like(dense) for _ in range(world_size)]
     gathered_experts = [torch.empty_like(experts) for _ in range(world_size)]
     dist.all_gather(gathered_dense, dense)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from dist_utils import run_distributed
-from test_train_support import TINY_CONFIG, make_dataset, tiny_overrides
+from conftest import TINY_CONFIG, make_dataset, tiny_overrides
 
 
 def signalled_worker(rank, world_size, train, valid, out_dir, signal_at):

@@ -12,53 +12,14 @@ runs pickled code.
     checkpoints.save(trainer)            # step_<N>/ appears, and `latest` moves, once all ranks are done
     checkpoints.wait()                   # an async save has committed
 
-    model, config, manifest = load_model("runs/x/checkpoints")   # one process, all experts, any saved layout
+Building a model from a checkpoint is mymoe.load's (this package stores and reads tensors only).
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
-
-
-from mymoe.checkpoint.manager import (
-    CheckpointManager, architecture_differences, committed_steps, read_tensors, resolve_checkpoint)
 from mymoe.checkpoint.layout import expert_checksums
-from mymoe.checkpoint.storage import CheckpointError, read_manifest, verify_files
-from mymoe.config import Config, config_from_dict
-
-
-def load_model(checkpoint: str | Path, step: Optional[int] = None, verify: bool = True):
-    """Build the saved model whole in this process (every expert) and load its weights: (model, config, manifest).
-    LoRA adapters of a fine-tuning run come back merged into the weights; prefix-tuning ones stay attached.
-
-    `checkpoint` is a checkpoints root (its `latest`, or `step`) or a step folder.
-    """
-    from mymoe.model import MoECausalLM
-
-    directory = resolve_checkpoint(checkpoint, step)
-    if directory is None:
-        raise CheckpointError(f"no committed checkpoint under {checkpoint}: train first, or pass the folder that "
-                              f"holds the step_* directories")
-    manifest = read_manifest(directory)
-    if verify:
-        problems = verify_files(directory, manifest["files"])
-        if problems:
-            raise CheckpointError(f"checkpoint {directory} is damaged:\n  " + "\n  ".join(problems))
-    config: Config = config_from_dict(manifest["config"])
-    model = MoECausalLM(config.model)
-    peft = config.peft
-    if peft.enabled:  # the adapters the run trained, attached as it attached them
-        from mymoe.peft import apply_peft
-
-        apply_peft(model, peft.lora_rank, peft.lora_alpha, peft.lora_targets, peft.prefix_length, config.train.seed)
-    targets, _ = read_tensors(directory, manifest, {"model": model.state_dict()}, model, None, rank=0)
-    model.load_state_dict(targets.model)
-    if peft.lora_rank:
-        from mymoe.peft import merge_lora
-
-        merge_lora(model)  # one plain weight per matrix: what generation and export want
-    return model, config, manifest
-
+from mymoe.checkpoint.manager import (
+    CheckpointManager, architecture_differences, committed_steps, find_checkpoint, resolve_checkpoint)
+from mymoe.checkpoint.storage import CheckpointError, read_manifest
 
 __all__ = ["CheckpointError", "CheckpointManager", "architecture_differences", "committed_steps",
-           "expert_checksums", "load_model", "read_manifest", "resolve_checkpoint"]
+           "expert_checksums", "find_checkpoint", "read_manifest", "resolve_checkpoint"]

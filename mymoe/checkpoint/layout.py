@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mymoe.checkpoint.storage import CheckpointError, tensor_crc32
+from mymoe.model.moe.experts import is_expert
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def expert_rows(model: nn.Module) -> dict[str, ExpertRows]:
     """Parameter name -> global experts held, for every parameter marked ``is_expert``."""
     rows = {}
     for name, param in model.named_parameters():
-        if getattr(param, "is_expert", False):
+        if is_expert(param):
             owner = _expert_module(model, name)
             rows[name] = ExpertRows(owner.first_expert, owner.num_experts, owner.num_global_experts)
     return rows

@@ -34,21 +34,11 @@ from mymoe.checkpoint.layout import flatten, load_targets, restore_param_groups
 from mymoe.checkpoint.storage import (
     FORMAT_VERSION, MANIFEST, METADATA, CheckpointError, SafeFileSystemReader, TensorsOnlyLoadPlanner, file_crc32,
     fsync_directory, read_dcp_metadata, read_manifest, tensor_crc32, verify_files, write_json_durably)
-from mymoe.config import Config
+from mymoe.config import Config, architecture_fields
 
 LATEST = "latest"
 STEP_PREFIX = "step_"
 PARTIAL_SUFFIX = ".partial"
-
-# model fields that change the shape or meaning of the weights; the rest (noise, capacity, checkpointing)
-# may change between runs
-ARCHITECTURE_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "tie_word_embeddings", "first_k_dense_replace", "rope_theta",
-    "moe.n_routed_experts", "moe.num_experts_per_tok", "moe.moe_intermediate_size", "moe.n_shared_experts",
-    "moe.shared_expert_intermediate_size", "moe.shared_expert_gate", "moe.scoring_func",
-)
-
 
 def step_directory_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
@@ -88,6 +78,22 @@ def resolve_checkpoint(root: str | Path, step: Optional[int] = None) -> Optional
     return steps[-1][1] if steps else None
 
 
+def find_checkpoint(checkpoint: str | Path, step: Optional[int] = None, verify: bool = True) -> tuple[Path, dict]:
+    """The committed step folder under `checkpoint` (its `latest`, or `step`; or a step folder itself) and its
+    manifest, with every file checked against its crc32 unless verify is False."""
+    directory = resolve_checkpoint(checkpoint, step)
+    if directory is None:
+        raise CheckpointError(f"no committed checkpoint under {checkpoint}: train first, or pass a run's "
+                              f"checkpoints folder (the one that holds the step_* directories) or one step_* folder")
+    manifest = read_manifest(directory)
+    if verify:
+        problems = verify_files(directory, manifest["files"])
+        if problems:
+            raise CheckpointError(f"checkpoint {directory} is damaged, nothing was read from it:\n  "
+                                  + "\n  ".join(problems))
+    return directory, manifest
+
+
 def _get(values: dict, dotted: str):
     for key in dotted.split("."):
         values = values.get(key, {}) if isinstance(values, dict) else {}
@@ -95,9 +101,18 @@ def _get(values: dict, dotted: str):
 
 
 def architecture_differences(saved_model: dict, current_model: dict) -> list[str]:
-    """`field: checkpoint X, this run Y` for each architecture field that differs."""
-    return [f"model.{name}: checkpoint {_get(saved_model, name)!r}, this run {_get(current_model, name)!r}"
-            for name in ARCHITECTURE_FIELDS if _get(saved_model, name) != _get(current_model, name)]
+    """`field: checkpoint X, this run Y` for each architecture field that differs: the model fields the
+    config marks as changing the shape or meaning of the weights (the rest, such as noise, capacity and
+    checkpointing, may change between runs). A field that matters only under a setting (the latent
+    attention sizes under attention_type=mla) is compared when either side has that setting."""
+    differences = []
+    for name, when in architecture_fields():
+        if when is not None and when[1] not in (_get(saved_model, when[0]), _get(current_model, when[0])):
+            continue
+        if _get(saved_model, name) != _get(current_model, name):
+            differences.append(f"model.{name}: checkpoint {_get(saved_model, name)!r}, "
+                               f"this run {_get(current_model, name)!r}")
+    return differences
 
 
 def check_compatible(manifest: dict, config: Config, directory: Path) -> None:

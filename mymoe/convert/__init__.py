@@ -1,8 +1,8 @@
 """Checkpoint conversion: consolidate, reshard, Hugging Face export and import, Megatron-Core names.
 
-    mymoe-convert consolidate runs/x/checkpoints model.safetensors        # + model.yaml; --weights_only
-    mymoe-convert to-sharded model.safetensors runs/y/checkpoints --world_size 4 --expert_parallel_size 4
-    mymoe-convert reshard runs/x/checkpoints runs/y/checkpoints --world_size 2 --expert_parallel_size 1
+    mymoe-convert consolidate runs/x/checkpoints model.safetensors        # + model.yaml; --weights-only
+    mymoe-convert to-sharded model.safetensors runs/y/checkpoints --world-size 4 --expert-parallel-size 4
+    mymoe-convert reshard runs/x/checkpoints runs/y/checkpoints --world-size 2 --expert-parallel-size 1
     mymoe-convert export-hf runs/x/checkpoints hf_out/ [--format mixtral|qwen2_moe|qwen3_moe|olmoe|...]
     mymoe-convert import-hf hf_dir/ model.safetensors
     mymoe-convert upcycle llama_dir/ moe.safetensors --experts 8 --top-k 2   # + moe.yaml, for --train.init_from
@@ -16,7 +16,5 @@
     hf_<family>.py     per-architecture state-dict adapters and refusals: mixtral, qwen2_moe, qwen3_moe,
                        olmoe, deepseek_v2, deepseek_v3, and the dense llama, qwen3
     megatron_names.py  the state dict under Megatron-Core GPT MoE parameter names
+    cli.py             the command line; it loads models through mymoe.load, which sits above this package
 """
-from mymoe.convert.cli import main
-
-__all__ = ["main"]

@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 from mymoe.checkpoint.storage import CheckpointError
-from mymoe.config import ConfigError, load_config
+from mymoe.config import ConfigError, load_config, validate
+from mymoe.convert.consolidate import consolidate, save_weights
+from mymoe.convert.hf import export_hf, import_hf
+from mymoe.convert.megatron_names import export_megatron
+from mymoe.convert.reshard import write_sharded
+from mymoe.load import load_model
+from mymoe.upcycle import upcycle, upcycled_config
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +30,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("checkpoint", help="a run's checkpoints folder (its latest step) or one step_* folder")
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--step", type=int, default=None)
-    p.add_argument("--weights_only", action="store_true",
+    p.add_argument("--weights-only", "--weights_only", action="store_true",
                    help="leave out optimizer state, step, reader position and RNG (cannot be resumed)")
     _add_common(p)
 
@@ -34,8 +40,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.add_argument("source", help="a .safetensors file written by consolidate" if name == "to-sharded"
                        else "a run's checkpoints folder or one step_* folder")
         p.add_argument("out", help="the checkpoints folder to create (step_* and latest inside)")
-        p.add_argument("--world_size", type=int, default=1, help="ranks the checkpoint is written by")
-        p.add_argument("--expert_parallel_size", type=int, default=1)
+        p.add_argument("--world-size", "--world_size", type=int, default=1, help="ranks the checkpoint is written by")
+        p.add_argument("--expert-parallel-size", "--expert_parallel_size", type=int, default=1)
         p.add_argument("--step", type=int, default=None)
         p.add_argument("--config", default=None, help="the YAML config of the run that will resume (default: "
                        "the source's); its architecture must match the source")
@@ -76,33 +82,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_any_model(source: str, step: Optional[int] = None):
-    """(model with every expert, config) from a checkpoints folder, step folder or consolidated file."""
-    from mymoe.convert.consolidate import find_checkpoint, load_consolidated_model
-
-    path = Path(source)
-    if path.is_file():
-        return load_consolidated_model(path)
-    from mymoe.checkpoint import load_model
-
-    directory, _ = find_checkpoint(path, step)
-    model, config, _ = load_model(directory, verify=False)
-    return model, config
-
-
 def run(args: argparse.Namespace) -> str:
     """Do the conversion; return the one-line summary."""
     if args.command == "consolidate":
-        from mymoe.convert.consolidate import consolidate
-
         print(f"consolidating {args.checkpoint} into {args.out}"
               f"{' (weights only)' if args.weights_only else ' (weights and training state)'}", file=sys.stderr)
         done = consolidate(args.checkpoint, args.out, args.step, args.weights_only, args.overwrite)
         return (f"wrote {args.out} ({done['tensors']} tensors, {done['bytes'] / 2**20:.1f} MiB, step {done['step']}) "
                 f"and {done['config_file']}")
     if args.command in ("to-sharded", "reshard"):
-        from mymoe.convert.reshard import write_sharded
-
         run_config = load_config(args.config) if args.config else None
         print(f"writing {args.source} as a checkpoint of {args.world_size} rank(s) at expert-parallel size "
               f"{args.expert_parallel_size} into {args.out}", file=sys.stderr)
@@ -112,21 +100,15 @@ def run(args: argparse.Namespace) -> str:
                 f"{done['world_size']}, EP {done['expert_parallel_size']}); resume with train.out_dir set to its "
                 f"parent folder")
     if args.command == "export-hf":
-        from mymoe.convert.hf import export_hf
-
-        model, config = load_any_model(args.source, args.step)
+        model, _, _ = load_model(args.source, args.step)
         print(f"exporting {args.source} to Hugging Face format '{args.format}' in {args.out}", file=sys.stderr)
         done = export_hf(model, args.out, args.format, args.tokenizer, args.overwrite)
         return f"wrote {done['architecture']} to {args.out} ({done['tensors']} tensors)"
     if args.command == "import-hf":
-        from mymoe.convert.hf import import_hf
-
         print(f"importing the Hugging Face model in {args.source} into {args.out}", file=sys.stderr)
         done = import_hf(args.source, args.out, args.overwrite)
         return f"wrote {args.out} from {done['architecture']} ({done['tensors']} tensors, weights only)"
     if args.command == "upcycle":
-        from mymoe.upcycle import upcycle_checkpoint
-
         print(f"upcycling {args.source} into {args.experts} experts (top-{args.top_k}) per MoE layer, writing "
               f"{args.out}", file=sys.stderr)
         done = upcycle_checkpoint(args.source, args.out, args.experts, args.top_k, args.first_k_dense_replace,
@@ -138,13 +120,39 @@ def run(args: argparse.Namespace) -> str:
         return (f"wrote {args.out} ({done['tensors']} tensors, {done['moe_layers']} MoE layers of {args.experts} "
                 f"experts) and its .yaml config; fine-tune with --train.init_from {args.out}")
     if args.command == "export-megatron":
-        from mymoe.convert.megatron_names import export_megatron
-
-        model, config = load_any_model(args.source, args.step)
+        model, _, _ = load_model(args.source, args.step)
         print(f"writing {args.source} under Megatron-Core names to {args.out}", file=sys.stderr)
         done = export_megatron(model, args.out, args.overwrite)
         return f"wrote {args.out} ({done['tensors']} tensors under Megatron-Core names)"
     raise AssertionError(args.command)
+
+
+def upcycle_checkpoint(source, out_file, experts: int, top_k: int, first_k_dense_replace: int = 0,
+                       noise_std: float = 0.0, router_init_std: float = 0.02, seed: int = 0,
+                       overwrite: bool = False) -> dict:
+    """A dense model (Hugging Face folder such as a Llama or Qwen3, consolidated file or checkpoints folder)
+    -> a weights-only MoE file with its YAML config beside it, ready for ``--train.init_from``.
+
+    The other MoE fields keep the source config's moe section (softmax, norm_topk_prob true, dropless by
+    default). The logits equal the dense model's when the chosen weights sum to one (top_k > 1 with
+    norm_topk_prob and routed_scaling_factor 1), noise_std is 0 and no token is dropped.
+    """
+    dense, config, _ = load_model(source)
+    layers = config.model.num_hidden_layers
+    if config.model.first_k_dense_replace != layers:
+        raise CheckpointError(f"{source} is already an MoE model ({layers - config.model.first_k_dense_replace} of "
+                              f"{layers} layers MoE): upcycling starts from a dense one (a Llama or Qwen3 folder, "
+                              f"or a model of ours with first_k_dense_replace = num_hidden_layers)")
+    moe = dataclasses.replace(config.model.moe, n_routed_experts=experts, num_experts_per_tok=top_k)
+    config = validate(dataclasses.replace(config, model=upcycled_config(config.model, moe, first_k_dense_replace)))
+    model = upcycle(dense, config.model.moe, first_k_dense_replace=first_k_dense_replace, noise_std=noise_std,
+                    router_init_std=router_init_std, seed=seed)
+    moe = config.model.moe
+    same_function = (moe.norm_topk_prob and top_k > 1 and moe.routed_scaling_factor == 1.0 and noise_std == 0
+                     and moe.dropless)
+    count = save_weights(model, config, out_file, overwrite, upcycled_from=str(source))
+    return {"tensors": count, "same_function": same_function, "moe_layers": layers - first_k_dense_replace}
+
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -23,31 +23,18 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mymoe.checkpoint import load_model
 from mymoe.checkpoint.layout import expert_rows, restore_param_groups
-from mymoe.checkpoint.manager import resolve_checkpoint
-from mymoe.checkpoint.storage import CheckpointError, read_manifest, verify_files
+from mymoe.checkpoint.manager import find_checkpoint
+from mymoe.checkpoint.storage import CheckpointError
 from mymoe.config import Config, config_from_dict
 from mymoe.convert.atomic import atomic_output
-from mymoe.convert.state import TrainingState, read_whole_checkpoint
+from mymoe.convert.state import TrainingState, checkpoint_model, read_whole_checkpoint
+from mymoe.model import MoECausalLM
 
 FORMAT = "mymoe.consolidated"
 FORMAT_VERSION = "1"
 OPTIMIZER_PREFIX = "optimizer."
 RNG_PREFIX = "rng."
-
-
-def find_checkpoint(checkpoint: str | Path, step: Optional[int] = None) -> tuple[Path, dict]:
-    """The committed step folder and its manifest, with every file checked against its crc32."""
-    directory = resolve_checkpoint(checkpoint, step)
-    if directory is None:
-        raise CheckpointError(f"no committed checkpoint under {checkpoint}: pass a run's checkpoints folder or "
-                              f"one step_* folder")
-    manifest = read_manifest(directory)
-    problems = verify_files(directory, manifest["files"])
-    if problems:
-        raise CheckpointError(f"checkpoint {directory} is damaged, nothing was written:\n  " + "\n  ".join(problems))
-    return directory, manifest
 
 
 def config_path_beside(path: Path) -> Path:
@@ -63,7 +50,7 @@ def consolidate(checkpoint: str | Path, out_file: str | Path, step: Optional[int
     tensors: dict[str, torch.Tensor] = {}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(config.to_dict())}
     if weights_only:
-        model, _, _ = load_model(directory, verify=False)
+        model, _ = checkpoint_model(directory, manifest)
         tensors.update(model_tensors(model))
     else:
         state, rng = read_whole_checkpoint(directory, manifest, config)
@@ -140,9 +127,9 @@ class ConsolidatedFile:
 
     def require_training(self) -> dict:
         if self.training is None:
-            raise CheckpointError(f"{self.path} holds weights only (it was consolidated with --weights_only or "
+            raise CheckpointError(f"{self.path} holds weights only (it was consolidated with --weights-only or "
                                   f"imported from Hugging Face), so a run cannot resume from it: consolidate the "
-                                  f"checkpoint again without --weights_only")
+                                  f"checkpoint again without --weights-only")
         return self.training
 
     def load_model_into(self, model: torch.nn.Module) -> None:
@@ -192,8 +179,6 @@ class ConsolidatedFile:
 
 def load_consolidated_model(path: str | Path):
     """(model with every expert, config) from a consolidated file, for generation or export."""
-    from mymoe.model import MoECausalLM
-
     source = ConsolidatedFile(path)
     model = MoECausalLM(source.config.model)
     source.load_model_into(model)

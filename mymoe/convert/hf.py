@@ -22,11 +22,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mymoe.checkpoint.storage import CheckpointError
-from mymoe.config import ConfigError, config_from_dict, validate
+from mymoe.config import Config, ConfigError, config_from_dict, validate
 from mymoe.convert import (hf_deepseek_v2, hf_deepseek_v3, hf_llama, hf_mixtral, hf_olmoe, hf_qwen2_moe, hf_qwen3,
                            hf_qwen3_moe)
 from mymoe.convert.atomic import atomic_output
 from mymoe.convert.consolidate import model_tensors, save_weights
+from mymoe.model import MoECausalLM
 
 ADAPTERS = {"mixtral": hf_mixtral, "qwen2_moe": hf_qwen2_moe, "qwen3_moe": hf_qwen3_moe, "olmoe": hf_olmoe,
             "deepseek_v2": hf_deepseek_v2, "deepseek_v3": hf_deepseek_v3, "llama": hf_llama, "qwen3": hf_qwen3}
@@ -248,11 +249,10 @@ def model_config_from_hf(hf: dict) -> tuple[str, dict]:
     return name, model
 
 
-def import_hf(source: str | Path, out_file: str | Path, overwrite: bool = False) -> dict:
-    """A Hugging Face folder -> a consolidated weights-only file (+ YAML config) of the same model."""
-    from mymoe.model import MoECausalLM
-
-    source, out_file = Path(source), Path(out_file)
+def hf_model(source: str | Path) -> tuple[MoECausalLM, Config, str]:
+    """A Hugging Face folder -> (our model of the same computation with its weights, its config, the
+    architecture it was read as), in memory."""
+    source = Path(source)
     config_file = source / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing: pass a folder written by save_pretrained")
@@ -300,5 +300,11 @@ def import_hf(source: str | Path, out_file: str | Path, overwrite: bool = False)
         model.load_state_dict(state)
     except RuntimeError as error:
         raise CheckpointError(f"the tensors in {source} do not fit its config.json: {error}") from None
-    count = save_weights(model, config, out_file, overwrite, imported_from=ADAPTERS[name].ARCHITECTURE)
-    return {"architecture": ADAPTERS[name].ARCHITECTURE, "tensors": count}
+    return model, config, ADAPTERS[name].ARCHITECTURE
+
+
+def import_hf(source: str | Path, out_file: str | Path, overwrite: bool = False) -> dict:
+    """A Hugging Face folder -> a consolidated weights-only file (+ YAML config) of the same model."""
+    model, config, architecture = hf_model(source)
+    count = save_weights(model, config, out_file, overwrite, imported_from=architecture)
+    return {"architecture": architecture, "tensors": count}

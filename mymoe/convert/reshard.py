@@ -15,19 +15,19 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
-import socket
 import tempfile
 import traceback
 from pathlib import Path
 from typing import Optional
 
-from mymoe.checkpoint.manager import CheckpointManager, architecture_differences
+from mymoe.checkpoint.manager import CheckpointManager, architecture_differences, find_checkpoint
 from mymoe.checkpoint.storage import CheckpointError
 from mymoe.config import Config, config_from_dict, validate
 from mymoe.convert.atomic import atomic_output
-from mymoe.convert.consolidate import ConsolidatedFile, find_checkpoint
+from mymoe.convert.consolidate import ConsolidatedFile
 from mymoe.convert.state import TrainingState
 from mymoe.parallel import ParallelContext
+from mymoe.parallel.env import free_port
 
 
 def target_config(source: Config, run_config: Optional[Config], world_size: int, expert_parallel_size: int,
@@ -87,12 +87,6 @@ def write_rank(rank: int, world_size: int, expert_parallel_size: int, checkpoint
     CheckpointManager(Path(out_root), config, ctx, verbose=False).save(state)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_main(rank: int, world_size: int, port: int, expert_parallel_size: int, arguments: tuple,
                report: str, timeout_seconds: float) -> None:
     import torch
@@ -116,7 +110,7 @@ def _rank_main(rank: int, world_size: int, port: int, expert_parallel_size: int,
 def run_ranks(world_size: int, expert_parallel_size: int, arguments: tuple, timeout_seconds: float) -> None:
     """Start one local process per target rank over gloo and wait; raise the first rank's error."""
     context = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port("127.0.0.1")
     with tempfile.TemporaryDirectory(prefix="mymoe-convert-") as reports:
         processes = []
         for rank in range(world_size):

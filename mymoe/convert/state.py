@@ -17,9 +17,10 @@ import torch.distributed.checkpoint as dcp
 from mymoe.checkpoint.layout import optimizer_parameter_names, restore_param_groups
 from mymoe.checkpoint.manager import read_tensors, saved_tensor_keys
 from mymoe.checkpoint.storage import SafeFileSystemReader, TensorsOnlyLoadPlanner
-from mymoe.config import Config
+from mymoe.config import Config, config_from_dict
 from mymoe.model import MoECausalLM
-from mymoe.train.optim import build_optimizer, parameter_groups
+from mymoe.optim import build_optimizer, parameter_groups
+from mymoe.peft import apply_peft, merge_lora
 
 
 class TrainingState:
@@ -52,6 +53,22 @@ class TrainingState:
 
     def optimizer_names(self) -> list[str]:
         return optimizer_parameter_names(self.model, self.optimizer)
+
+
+def checkpoint_model(directory: Path, manifest: dict) -> tuple[MoECausalLM, Config]:
+    """The saved model whole in this process (every expert) with its weights, and its config; the caller
+    has found the folder and verified its files. LoRA adapters of a fine-tuning run come back merged into
+    the weights; prefix-tuning ones stay attached."""
+    config = config_from_dict(manifest["config"])
+    model = MoECausalLM(config.model)
+    peft = config.peft
+    if peft.enabled:  # the adapters the run trained, attached as it attached them
+        apply_peft(model, peft.lora_rank, peft.lora_alpha, peft.lora_targets, peft.prefix_length, config.train.seed)
+    targets, _ = read_tensors(directory, manifest, {"model": model.state_dict()}, model, None, rank=0)
+    model.load_state_dict(targets.model)
+    if peft.lora_rank:
+        merge_lora(model)  # one plain weight per matrix: what generation and export want
+    return model, config
 
 
 def read_whole_checkpoint(directory: Path, manifest: dict, config: Config) -> tuple[TrainingState, dict]:

@@ -29,10 +29,8 @@ __all__ = ["IndexedTokens", "IndexedWriter", "PackedTokenReader", "build_train_r
 
 
 def __getattr__(name: str):
-    # The reader needs torch; the format module does not. Loading the reader on first use keeps
-    # `python -m data_tools preprocess` (which writes files through indexed.py) free of torch's
-    # import time.
     if name in ("PackedTokenReader", "build_train_reader"):
+        # reader.py imports torch; data_tools reads mymoe.data.indexed (numpy only) and must start without it
         from mymoe.data import reader
 
         return getattr(reader, name)

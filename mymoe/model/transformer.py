@@ -193,9 +193,7 @@ class MoECausalLM(nn.Module):
                                 past_key_values=past_key_values, hidden=hidden, mtp_loss=mtp_loss)
         if labels is not None:
             output.lm_loss = causal_lm_loss(logits, labels)
-            output.loss = output.lm_loss + aux_loss
-            if mtp_loss is not None:
-                output.loss = output.loss + self.config.mtp_loss_weight * mtp_loss
+            output.loss = training_loss(output, self.config.mtp_loss_weight)
         return output
 
     def _mtp_hidden(self, hidden, next_ids, start: int, cache: Optional[KVCache], attention_mask=None):
@@ -262,45 +260,69 @@ class MoECausalLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
                  generator: Optional[torch.Generator] = None, attention_mask: Optional[torch.Tensor] = None,
-                 use_cache: bool = True, eos_token_id: Optional[int] = None) -> torch.Tensor:
+                 use_cache: bool = True, eos_token_id: Optional[int] = None,
+                 vocab_limit: Optional[int] = None) -> torch.Tensor:
         """Continue each prompt of input_ids [B, S] by up to max_new_tokens; returns [B, S + new].
+
+        The tokens of ``stream``, collected: see there for the arguments.
+        """
+        steps = self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, generator,
+                            attention_mask, use_cache, eos_token_id, vocab_limit)
+        return torch.cat([input_ids] + [next_token[:, None] for next_token in steps], dim=1)
+
+    @torch.no_grad()
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+               top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
+               generator: Optional[torch.Generator] = None, attention_mask: Optional[torch.Tensor] = None,
+               use_cache: bool = True, eos_token_id: Optional[int] = None,
+               vocab_limit: Optional[int] = None) -> Iterator[torch.Tensor]:
+        """Yield each step's next token of every row [B] as it is sampled: the one decode loop, behind
+        ``generate`` and the ``mymoe.generate`` command line.
 
         temperature 0 is greedy. Prompts of different lengths are left-padded with attention_mask 0.
         A row that has produced eos_token_id keeps emitting it until every row has, then generation stops.
+        Ids from vocab_limit up (a vocabulary padded past the tokenizer's pieces) are never sampled.
         The model runs in eval mode meanwhile (no router noise, eval capacity) and returns to its mode.
         """
         was_training = self.training
         self.eval()
         try:
-            return self._generate(input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                  generator, attention_mask, use_cache, eos_token_id)
+            batch, prompt_length = input_ids.shape
+            if attention_mask is not None and bool(attention_mask.all()):
+                attention_mask = None  # no padding: let attention use its causal fast path
+            cache = None
+            if use_cache:
+                cache = [KVCache(max_length=prompt_length + max_new_tokens)
+                         for _ in range(self.config.num_hidden_layers)]
+            finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+            tokens, step_input = input_ids, input_ids
+            for _ in range(max_new_tokens):
+                logits = self(step_input, attention_mask=attention_mask, past_key_values=cache).logits[:, -1].float()
+                if vocab_limit is not None:
+                    logits[:, vocab_limit:] = float("-inf")
+                next_token = sample_next_token(logits, tokens, attention_mask, temperature, top_k, top_p,
+                                               repetition_penalty, generator)  # [B]
+                if eos_token_id is not None:
+                    next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+                    finished |= next_token == eos_token_id
+                tokens = torch.cat((tokens, next_token[:, None]), dim=1)
+                if attention_mask is not None:
+                    attention_mask = torch.cat((attention_mask, attention_mask.new_ones(batch, 1)), dim=1)
+                step_input = next_token[:, None] if use_cache else tokens
+                yield next_token
+                if eos_token_id is not None and bool(finished.all()):
+                    break
         finally:
             self.train(was_training)
 
-    def _generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, generator,
-                  attention_mask, use_cache, eos_token_id):
-        batch, prompt_length = input_ids.shape
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: let attention use its causal fast path
-        cache = None
-        if use_cache:
-            cache = [KVCache(max_length=prompt_length + max_new_tokens) for _ in range(self.config.num_hidden_layers)]
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        tokens, step_input = input_ids, input_ids
-        for _ in range(max_new_tokens):
-            logits = self(step_input, attention_mask=attention_mask, past_key_values=cache).logits[:, -1].float()
-            next_token = sample_next_token(logits, tokens, attention_mask, temperature, top_k, top_p,
-                                           repetition_penalty, generator)  # [B]
-            if eos_token_id is not None:
-                next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
-                finished |= next_token == eos_token_id
-            tokens = torch.cat((tokens, next_token[:, None]), dim=1)
-            if attention_mask is not None:
-                attention_mask = torch.cat((attention_mask, attention_mask.new_ones(batch, 1)), dim=1)
-            step_input = next_token[:, None] if use_cache else tokens
-            if eos_token_id is not None and bool(finished.all()):
-                break
-        return tokens
+
+def training_loss(output: CausalLMOutput, mtp_loss_weight: float, aux_loss_scale: float = 1.0) -> torch.Tensor:
+    """What to backpropagate: the lm loss + the (ramped) aux loss + the weighted multi-token prediction loss.
+    The one recipe: the model's own `loss` is it at aux_loss_scale 1, the trainer's step uses its ramp."""
+    loss = output.lm_loss + aux_loss_scale * output.aux_loss
+    if output.mtp_loss is not None:
+        loss = loss + mtp_loss_weight * output.mtp_loss
+    return loss
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

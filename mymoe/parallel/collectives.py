@@ -39,6 +39,15 @@ def named_collective(name: str, timeout_seconds: Optional[float] = None):
             f"Backend said: {backend_said}") from error
 
 
+def all_reduce(tensor: torch.Tensor, name: str, timeout_seconds: Optional[float] = None, op: str = "sum",
+               group=None) -> torch.Tensor:
+    """All-reduce `tensor` in place over `group` (default: the world) as named_collective `name` says;
+    op is "sum" or "max". Returns the tensor."""
+    with named_collective(name, timeout_seconds):
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=group)
+    return tensor
+
+
 def _all_to_all(rows: torch.Tensor, output_splits: list, input_splits: list, group, name: str,
                 timeout_seconds: Optional[float]) -> torch.Tensor:
     received = rows.new_empty((sum(output_splits),) + tuple(rows.shape[1:]))

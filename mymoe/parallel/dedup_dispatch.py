@@ -50,7 +50,7 @@ class DedupAllToAllDispatcher(GroupDispatcher):
     def dispatch(self, hidden, expert_indices, expert_weights, keep):
         num_tokens, top_k = expert_indices.shape
         hidden_size = hidden.shape[1]
-        slot_rank = torch.div(expert_indices, self.num_local_experts, rounding_mode="floor")  # [tokens, k]
+        slot_rank = self.owner_rank(expert_indices)  # [tokens, k]
         ranks = torch.arange(self.group_size, device=expert_indices.device)
         # [ranks, tokens, k]: slot j of token t goes to rank r and was kept
         goes_to = (slot_rank.unsqueeze(0) == ranks.view(-1, 1, 1)) & keep.unsqueeze(0)

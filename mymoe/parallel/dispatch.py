@@ -18,26 +18,25 @@ import torch.distributed as dist
 
 from mymoe.model.moe.dispatch import ExpertBatch, Permutation, permute, sort_by_expert, unpermute
 from mymoe.parallel.collectives import AllGather, ReduceScatter, all_to_all, named_collective
-
-
-def check_divisible(num_experts: int, group_size: int) -> int:
-    if num_experts % group_size:
-        raise ValueError(f"num_experts={num_experts} must be divisible by the expert-parallel size {group_size}")
-    return num_experts // group_size
+from mymoe.parallel.groups import owned_experts
 
 
 class GroupDispatcher:
     """What every expert-parallel dispatcher knows: its group, and which global experts this rank holds
-    (a contiguous block of num_experts / group_size, in group-rank order)."""
+    (``owned_experts``: a contiguous block of num_experts / group_size, in group-rank order)."""
 
     def __init__(self, group, num_experts: int, name: str = "moe", timeout_seconds: Optional[float] = None):
         self.group = group
         self.group_size = dist.get_world_size(group)
         self.num_experts = num_experts
-        self.num_local_experts = check_divisible(num_experts, self.group_size)
-        self.first_local_expert = dist.get_rank(group) * self.num_local_experts
+        self.first_local_expert, self.num_local_experts = owned_experts(num_experts, self.group_size,
+                                                                        dist.get_rank(group))
         self.name = name
         self.timeout_seconds = timeout_seconds
+
+    def owner_rank(self, expert_indices: torch.Tensor) -> torch.Tensor:
+        """The group rank that holds each global expert index."""
+        return torch.div(expert_indices, self.num_local_experts, rounding_mode="floor")
 
 
 @dataclass

@@ -17,12 +17,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from mymoe.model.moe.experts import is_expert
 from mymoe.parallel.collectives import apply_flat, named_collective
 from mymoe.parallel.groups import ParallelContext
-
-
-def is_expert(param: torch.Tensor) -> bool:
-    return getattr(param, "is_expert", False)
 
 
 def split_parameters(model: torch.nn.Module) -> tuple[list, list]:

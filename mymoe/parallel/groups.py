@@ -18,6 +18,16 @@ import torch
 import torch.distributed as dist
 
 
+def owned_experts(num_experts: int, expert_parallel_size: int, expert_parallel_rank: int) -> tuple[int, int]:
+    """(first global expert index, number of experts) an expert-parallel rank holds: contiguous blocks of
+    num_experts / expert_parallel_size in rank order. The one statement of who owns which expert."""
+    if num_experts % expert_parallel_size:
+        raise ValueError(f"num_experts={num_experts} must be divisible by the expert-parallel size "
+                         f"{expert_parallel_size}")
+    per_rank = num_experts // expert_parallel_size
+    return expert_parallel_rank * per_rank, per_rank
+
+
 def expert_parallel_ranks(world_size: int, expert_parallel_size: int) -> list[list[int]]:
     """Contiguous blocks of ranks that together hold every expert once."""
     return [list(range(start, start + expert_parallel_size)) for start in range(0, world_size, expert_parallel_size)]
@@ -57,8 +67,7 @@ class ParallelContext:
 
     def local_experts(self, num_experts: int) -> tuple[int, int]:
         """(first global expert index, number of experts) this rank holds."""
-        per_rank = num_experts // self.expert_parallel_size
-        return self.expert_parallel_rank * per_rank, per_rank
+        return owned_experts(num_experts, self.expert_parallel_size, self.expert_parallel_rank)
 
 
 def build_context(expert_parallel_size: int, *, device: torch.device, timeout_seconds: float,

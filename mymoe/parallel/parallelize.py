@@ -12,14 +12,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from mymoe.config import DispatcherName
+from mymoe.model.moe.experts import is_expert
 from mymoe.parallel.collectives import apply_flat, named_collective
 from mymoe.parallel.dedup_dispatch import DedupAllToAllDispatcher
-from mymoe.parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher
-from mymoe.parallel.grads import is_expert
+from mymoe.parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher, GroupDispatcher
 from mymoe.parallel.groups import ParallelContext
 
-DISPATCHERS = {"alltoall": AllToAllDispatcher, "alltoall_dedup": DedupAllToAllDispatcher,
-               "allgather": AllGatherDispatcher}
+# one per value of parallel.dispatcher (config.DispatcherName); each satisfies model.moe.dispatch.Dispatcher
+DISPATCHERS: dict[DispatcherName, type[GroupDispatcher]] = {
+    "alltoall": AllToAllDispatcher, "alltoall_dedup": DedupAllToAllDispatcher, "allgather": AllGatherDispatcher}
 
 
 def parallelize(model: torch.nn.Module, ctx: ParallelContext) -> torch.nn.Module:

@@ -18,6 +18,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
+    # the loop imports torch and the whole package: only once the arguments are known, so --help is instant
     from mymoe.train.loop import check_data, run
 
     try:

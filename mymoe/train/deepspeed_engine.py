@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from mymoe.config import Config, ConfigError
+from mymoe.model.moe.experts import is_expert
 from mymoe.model.moe.layer import MoELayer
-from mymoe.train.optim import build_optimizer, is_expert, parameter_groups
+from mymoe.optim import build_optimizer, parameter_groups
 
 
 def load_deepspeed_config(path: str, config: Config, world_size: int) -> dict:

@@ -17,16 +17,21 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from mymoe.config import Config, ConfigError
-from mymoe.data import build_train_reader
+from mymoe.checkpoint import CheckpointManager
+from mymoe.data.reader import build_train_reader
+from mymoe.load import init_from as load_initial_weights
 from mymoe.model import MoECausalLM
+from mymoe.model.transformer import training_loss
 from mymoe.peft import apply_peft
 from mymoe.parallel import ParallelContext, clip_grad_norm_, init_distributed, parallelize, reduce_gradients, shutdown
+from mymoe.parallel.collectives import all_reduce
+from mymoe.train.deepspeed_engine import ZeroOptimizerView, initialize_deepspeed
 from mymoe.train.metrics import MetricsLogger, peak_flops_per_second
 from mymoe.train.stop import GracefulStop
-from mymoe.train.optim import Schedule, aux_loss_scale, build_optimizer, parameter_groups, total_steps
+from mymoe.optim import build_optimizer, parameter_groups
+from mymoe.train.optim import Schedule, aux_loss_scale, total_steps
 
 
 @dataclass
@@ -46,11 +51,11 @@ def autocast_context(config: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
-def world_mean(values: list[float], ctx: ParallelContext) -> list[float]:
+def world_mean(values: list[float], ctx: ParallelContext, what: str) -> list[float]:
     """Mean over all ranks of each value, in one collective."""
     tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     if ctx.is_distributed:
-        dist.all_reduce(tensor)
+        all_reduce(tensor, f"all_reduce ({what}, world)", ctx.timeout_seconds)
         tensor /= ctx.world_size
     return tensor.tolist()
 
@@ -93,8 +98,6 @@ class Trainer:
         torch.manual_seed(train.seed)  # the same initial model on every rank (parallelize also broadcasts it)
         self.model = MoECausalLM(config.model)
         if init_from is not None:  # fine-tuning: the whole model's weights, before each rank keeps its experts
-            from mymoe.convert.load import init_from as load_initial_weights
-
             load_initial_weights(self.model, config, init_from)
         parallelize(self.model, ctx)
         if config.peft.enabled:  # after sharding, so expert adapters match the experts this rank holds
@@ -104,8 +107,6 @@ class Trainer:
         torch.manual_seed(train.seed + ctx.rank)  # router noise and the like differ per rank, reproducibly
         self.engine = None
         if deepspeed_config is not None:
-            from mymoe.train.deepspeed_engine import ZeroOptimizerView, initialize_deepspeed
-
             self.engine, stepping_optimizer = initialize_deepspeed(self.model, config, ctx, deepspeed_config)
             # checkpoints see ZeRO's partitioned state per parameter, as the native optimizer holds it
             self.optimizer = ZeroOptimizerView(self.model, stepping_optimizer, train.weight_decay)
@@ -152,9 +153,7 @@ class Trainer:
             input_ids, labels = self.train_reader.next_batch()
             with autocast_context(config, ctx.device):
                 out = self.forward(input_ids.to(ctx.device), labels=labels.to(ctx.device))
-            loss = out.lm_loss + aux_scale * out.aux_loss
-            if out.mtp_loss is not None:
-                loss = loss + config.model.mtp_loss_weight * out.mtp_loss
+            loss = training_loss(out, config.model.mtp_loss_weight, aux_scale)
             if self.engine is not None:
                 self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
                 self.engine.step()  # a no-op until the last micro-batch of the step
@@ -175,22 +174,25 @@ class Trainer:
         expert_loads = self.update_expert_biases()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        means = world_mean([value / accumulation for value in sums], ctx)
+        means = world_mean([value / accumulation for value in sums], ctx, "step losses and drop fractions")
         loss, lm_loss, aux_loss, z_loss, balance_loss = means[:5]
         return {"loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss,
                 "load_balancing_loss": balance_loss, "lr": lr, "aux_loss_scale": aux_scale, "grad_norm": grad_norm,
                 "expert_loads": expert_loads, "dropped": means[5:]}
 
     def update_expert_biases(self) -> list[list[float]]:
-        """Sum each layer's load over all ranks, update aux-loss-free biases, return loads for logging."""
-        loads = []
-        for layer in self.model.iter_moe_layers():
-            load = layer.pending_load().to(self.ctx.device, torch.float32)  # [experts], this rank's tokens
-            if self.ctx.is_distributed:
-                dist.all_reduce(load)
+        """Sum every layer's load over all ranks in one collective, update the aux-loss-free biases, return
+        the loads for logging."""
+        layers = list(self.model.iter_moe_layers())
+        if not layers:
+            return []
+        # [layers, experts], this rank's tokens
+        loads = torch.stack([layer.pending_load().to(self.ctx.device, torch.float32) for layer in layers])
+        if self.ctx.is_distributed:
+            all_reduce(loads, "all_reduce (expert loads of every MoE layer, world)", self.ctx.timeout_seconds)
+        for layer, load in zip(layers, loads):
             layer.update_expert_bias(load)
-            loads.append(load.cpu().tolist())
-        return loads
+        return loads.cpu().tolist()
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -206,15 +208,13 @@ class Trainer:
                 out = self.model(input_ids.to(self.ctx.device), labels=labels.to(self.ctx.device))
             total += float(out.lm_loss)
         self.model.train()
-        return world_mean([total / self.config.train.eval_steps], self.ctx)[0]
+        return world_mean([total / self.config.train.eval_steps], self.ctx, "evaluation loss")[0]
 
     def finished(self) -> bool:
         return self.step >= self.total_steps
 
 
-def checkpoint_manager(config: Config, ctx: ParallelContext):
-    from mymoe.checkpoint import CheckpointManager  # imported late: it is not needed to build a Trainer
-
+def checkpoint_manager(config: Config, ctx: ParallelContext) -> CheckpointManager:
     return CheckpointManager(Path(config.train.out_dir) / "checkpoints", config, ctx)
 
 

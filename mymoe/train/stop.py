@@ -13,9 +13,8 @@ import signal
 import threading
 
 import torch
-import torch.distributed as dist
 
-from mymoe.parallel.collectives import named_collective
+from mymoe.parallel.collectives import all_reduce
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -47,6 +46,5 @@ class GracefulStop:
         """Whether any rank saw a signal (collective: every rank calls it after every step)."""
         flag = torch.tensor([1.0 if self.signal_name else 0.0], device=self.ctx.device)
         if self.ctx.world_size > 1:
-            with named_collective("all_reduce (stop request after a step)", self.ctx.timeout_seconds):
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            all_reduce(flag, "all_reduce (stop request after a step)", self.ctx.timeout_seconds, op="max")
         return bool(flag.item() > 0)

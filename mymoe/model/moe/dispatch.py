@@ -8,77 +8,19 @@ The MoE layer is handed a dispatcher; every dispatcher has the same two methods:
 
 An ``ExpertBatch`` does not copy the tokens into expert order: it names, for each expert-sorted row, the
 row of ``source`` it reads, so the experts gather rows chunk by chunk and add their outputs back at the
-same index (see experts.py for why that saves memory). Capacity and dropping are decided once, before dispatch, by
-``capacity_keep_mask`` on each rank's own tokens (GShard's rule), so results never depend on how many
-ranks share the experts. Dropped assignments contribute nothing; the residual connection carries them
-(``overflow.py`` holds the other overflow policies).
+same index (see experts.py for why that saves memory). Capacity and dropping are decided once, before
+dispatch, on each rank's own tokens (GShard's rule; ``overflow.py``), so results never depend on how many
+ranks share the experts: a dispatcher only moves the rows it is told to keep.
 
 This module holds the pure permutation math and the single-process dispatcher. The all-to-all and
 all-gather dispatchers live in ``mymoe.parallel`` so that model code never imports torch.distributed.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
-
-
-def compute_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: Optional[float],
-                     min_capacity: int = 0) -> Optional[int]:
-    """Slots per expert for one rank's tokens; None means dropless."""
-    if capacity_factor is None:
-        return None
-    return max(int(math.ceil(capacity_factor * num_tokens * top_k / num_experts)), min_capacity)
-
-
-def priority_order(expert_indices: torch.Tensor, expert_weights: torch.Tensor, policy: str = "probs",
-                   protected: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Flat assignment indices (token * k + choice) in the order they claim expert slots, best first.
-
-    policy "probs": highest weight first. policy "position": GShard order, every token's first choice
-    before any second choice, then by token position. Assignments marked in `protected` [tokens, k] come
-    before all others, in the same order among themselves.
-    """
-    num_tokens, top_k = expert_indices.shape
-    if policy == "probs":
-        order = torch.argsort(expert_weights.detach().reshape(-1), descending=True, stable=True)
-    elif policy == "position":
-        # flat index is token * k + choice; order by (choice, token)
-        order = torch.arange(num_tokens * top_k, device=expert_indices.device)
-        order = order.view(num_tokens, top_k).t().reshape(-1)
-    else:
-        raise ValueError(f"drop policy {policy!r} must be 'probs' or 'position'")
-    if protected is not None:
-        order = order[torch.argsort((~protected.reshape(-1)[order]).to(torch.int8), stable=True)]
-    return order
-
-
-def capacity_keep_mask(expert_indices: torch.Tensor, expert_weights: torch.Tensor, num_experts: int,
-                       capacity: Optional[int], policy: str = "probs",
-                       protected: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Which of the [tokens, k] assignments fit in their expert's capacity.
-
-    Each expert takes its assignments in ``priority_order`` until `capacity` are kept. Protected
-    assignments are always kept and take their room first, so an expert holds at most
-    max(capacity, its protected assignments).
-    """
-    num_tokens, top_k = expert_indices.shape
-    if capacity is None:
-        return torch.ones_like(expert_indices, dtype=torch.bool)
-    flat_experts = expert_indices.reshape(-1)
-    order = priority_order(expert_indices, expert_weights, policy, protected)
-    # stable sort by expert keeps the priority order inside each expert's segment
-    by_expert = order[torch.argsort(flat_experts[order], stable=True)]
-    counts = torch.bincount(flat_experts, minlength=num_experts)
-    segment_start = torch.cumsum(counts, 0) - counts
-    rank_in_expert = torch.arange(by_expert.numel(), device=by_expert.device) - segment_start[flat_experts[by_expert]]
-    keep = torch.empty_like(flat_experts, dtype=torch.bool)
-    keep[by_expert] = rank_in_expert < capacity
-    if protected is not None:
-        keep |= protected.reshape(-1)
-    return keep.view(num_tokens, top_k)
 
 
 @dataclass
@@ -142,6 +84,26 @@ def unpermute(expert_output: torch.Tensor, perm: Permutation) -> torch.Tensor:
     weighted = expert_output * perm.row_weight.unsqueeze(-1).to(expert_output.dtype)
     out = expert_output.new_zeros(perm.num_tokens, expert_output.shape[-1])
     return out.index_add(0, perm.source_token, weighted)
+
+
+@runtime_checkable
+class Dispatcher(Protocol):
+    """What the MoE layer needs of a dispatcher; LocalDispatcher here and the expert-parallel ones in
+    mymoe.parallel satisfy it. The layer checks its experts hold [first_local_expert, + num_local_experts)."""
+
+    num_experts: int  # global routed experts
+    num_local_experts: int  # experts this process computes
+    first_local_expert: int  # global index of the first of them
+
+    def dispatch(self, hidden: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
+                 keep: torch.Tensor) -> tuple[ExpertBatch, Any]:
+        """hidden [tokens, hidden], expert_indices / expert_weights / keep [tokens, k] -> (the local experts'
+        work, a handle for combine)."""
+        ...
+
+    def combine(self, expert_output: torch.Tensor, handle: Any) -> torch.Tensor:
+        """The experts' output [batch.out_rows, hidden] -> [tokens, hidden], weighted sum over k."""
+        ...
 
 
 class LocalDispatcher:

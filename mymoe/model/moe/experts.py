@@ -20,6 +20,17 @@ from torch import nn
 from mymoe.model.moe.dispatch import ExpertBatch
 
 
+def mark_expert(param: torch.Tensor) -> torch.Tensor:
+    """Mark a parameter as belonging to routed experts (reduced over expert-data-parallel ranks, its own
+    optimizer groups, resharded by global expert index)."""
+    param.is_expert = True
+    return param
+
+
+def is_expert(param: torch.Tensor) -> bool:
+    return getattr(param, "is_expert", False)
+
+
 def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *row_sizes: int) -> bool:
     """Whether ``torch._grouped_mm`` can multiply tensors of this dtype on this device.
 
@@ -198,9 +209,7 @@ class GroupedExperts(nn.Module):
 
     @staticmethod
     def _expert_parameter(data: torch.Tensor) -> nn.Parameter:
-        param = nn.Parameter(data)
-        param.is_expert = True
-        return param
+        return mark_expert(nn.Parameter(data))
 
     def reset_parameters(self, init_std: float = 0.02) -> None:
         for param in (self.w_gate, self.w_up, self.w_down):

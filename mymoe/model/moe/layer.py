@@ -4,8 +4,9 @@
 
 The layer owns no communication: a dispatcher is handed to it (``LocalDispatcher`` by default, an
 all-to-all one from ``mymoe.parallel`` under expert parallelism, swapped in with ``set_dispatcher``).
-Capacity is decided once, on this rank's own tokens, before dispatch; what becomes of the assignments
-that overflow it (dropped, spilled to another expert, or sent to the null expert) is ``overflow.py``'s.
+Capacity is decided once, on this rank's own tokens, before dispatch; its math and what becomes of the
+assignments that overflow it (dropped, spilled to another expert, or sent to the null expert) are
+``overflow.py``'s.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from torch import nn
 
 from mymoe.config import MoEConfig
 from mymoe.model.layers import SwiGLU
-from mymoe.model.moe.dispatch import LocalDispatcher, compute_capacity
+from mymoe.model.moe.dispatch import Dispatcher, LocalDispatcher
 from mymoe.model.moe.experts import GroupedExperts
-from mymoe.model.moe.overflow import Placement, place_assignments
+from mymoe.model.moe.overflow import Placement, compute_capacity, place_assignments
 from mymoe.model.moe.router import Router
 
 
@@ -53,7 +54,8 @@ def _in_backward() -> bool:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, hidden_size: int, moe: MoEConfig, dispatcher=None, init_std: float = 0.02):
+    def __init__(self, hidden_size: int, moe: MoEConfig, dispatcher: Optional[Dispatcher] = None,
+                 init_std: float = 0.02):
         super().__init__()
         self.moe = moe
         self.num_experts = moe.n_routed_experts
@@ -70,16 +72,16 @@ class MoELayer(nn.Module):
             if moe.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
                 nn.init.normal_(self.shared_expert_gate.weight, mean=0.0, std=init_std)
-        self.dispatcher = dispatcher or LocalDispatcher(moe.n_routed_experts)
+        self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(moe.n_routed_experts)
         self._check_dispatcher(self.dispatcher)
         self._pending_load: Optional[torch.Tensor] = None
 
-    def set_dispatcher(self, dispatcher) -> None:
+    def set_dispatcher(self, dispatcher: Dispatcher) -> None:
         """Swap the dispatcher; the experts must already hold exactly its local experts (``experts.shard``)."""
         self._check_dispatcher(dispatcher)
         self.dispatcher = dispatcher
 
-    def _check_dispatcher(self, dispatcher) -> None:
+    def _check_dispatcher(self, dispatcher: Dispatcher) -> None:
         if dispatcher.num_experts != self.num_experts:
             raise ValueError(f"dispatcher routes {dispatcher.num_experts} experts but the layer has "
                              f"n_routed_experts={self.num_experts}")
@@ -106,8 +108,10 @@ class MoELayer(nn.Module):
 
         capacity = self.capacity(tokens.shape[0])
         placement = place_assignments(routing.expert_indices, routing.expert_weights, routing.selection_scores,
-                                      capacity, self.moe.drop_policy, self.moe.overflow_policy,
-                                      self.moe.min_tokens_per_sequence_kept, batch_shape)
+                                      capacity=capacity, drop_policy=self.moe.drop_policy,
+                                      overflow_policy=self.moe.overflow_policy,
+                                      min_tokens_per_sequence_kept=self.moe.min_tokens_per_sequence_kept,
+                                      batch_shape=batch_shape)
         batch, handle = self.dispatcher.dispatch(tokens, placement.expert_indices, routing.expert_weights,
                                                  placement.keep)
         expert_output = self.experts(batch)

@@ -1,4 +1,9 @@
-"""What becomes of assignments that overflow an expert's capacity, and which ones never overflow.
+"""Expert capacity: how many slots each expert has, which assignments take them, what becomes of those
+that overflow, and which ones never overflow. Decided once, on each rank's own tokens, before dispatch.
+
+Slots: ``compute_capacity`` = ceil(capacity_factor * tokens * k / experts), at least min_capacity (None:
+dropless). Priority (``model.moe.drop_policy``, ``priority_order``): "probs" takes the highest-weight
+assignments first, "position" every token's first choice before any second choice (GShard).
 
 ``model.moe.overflow_policy``:
 
@@ -27,14 +32,73 @@ ever dropped. Inputs without a batch dimension form one sequence.
 """
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from mymoe.model.moe.dispatch import capacity_keep_mask, priority_order
+from mymoe.config import DropPolicy, OverflowPolicy
 
-OVERFLOW_POLICIES = ("drop", "spill", "null_expert")
+DROP_POLICIES = typing.get_args(DropPolicy)
+OVERFLOW_POLICIES = typing.get_args(OverflowPolicy)
+
+
+def compute_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: Optional[float],
+                     min_capacity: int = 0) -> Optional[int]:
+    """Slots per expert for one rank's tokens; None means dropless."""
+    if capacity_factor is None:
+        return None
+    return max(int(math.ceil(capacity_factor * num_tokens * top_k / num_experts)), min_capacity)
+
+
+def priority_order(expert_indices: torch.Tensor, expert_weights: torch.Tensor, policy: DropPolicy = "probs",
+                   protected: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Flat assignment indices (token * k + choice) in the order they claim expert slots, best first.
+
+    policy "probs": highest weight first. policy "position": GShard order, every token's first choice
+    before any second choice, then by token position. Assignments marked in `protected` [tokens, k] come
+    before all others, in the same order among themselves.
+    """
+    num_tokens, top_k = expert_indices.shape
+    if policy == "probs":
+        order = torch.argsort(expert_weights.detach().reshape(-1), descending=True, stable=True)
+    elif policy == "position":
+        # flat index is token * k + choice; order by (choice, token)
+        order = torch.arange(num_tokens * top_k, device=expert_indices.device)
+        order = order.view(num_tokens, top_k).t().reshape(-1)
+    else:
+        raise ValueError(f"drop policy {policy!r} must be one of {', '.join(DROP_POLICIES)}")
+    if protected is not None:
+        order = order[torch.argsort((~protected.reshape(-1)[order]).to(torch.int8), stable=True)]
+    return order
+
+
+def capacity_keep_mask(expert_indices: torch.Tensor, expert_weights: torch.Tensor, num_experts: int,
+                       capacity: Optional[int], policy: DropPolicy = "probs",
+                       protected: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Which of the [tokens, k] assignments fit in their expert's capacity.
+
+    Each expert takes its assignments in ``priority_order`` until `capacity` are kept. Protected
+    assignments are always kept and take their room first, so an expert holds at most
+    max(capacity, its protected assignments).
+    """
+    num_tokens, top_k = expert_indices.shape
+    if capacity is None:
+        return torch.ones_like(expert_indices, dtype=torch.bool)
+    flat_experts = expert_indices.reshape(-1)
+    order = priority_order(expert_indices, expert_weights, policy, protected)
+    # stable sort by expert keeps the priority order inside each expert's segment
+    by_expert = order[torch.argsort(flat_experts[order], stable=True)]
+    counts = torch.bincount(flat_experts, minlength=num_experts)
+    segment_start = torch.cumsum(counts, 0) - counts
+    rank_in_expert = torch.arange(by_expert.numel(), device=by_expert.device) - segment_start[flat_experts[by_expert]]
+    keep = torch.empty_like(flat_experts, dtype=torch.bool)
+    keep[by_expert] = rank_in_expert < capacity
+    if protected is not None:
+        keep |= protected.reshape(-1)
+    return keep.view(num_tokens, top_k)
 
 
 @dataclass
@@ -110,10 +174,12 @@ def spill_overflow(expert_indices: torch.Tensor, keep: torch.Tensor, selection_s
     return flat_experts.view(shape), flat_keep.view(shape), spilled.view(shape)
 
 
-def place_assignments(expert_indices: torch.Tensor, expert_weights: torch.Tensor, selection_scores: torch.Tensor,
-                      capacity: Optional[int], drop_policy: str = "probs", overflow_policy: str = "drop",
+def place_assignments(expert_indices: torch.Tensor, expert_weights: torch.Tensor, selection_scores: torch.Tensor, *,
+                      capacity: Optional[int], drop_policy: DropPolicy = "probs", overflow_policy: OverflowPolicy = "drop",
                       min_tokens_per_sequence_kept: int = 0, batch_shape: Optional[tuple] = None) -> Placement:
-    """Capacity, protection and the overflow policy applied to one rank's [tokens, k] assignments."""
+    """Capacity, protection and the overflow policy applied to one rank's [tokens, k] assignments
+    (expert_indices, expert_weights; selection_scores [tokens, experts] rank the spill targets).
+    batch_shape (batch, seq) tells min_tokens_per_sequence_kept where sequences end."""
     if overflow_policy not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow policy {overflow_policy!r} must be one of {', '.join(OVERFLOW_POLICIES)}")
     num_experts = selection_scores.shape[1]
