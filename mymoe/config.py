@@ -112,6 +112,14 @@ class ParallelConfig:
     # "alltoall"; "alltoall_dedup" sends a token to a rank once however many of its experts live there;
     # "allgather" for small groups on fast links
     dispatcher: str = "alltoall"
+    # fully sharded data parallelism (FSDP2, mymoe/parallel/fsdp.py): dense parameters, gradients and
+    # optimizer state split over every rank, experts over their expert-data-parallel ranks
+    fsdp: bool = False
+    fsdp_reshard_after_forward: bool = True  # free each block's gathered parameters after its forward
+    fsdp_prefetch: int = 0  # blocks whose all-gather is issued ahead of time (0: FSDP2's implicit order)
+    fsdp_param_dtype: str = "fp32"  # "bf16": compute in bf16 with fp32 master weights (GPU)
+    fsdp_reduce_dtype: str = "fp32"  # dtype of the gradient reduce-scatter
+    fsdp_cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory
 
 
 @dataclass
@@ -431,6 +439,7 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
     if world_size is not None and world_size % par.expert_parallel_size:
         raise ConfigError(f"parallel.expert_parallel_size={par.expert_parallel_size} must divide the world size "
                           f"{world_size} (try {_divisors(world_size)}, or launch a multiple of it processes)")
+    _validate_fsdp(par)
     peft = config.peft
     if peft.lora_rank < 0 or peft.prefix_length < 0:
         raise ConfigError(f"peft.lora_rank={peft.lora_rank} and peft.prefix_length={peft.prefix_length} must be "
@@ -460,6 +469,14 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
         raise ConfigError(f"data.train_weights has {len(config.data.train_weights)} entries but data.train_prefixes "
                           f"has {len(config.data.train_prefixes)}: give one weight per prefix")
     return config
+
+
+def _validate_fsdp(par: ParallelConfig) -> None:
+    for name in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+        if getattr(par, name) not in ("fp32", "bf16"):
+            raise ConfigError(f"parallel.{name}={getattr(par, name)!r} must be 'fp32' or 'bf16'")
+    if par.fsdp_prefetch < 0:
+        raise ConfigError(f"parallel.fsdp_prefetch={par.fsdp_prefetch} must be >= 0 (0: FSDP2's implicit prefetch)")
 
 
 def _validate_rope_scaling(rope_scaling: dict) -> None:
