@@ -27,6 +27,7 @@ from mymoe.checkpoint.layout import expert_rows
 from mymoe.config import Config, ConfigError, load_config
 from mymoe.model import MoECausalLM
 from mymoe.parallel import ParallelContext, init_distributed, shutdown
+from mymoe.parallel.fsdp import is_fully_sharded
 from mymoe.peft import apply_peft
 from mymoe.train.optim import Schedule, aux_loss_scale, build_optimizer, parameter_groups
 
@@ -137,7 +138,8 @@ def held_part(reference: torch.Tensor, param: torch.Tensor, rows) -> tuple[torch
 
 def verify(config: Config, ctx: ParallelContext, steps: int = 3, broken: bool = False) -> dict:
     """Train `steps` steps in ctx's layout and in one process; the largest differences, equal on every rank:
-    {"loss", "grad_norm", "parameters": max abs difference, "parameter": its name, "history": per step}."""
+    {"loss", "grad_norm", "parameters": max abs difference, "parameter": its name, "history": per step,
+    "fully_sharded": whether FSDP was applied}."""
     from mymoe.train.loop import Trainer
 
     config = without_router_noise(config)
@@ -175,7 +177,7 @@ def verify(config: Config, ctx: ParallelContext, steps: int = 3, broken: bool = 
         dist.all_gather_object(names, (float(mine[0]), worst_name))
         worst_name = max(names)[1]
     return {"parameters": float(differences[0]), "parameter": worst_name, "loss": float(differences[1]),
-            "grad_norm": float(differences[2]), "history": history}
+            "grad_norm": float(differences[2]), "history": history, "fully_sharded": is_fully_sharded(trainer.model)}
 
 
 def layout_name(config: Config, ctx: ParallelContext) -> str:

@@ -58,6 +58,7 @@ def _layouts_worker(rank, world_size, train_prefix, valid_prefix, out_dir, exper
 def check(results: dict) -> None:
     for expert_parallel_size, result in results.items():
         where = f"FSDP, world 4, EP {expert_parallel_size}"
+        assert result["fully_sharded"], where
         assert result["loss"] <= TOLERANCE, (where, result)
         assert result["grad_norm"] <= TOLERANCE, (where, result)
         assert result["parameters"] <= TOLERANCE, (where, result)

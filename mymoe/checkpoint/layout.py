@@ -11,6 +11,11 @@ into one tensor per expert, keyed by the expert's global index:
 A rank saves the keys it holds and loads the keys its layout needs, so any expert-parallel size can
 load any checkpoint. Replicated tensors are the same key on every rank; DCP writes one copy.
 Everything that is not a tensor (step, reader state, optimizer hyperparameters) goes to the manifest.
+
+Under FSDP (mymoe/parallel/fsdp.py) parameters and their optimizer moments are DTensors: a dense one is
+handed to DCP as it is, which writes each rank's shard as part of the one global tensor; a stacked expert
+one is sharded by whole experts on dim 0, so each rank writes the experts of its rows. The checkpoint
+looks the same whichever layout wrote it, and loading builds targets in the loading run's layout.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mymoe.checkpoint.storage import CheckpointError, tensor_crc32
 
@@ -74,12 +80,24 @@ def optimizer_parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer
     return ordered
 
 
+def held_rows(value: torch.Tensor, rows: ExpertRows) -> tuple[torch.Tensor, int]:
+    """(the rows of a stacked expert tensor this rank holds, the global index of the first): all of them, or
+    under FSDP this rank's shard of them."""
+    if not isinstance(value, DTensor):
+        return value, rows.first
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+    return value.to_local(), rows.first + offset[0]
+
+
 def _put(tensors: dict, key: str, value: torch.Tensor, rows: Optional[ExpertRows]) -> None:
     if rows is None or value.dim() == 0:
         tensors[key] = value
         return
-    for local, expert in enumerate(rows.global_indices()):
-        tensors[expert_key(key, expert)] = value[local]
+    value, first = held_rows(value, rows)
+    for local in range(value.shape[0]):
+        tensors[expert_key(key, first + local)] = value[local]
 
 
 def flatten(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> tuple[dict, dict]:
@@ -147,24 +165,36 @@ def load_targets(template: dict, model: nn.Module, optimizer: Optional[torch.opt
     rows = expert_rows(model)
     tensors: dict[str, torch.Tensor] = {}
 
-    def target(key: str, shape: torch.Size, dtype: torch.dtype, held: Optional[ExpertRows]) -> torch.Tensor:
+    def target(key: str, shape: torch.Size, dtype: torch.dtype, held: Optional[ExpertRows],
+               like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`like`: the live tensor of this shape; when it is a DTensor (FSDP) the target takes its layout."""
+        sharded = isinstance(like, DTensor)
         if held is None:
             _check(key, shape, saved_keys)
-            tensors[key] = torch.empty(shape, dtype=dtype)
+            tensors[key] = torch.empty_like(like, dtype=dtype) if sharded else torch.empty(shape, dtype=dtype)
             return tensors[key]
-        stacked = torch.empty((held.count, *shape), dtype=dtype)  # [E_local, ...]
-        for local, expert in enumerate(held.global_indices()):
-            _check(expert_key(key, expert), shape, saved_keys)
-            tensors[expert_key(key, expert)] = stacked[local]
+        first, count, device = held.first, held.count, None
+        if sharded:
+            local, first = held_rows(like, held)
+            count, device = local.shape[0], local.device
+        stacked = torch.empty((count, *shape), dtype=dtype, device=device)  # [E_local (or this rank's), ...]
+        for local_row in range(count):
+            _check(expert_key(key, first + local_row), shape, saved_keys)
+            tensors[expert_key(key, first + local_row)] = stacked[local_row]
+        if sharded:
+            return DTensor.from_local(stacked, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                                      stride=like.stride())
         return stacked
 
     model_state = {}
     for name, value in template["model"].items():
         held = rows.get(name) if value.dim() > 0 else None
-        model_state[name] = target(f"model.{name}", value.shape[1:] if held else value.shape, value.dtype, held)
+        model_state[name] = target(f"model.{name}", value.shape[1:] if held else value.shape, value.dtype, held,
+                                   like=value)
 
     optimizer_state: dict[int, dict] = {}
     if optimizer is not None:
+        params = [param for group in optimizer.param_groups for param in group["params"]]
         for index, name in enumerate(optimizer_parameter_names(model, optimizer)):
             layout = manifest["optimizer_state"].get(name)
             if layout is None:  # no state saved for it (e.g. a parameter that never had a gradient)
@@ -182,7 +212,9 @@ def load_targets(template: dict, model: nn.Module, optimizer: Optional[torch.opt
                     held, (shape, dtype) = None, saved_keys[flat_key]
                 else:
                     raise CheckpointError(f"the checkpoint has no optimizer tensor '{flat_key}' for parameter {name}")
-                optimizer_state[index][key] = target(flat_key, torch.Size(shape), dtype, held)
+                param = params[index]
+                like = param if held is not None or torch.Size(shape) == param.shape else None
+                optimizer_state[index][key] = target(flat_key, torch.Size(shape), dtype, held, like=like)
     return LoadTargets(tensors, model_state, optimizer_state)
 
 
