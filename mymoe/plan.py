@@ -39,6 +39,7 @@ from unittest import mock
 import torch
 
 from mymoe.config import Config, ConfigError, load_config
+from mymoe.parallel.fsdp import expert_shard_dim
 
 FP32 = 4
 GIB = 2**30
@@ -129,6 +130,8 @@ def held_numel(param: ParamShape, layout: Layout, sharded: bool) -> int:
     if param.expert:
         shape = (shape[0] // layout.expert_parallel_size, *shape[1:])
         group = layout.gpus // layout.expert_parallel_size
+        if sharded and expert_shard_dim(shape, group) == 1:  # split inside each expert (fsdp.py)
+            return math.prod(shape) // group
     else:
         group = layout.gpus
     return shard_numel(shape, group) if sharded and layout.gpus > 1 else math.prod(shape)
@@ -293,7 +296,8 @@ def main(argv=None) -> None:
     print(format_table(predictions, best))
     fitting = sum(p.fits for p in predictions)
     if best is None:
-        print(f"none of {len(predictions)} layouts fits: add GPUs, shorten data.seq_len or try --micro-batch 1")
+        print(f"none of {len(predictions)} layouts fits: add GPUs (FSDP's share of the model state shrinks with "
+              f"each), shorten data.seq_len, or offload with --parallel.fsdp_cpu_offload=true")
         sys.exit(1)
     layout = best.layout
     print(f"{fitting} of {len(predictions)} layouts fit; recommended: --parallel.expert_parallel_size="

@@ -36,20 +36,19 @@ def fsdp_overrides(train_prefix, valid_prefix, out_dir, extra=None) -> list[str]
     return tiny_overrides(train_prefix, valid_prefix, Path(out_dir), steps=3, extra=values)
 
 
-def _layouts_worker(rank, world_size, train_prefix, valid_prefix, out_dir, expert_parallel_sizes, extra):
+def _layouts_worker(rank, world_size, train_prefix, valid_prefix, out_dir, layouts):
+    """verify() for each (name, overrides) layout, one after the other over one process group."""
     from mymoe.config import load_config
     from mymoe.parallel import build_context, init_distributed, shutdown
     from mymoe.verify import verify
 
-    config = load_config(str(TINY_CONFIG), fsdp_overrides(train_prefix, valid_prefix, out_dir, extra))
-    ctx = init_distributed(config)
+    ctx = init_distributed(load_config(str(TINY_CONFIG), fsdp_overrides(train_prefix, valid_prefix, out_dir)))
     try:
         results = {}
-        for expert_parallel_size in expert_parallel_sizes:
-            layout = dataclasses.replace(config, parallel=dataclasses.replace(
-                config.parallel, expert_parallel_size=expert_parallel_size))
-            layout_ctx = build_context(expert_parallel_size, device=ctx.device, timeout_seconds=60)
-            results[expert_parallel_size] = verify(layout, layout_ctx, steps=3)
+        for name, extra in layouts:
+            config = load_config(str(TINY_CONFIG), fsdp_overrides(train_prefix, valid_prefix, out_dir, extra))
+            layout_ctx = build_context(config.parallel.expert_parallel_size, device=ctx.device, timeout_seconds=60)
+            results[name] = verify(config, layout_ctx, steps=3)
         return results
     finally:
         shutdown()
@@ -57,7 +56,7 @@ def _layouts_worker(rank, world_size, train_prefix, valid_prefix, out_dir, exper
 
 def check(results: dict, loss_falls: bool = True) -> None:
     for expert_parallel_size, result in results.items():
-        where = f"FSDP, world 4, EP {expert_parallel_size}"
+        where = f"FSDP, world 4, {expert_parallel_size}"
         assert result["fully_sharded"], where
         assert result["loss"] <= TOLERANCE, (where, result)
         assert result["grad_norm"] <= TOLERANCE, (where, result)
@@ -67,8 +66,11 @@ def check(results: dict, loss_falls: bool = True) -> None:
 
 
 def test_fsdp_with_ep_1_2_4_accumulation_and_checkpointing_equals_one_process(dataset, tmp_path):
+    layouts = [(f"EP {ep}", {"parallel.expert_parallel_size": ep}) for ep in (1, 2, 4)]
+    # 6 experts at EP 2: 3 per rank over 2 expert-data-parallel ranks, sharded inside each expert (dim 1)
+    layouts.append(("EP 2, experts split inside", {"parallel.expert_parallel_size": 2, "model.moe.n_routed_experts": 6}))
     results = run_distributed(_layouts_worker, world_size=4, init_process_group=False, timeout=120,
-                              args=(*dataset, str(tmp_path), [1, 2, 4], {}))
+                              args=(*dataset, str(tmp_path), layouts))
     check(results[0].value)
 
 
@@ -152,4 +154,4 @@ def test_planner_predicts_the_measured_shards(memory_and_features):
 @pytest.mark.parametrize("feature", ["lora", "prefetch, no reshard"])
 def test_fsdp_with_lora_and_prefetch_equals_one_process(memory_and_features, feature):
     # adapters start at zero and move little in three steps: the loss need not fall yet
-    check({f"2 ({feature})": memory_and_features[0]["features"][feature]}, loss_falls=feature != "lora")
+    check({f"EP 2 ({feature})": memory_and_features[0]["features"][feature]}, loss_falls=feature != "lora")

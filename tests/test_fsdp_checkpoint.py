@@ -21,8 +21,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:torch.distrib
 STEP_DIR = "step_{:08d}"
 
 
-def layout_config(workdir, world_size, expert_parallel_size, fsdp, max_steps, out_dir=None):
-    config = tiny_config(workdir, world_size, expert_parallel_size, max_steps=max_steps)
+def layout_config(workdir, world_size, expert_parallel_size, fsdp, max_steps, out_dir=None, moe=None):
+    config = tiny_config(workdir, world_size, expert_parallel_size, max_steps=max_steps, moe=moe)
     parallel = dataclasses.replace(config.parallel, fsdp=fsdp)
     train = dataclasses.replace(config.train, out_dir=str(out_dir or config.train.out_dir))
     return dataclasses.replace(config, parallel=parallel, train=train)
@@ -41,7 +41,7 @@ def jobs_worker(rank, world_size, workdir, jobs):
         results = []
         for job in jobs:
             config = layout_config(workdir, world_size, job["ep"], job["fsdp"], job.get("stop_at", 1),
-                                   job.get("out_dir"))
+                                   job.get("out_dir"), job.get("moe"))
             job_ctx = build_context(job["ep"], device=ctx.device, timeout_seconds=60)
             trainer = Trainer(config, job_ctx)
             manager = CheckpointManager(Path(config.train.out_dir) / "checkpoints", config, job_ctx, verbose=False)
@@ -110,6 +110,14 @@ def runs(tmp_path_factory):
               "out_dir": str(workdir / f"w4_ep{ep}_fsdp{fsdp}")} for ep, fsdp in WORLD_4]
     jobs += [{"ep": ep, "fsdp": True, "load": str(checkpoint_dir(workdir, 3, "single")), "resave": True,
               "out_dir": str(workdir / f"back_ep{ep}")} for ep in (1, 2, 4)]
+    # 6 experts: at EP 2 each rank's 3 are split inside each expert over its 2 expert-data-parallel peers,
+    # and at EP 1 the 6 over 4 ranks likewise (DTensor entries per expert)
+    six = {"n_routed_experts": 6}
+    jobs += [{"ep": 2, "fsdp": True, "moe": six, "stop_at": 3, "save_at": (2, 3), "out_dir": str(workdir / "six")},
+             {"ep": 2, "fsdp": True, "moe": six, "load": str(checkpoint_dir(workdir, 2, "six")), "stop_at": 3,
+              "save_at": (3,), "out_dir": str(workdir / "six_resumed")}]
+    jobs += [{"ep": 1, "fsdp": fsdp, "moe": six, "load": str(checkpoint_dir(workdir, 3, "six")), "resave": True,
+              "out_dir": str(workdir / f"six_ep1_fsdp{fsdp}")} for fsdp in (False, True)]
     losses = run_jobs(workdir, 4, jobs)
     return workdir, losses
 
@@ -118,6 +126,14 @@ def test_fsdp_resume_is_bit_exact(runs):
     workdir, losses = runs
     assert losses[1] == losses[0][3:]
     assert_same_tensors(checkpoint_dir(workdir, 6), checkpoint_dir(workdir, 6, "resumed"), ranks=4)
+
+
+def test_experts_split_inside_resume_bit_exactly_and_load_elsewhere(runs):
+    workdir, losses = runs
+    assert losses[-3] == losses[-4][2:]
+    assert_same_tensors(checkpoint_dir(workdir, 3, "six"), checkpoint_dir(workdir, 3, "six_resumed"), 4)
+    for fsdp in (False, True):
+        assert_same_tensors(checkpoint_dir(workdir, 3, "six"), checkpoint_dir(workdir, 3, f"six_ep1_fsdp{fsdp}"), 4)
 
 
 def test_fsdp_checkpoint_loads_in_other_layouts_at_world_4_and_the_reverse(runs):
@@ -170,3 +186,5 @@ def test_fsdp_ranks_each_write_a_shard_of_every_dense_tensor(runs):
     assert chunks["model.model.embed_tokens.weight"] == 4 and chunks["optim.model.embed_tokens.weight.exp_avg"] == 4
     replicated = read_dcp_metadata(checkpoint_dir(workdir, 6, "w4_ep1_fsdpFalse")).state_dict_metadata
     assert len(replicated["model.model.embed_tokens.weight"].chunks) == 1
+    split = read_dcp_metadata(checkpoint_dir(workdir, 3, "six")).state_dict_metadata
+    assert len(split["model.model.layers.0.mlp.experts.w_gate.expert_0"].chunks) == 2  # each edp peer's slice

@@ -14,8 +14,10 @@ Everything that is not a tensor (step, reader state, optimizer hyperparameters) 
 
 Under FSDP (mymoe/parallel/fsdp.py) parameters and their optimizer moments are DTensors: a dense one is
 handed to DCP as it is, which writes each rank's shard as part of the one global tensor; a stacked expert
-one is sharded by whole experts on dim 0, so each rank writes the experts of its rows. The checkpoint
-looks the same whichever layout wrote it, and loading builds targets in the loading run's layout.
+one is sharded by whole experts on dim 0, so each rank writes the experts of its rows, or, when a rank
+holds fewer experts than it has expert-data-parallel peers, on dim 1, so each expert's entry is a DTensor
+of which each rank writes its slice. The checkpoint looks the same whichever layout wrote it, and loading
+builds targets in the loading run's layout.
 """
 from __future__ import annotations
 
@@ -91,13 +93,26 @@ def held_rows(value: torch.Tensor, rows: ExpertRows) -> tuple[torch.Tensor, int]
     return value.to_local(), rows.first + offset[0]
 
 
+def expert_slices(stacked: torch.Tensor, like: torch.Tensor) -> list[torch.Tensor]:
+    """One tensor per local row of `stacked` (this rank's part of a stacked expert tensor shaped like `like`):
+    the row itself, or when `like` is sharded inside each expert (dim > 0) a DTensor of the whole expert."""
+    if not isinstance(like, DTensor) or like.placements[0].dim == 0:
+        return [stacked[row] for row in range(stacked.shape[0])]
+    from torch.distributed.tensor import Shard
+
+    shape = like.shape[1:]
+    placement = [Shard(like.placements[0].dim - 1)]
+    return [DTensor.from_local(stacked[row], like.device_mesh, placement, run_check=False, shape=shape,
+                               stride=torch.empty(shape, device="meta").stride()) for row in range(stacked.shape[0])]
+
+
 def _put(tensors: dict, key: str, value: torch.Tensor, rows: Optional[ExpertRows]) -> None:
     if rows is None or value.dim() == 0:
         tensors[key] = value
         return
-    value, first = held_rows(value, rows)
-    for local in range(value.shape[0]):
-        tensors[expert_key(key, first + local)] = value[local]
+    local, first = held_rows(value, rows)
+    for row, expert_value in enumerate(expert_slices(local, value)):
+        tensors[expert_key(key, first + row)] = expert_value
 
 
 def flatten(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> tuple[dict, dict]:
@@ -177,10 +192,11 @@ def load_targets(template: dict, model: nn.Module, optimizer: Optional[torch.opt
         if sharded:
             local, first = held_rows(like, held)
             count, device = local.shape[0], local.device
-        stacked = torch.empty((count, *shape), dtype=dtype, device=device)  # [E_local (or this rank's), ...]
-        for local_row in range(count):
+        local_shape = tuple(local.shape[1:]) if sharded else tuple(shape)
+        stacked = torch.empty((count, *local_shape), dtype=dtype, device=device)  # [E_local (or this rank's), ...]
+        for local_row, expert_target in enumerate(expert_slices(stacked, like) if sharded else stacked):
             _check(expert_key(key, first + local_row), shape, saved_keys)
-            tensors[expert_key(key, first + local_row)] = stacked[local_row]
+            tensors[expert_key(key, first + local_row)] = expert_target
         if sharded:
             return DTensor.from_local(stacked, like.device_mesh, like.placements, run_check=False, shape=like.shape,
                                       stride=like.stride())

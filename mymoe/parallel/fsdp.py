@@ -17,9 +17,10 @@ Gradient normalisation matches the replicated layout (grads.py): FSDP averages d
 world; expert gradients are summed over the expert-data-parallel group and divided by the world size,
 not by the group size, since each expert already summed its ep group's tokens in backward.
 
-Parameters are sharded on dim 0: a stacked expert tensor [E_local, in, out] keeps whole experts on each
-rank (a checkpoint addresses them one by one), with FSDP's padding when E_local is not a multiple of the
-expert-data-parallel size.
+Parameters are sharded on dim 0. A stacked expert tensor [E_local, in, out] is too, keeping whole
+experts on each rank, when E_local is a multiple of the expert-data-parallel size; otherwise (8 experts
+over 16 ranks) it is sharded on dim 1, inside each expert, so its memory still shrinks with every rank
+added (torchtitan does the same). The checkpoint layout handles both (mymoe/checkpoint/layout.py).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import Shard
 
 from mymoe.config import ParallelConfig
 from mymoe.parallel.groups import ParallelContext
@@ -47,6 +49,14 @@ def data_parallel_meshes(ctx: ParallelContext) -> tuple[DeviceMesh, DeviceMesh]:
     if ctx.expert_parallel_size == 1:
         return dense, dense
     return dense, DeviceMesh.from_group(ctx.expert_data_parallel_group, device_type)
+
+
+def expert_shard_dim(shape: tuple, group_size: int) -> int:
+    """Dim a stacked expert tensor is sharded on over `group_size` ranks: 0 (whole experts per rank) when
+    its experts divide evenly, else 1 when that divides evenly (FSDP2 pads only dim 0), else 0 padded."""
+    if len(shape) < 2 or shape[0] % group_size == 0 or shape[1] % group_size:
+        return 0
+    return 1
 
 
 def sharded_blocks(model: nn.Module) -> list[nn.Module]:
@@ -71,7 +81,9 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext, parallel: ParallelConfig)
               "offload_policy": CPUOffloadPolicy() if parallel.fsdp_cpu_offload else OffloadPolicy()}
     reshard = parallel.fsdp_reshard_after_forward
     for layer in model.iter_moe_layers():
-        fully_shard(layer.experts, mesh=expert_mesh, reshard_after_forward=reshard, **common)
+        edp = ctx.expert_data_parallel_size
+        fully_shard(layer.experts, mesh=expert_mesh, reshard_after_forward=reshard,
+                    shard_placement_fn=lambda param: Shard(expert_shard_dim(tuple(param.shape), edp)), **common)
         if ctx.expert_parallel_size > 1:
             layer.experts.set_gradient_divide_factor(float(ctx.world_size))
             # gloo has no pre-multiplied sum: divide before and after a plain sum (a group of one rank
