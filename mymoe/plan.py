@@ -8,7 +8,8 @@ it predicts what one rank holds at the peak of a training step, split into
                     up between reductions (one reduce-scatter per step, not per micro-batch)
     optimizer       AdamW's two fp32 moments and its step counters
     gathered        FSDP only: the root's parameters kept gathered through the step, the blocks gathered
-                    at once (1 + prefetch) and one block's unsharded gradients before its reduce-scatter
+                    at once (1 + prefetch; all of them without reshard-after-forward) and one block's
+                    unsharded gradients before its reduce-scatter
     activations     what backward keeps, per token and layer (below), plus the logits and their loss
     all-to-all      expert parallelism only: one MoE layer's send and receive buffers
 
@@ -200,7 +201,8 @@ def predict(config: Config, shapes: list[ParamShape], layout: Layout, gpu_memory
         block = max(units.values(), default=0)
         param_bytes = FP32 if config.parallel.fsdp_param_dtype == "fp32" else 2
         ahead = 1 + config.parallel.fsdp_prefetch
-        gathered = (root + ahead * block) * param_bytes // FP32 + block  # + one block's unsharded grads
+        blocks_gathered = ahead * block if config.parallel.fsdp_reshard_after_forward else sum(units.values())
+        gathered = (root + blocks_gathered) * param_bytes // FP32 + block  # + one block's unsharded grads
         if accumulation > 1:  # gradients kept unsharded between the reductions of a step
             result.bytes["gradients"] = sum(held_numel(p, whole, False) for p in shapes if p.trainable) * FP32
     result.bytes["gathered"] = gathered

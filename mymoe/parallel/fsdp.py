@@ -8,7 +8,8 @@ its forward and the dispatcher then moves tokens exactly as it does without FSDP
 
 Applied in order, from the inside out, as torchtitan does:
 
-    1. each MoE layer's experts: fully_shard over the expert-data-parallel group
+    1. each MoE layer's experts: fully_shard over the expert-data-parallel group (with EP = 1 that is the
+       world, and the experts go with their block instead: one all-gather per block, not two)
     2. each block (and the multi-token-prediction head): fully_shard over the world
     3. the root (embedding, final norm, lm head): fully_shard over the world, kept gathered after
        forward since backward needs it at once
@@ -59,6 +60,13 @@ def expert_shard_dim(shape: tuple, group_size: int) -> int:
     return 1
 
 
+def expert_placement(group_size: int):
+    """shard_placement_fn that applies expert_shard_dim to expert parameters and dim 0 to the rest."""
+    def placement(param: nn.Parameter) -> Shard:
+        return Shard(expert_shard_dim(tuple(param.shape), group_size) if getattr(param, "is_expert", False) else 0)
+    return placement
+
+
 def sharded_blocks(model: nn.Module) -> list[nn.Module]:
     """The modules each sharded as one unit over the world, in forward order."""
     blocks = list(model.model.layers)
@@ -80,24 +88,26 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext, parallel: ParallelConfig)
                                                 reduce_dtype=DTYPES[parallel.fsdp_reduce_dtype]),
               "offload_policy": CPUOffloadPolicy() if parallel.fsdp_cpu_offload else OffloadPolicy()}
     reshard = parallel.fsdp_reshard_after_forward
-    for layer in model.iter_moe_layers():
+    for layer in model.iter_moe_layers() if ctx.expert_parallel_size > 1 else ():
+        # experts on their own mesh; with EP = 1 they share the world's and go with their block, in one gather
         edp = ctx.expert_data_parallel_size
         fully_shard(layer.experts, mesh=expert_mesh, reshard_after_forward=reshard,
-                    shard_placement_fn=lambda param: Shard(expert_shard_dim(tuple(param.shape), edp)), **common)
-        if ctx.expert_parallel_size > 1:
-            layer.experts.set_gradient_divide_factor(float(ctx.world_size))
-            # gloo has no pre-multiplied sum: divide before and after a plain sum (a group of one rank
-            # reduces nothing and divides once by itself)
-            if ctx.backend != "nccl" and ctx.expert_data_parallel_size > 1:
-                layer.experts.set_force_sum_reduction_for_comms(True)
-        # FSDP replaces each parameter by a sharded one; the marker the optimizer groups, the gradient
-        # norm and the checkpoint read must come along
-        for param in layer.experts.parameters():
-            param.is_expert = True
+                    shard_placement_fn=expert_placement(edp), **common)
+        layer.experts.set_gradient_divide_factor(float(ctx.world_size))
+        # gloo has no pre-multiplied sum: divide before and after a plain sum (a group of one rank
+        # reduces nothing and divides once by itself)
+        if ctx.backend != "nccl" and edp > 1:
+            layer.experts.set_force_sum_reduction_for_comms(True)
     blocks = sharded_blocks(model)
     for block in blocks:
-        fully_shard(block, mesh=dense_mesh, reshard_after_forward=reshard, **common)
+        fully_shard(block, mesh=dense_mesh, reshard_after_forward=reshard,
+                    shard_placement_fn=expert_placement(ctx.world_size), **common)
     fully_shard(model, mesh=dense_mesh, reshard_after_forward=False, **common)
+    # FSDP replaces each parameter by a sharded one; the marker the optimizer groups, the gradient norm
+    # and the checkpoint read must come along
+    for layer in model.iter_moe_layers():
+        for param in layer.experts.parameters():
+            param.is_expert = True
     if parallel.fsdp_prefetch > 0:
         ahead = parallel.fsdp_prefetch
         for index, block in enumerate(blocks):
