@@ -76,3 +76,42 @@ def test_bad_fsdp_input_stops_every_rank_with_one_clear_error(dataset, tmp_path)
         assert "--deepspeed" in outcome["deepspeed"] and "parallel.fsdp=true" in outcome["deepspeed"], outcome
         assert "parallel.expert_parallel_size=3 must divide the world size 2" in outcome["mesh"], outcome
         assert "parallel.expert_parallel_size=2 must divide model.moe.n_routed_experts=3" in outcome["experts"], outcome
+
+
+def _policies_worker(rank, world_size, train_prefix, valid_prefix, out_dir):
+    import torch
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    from mymoe.config import load_config
+    from mymoe.parallel import init_distributed, shutdown
+    from mymoe.train.loop import Trainer
+
+    config = load_config(str(TINY_CONFIG), tiny_overrides(train_prefix, valid_prefix, out_dir, extra={
+        "parallel.fsdp": True, "parallel.fsdp_param_dtype": "bf16", "parallel.fsdp_cpu_offload": True,
+        "parallel.expert_parallel_size": 2, "train.micro_batch_size": 2, "data.seq_len": 32}))
+    ctx = init_distributed(config)
+    try:
+        trainer = Trainer(config, ctx)
+        groups = [module._get_fsdp_state()._fsdp_param_group for module in trainer.model.modules()
+                  if hasattr(module, "_get_fsdp_state") and module._get_fsdp_state()._fsdp_param_group is not None]
+        metrics = [trainer.train_step() for _ in range(2)]
+        param = next(trainer.model.parameters())
+        return {"param_dtypes": {str(g.mp_policy.param_dtype) for g in groups},
+                "reduce_dtypes": {str(g.mp_policy.reduce_dtype) for g in groups},
+                "offloaded": all(isinstance(g.offload_policy, CPUOffloadPolicy) for g in groups),
+                "units": len(groups), "losses": [m["loss"] for m in metrics], "master_dtype": str(param.dtype),
+                "finite": all(torch.isfinite(torch.tensor(m["grad_norm"])) for m in metrics)}
+    finally:
+        shutdown()
+
+
+def test_fsdp_mixed_precision_and_cpu_offload_reach_every_unit_and_train(dataset, tmp_path):
+    """bf16 compute with fp32 master weights and reduction, and CPU offload, as config (on CPU here; the
+    GPU is where they pay)."""
+    results = run_distributed(_policies_worker, 2, args=(*dataset, str(tmp_path)), init_process_group=False,
+                              timeout=90)
+    value = results[0].value
+    assert value["param_dtypes"] == {"torch.bfloat16"} and value["reduce_dtypes"] == {"torch.float32"}, value
+    assert value["offloaded"] and value["units"] == 2 * 2 + 1, value  # experts and block per layer, and the root
+    assert value["master_dtype"] == "torch.float32" and value["finite"], value
+    assert value["losses"][1] < value["losses"][0], value

@@ -86,7 +86,9 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext, parallel: ParallelConfig)
     dense_mesh, expert_mesh = data_parallel_meshes(ctx)
     common = {"mp_policy": MixedPrecisionPolicy(param_dtype=DTYPES[parallel.fsdp_param_dtype],
                                                 reduce_dtype=DTYPES[parallel.fsdp_reduce_dtype]),
-              "offload_policy": CPUOffloadPolicy() if parallel.fsdp_cpu_offload else OffloadPolicy()}
+              # pinned host memory makes the copies to the GPU asynchronous; there is none to pin for on CPU
+              "offload_policy": (CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda") if parallel.fsdp_cpu_offload
+                                 else OffloadPolicy())}
     reshard = parallel.fsdp_reshard_after_forward
     for layer in model.iter_moe_layers() if ctx.expert_parallel_size > 1 else ():
         # experts on their own mesh; with EP = 1 they share the world's and go with their block, in one gather
