@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
 from torch.distributed.tensor import DTensor
 
 from mymoe.parallel.collectives import apply_flat, named_collective
