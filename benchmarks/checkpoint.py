@@ -45,7 +45,7 @@ class BenchState:
     def __init__(self, config, ctx):
         from mymoe.model import MoECausalLM
         from mymoe.parallel import parallelize
-        from mymoe.train.optim import build_optimizer, parameter_groups
+        from mymoe.optim import build_optimizer, parameter_groups
 
         torch.manual_seed(0)
         self.model = parallelize(MoECausalLM(config.model), ctx)

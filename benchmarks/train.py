@@ -12,8 +12,11 @@ them alike; the median repeat is reported):
   dense      the same model with a dense SwiGLU of top_k * moe_intermediate_size in every block: the
              weights one token touches in the MoE model, with no routing
 All three start from the same seed and the model's own initialisation, and use the same AdamW settings
-(mymoe.train.optim, TrainConfig defaults). The last line reads
+(mymoe.train.optim, TrainConfig defaults). Then (unless --no-layouts) the same model trains on 2 gloo
+ranks, FSDP against the replicated layout (benchmarks/layouts.py). The last line reads
 RESULT tokens_per_s=<ours> vs_deepspeed_moe=<ours / deepspeed tokens/s> vs_dense=<ours / dense step time>
+       fsdp_tokens_per_s=<world 2> replicated_tokens_per_s=<world 2> fsdp_vs_replicated=<fsdp / replicated>
+       fsdp_no_reshard_vs_replicated=<the same, blocks kept gathered from forward to backward>
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from torch import nn
 from mymoe.config import ModelConfig, MoEConfig, TrainConfig
 from mymoe.model.layers import SwiGLU
 from mymoe.model.transformer import MoECausalLM
-from mymoe.train.optim import build_optimizer, parameter_groups
+from mymoe.optim import build_optimizer, parameter_groups
 from peers import init_deepspeed, require_launch
 
 MICRO_BATCH_SIZE = 8
@@ -110,6 +113,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-layouts", action="store_true", help="skip FSDP against replicated at world 2")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with_deepspeed = init_deepspeed()
@@ -146,12 +150,17 @@ def main(argv=None) -> None:
         if with_deepspeed:
             result["vs_deepspeed_moe"] = step_time["deepspeed"] / step_time["ours"]
         result["vs_dense"] = step_time["ours"] / step_time["dense"]
+        if not args.no_layouts:
+            import layouts
+
+            print("FSDP against the replicated layout, 2 gloo ranks of one thread each:", flush=True)
+            result.update(layouts.compare(config, world_size=2, repeats=args.repeats))
     finally:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    print("RESULT " + " ".join(f"{key}={value:.0f}" if key == "tokens_per_s" else f"{key}={value:.3f}"
+    print("RESULT " + " ".join(f"{key}={value:.0f}" if key.endswith("tokens_per_s") else f"{key}={value:.3f}"
                                for key, value in result.items()))
 
 

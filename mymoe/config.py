@@ -32,6 +32,7 @@ QKNorm = Literal["head", "full"]  # per head (Qwen3) or over the whole projectio
 DispatcherName = Literal["alltoall", "alltoall_dedup", "allgather"]  # mymoe.parallel.parallelize.DISPATCHERS
 Backend = Literal["auto", "gloo", "nccl", "mpi"]
 Precision = Literal["auto", "fp32", "bf16"]
+FSDPDtype = Literal["fp32", "bf16"]  # FSDP2 MixedPrecisionPolicy: bf16 compute / reduction on GPU
 
 # Field metadata: the field changes the shape or meaning of the weights, so a checkpoint saved with another
 # value is refused at resume (mymoe.checkpoint.manager). `when` names the setting under which it matters.
@@ -143,6 +144,14 @@ class ParallelConfig:
     # "alltoall"; "alltoall_dedup" sends a token to a rank once however many of its experts live there;
     # "allgather" for small groups on fast links
     dispatcher: DispatcherName = "alltoall"
+    # fully sharded data parallelism (FSDP2, mymoe/parallel/fsdp.py): dense parameters, gradients and
+    # optimizer state split over every rank, experts over their expert-data-parallel ranks
+    fsdp: bool = False
+    fsdp_reshard_after_forward: bool = True  # free each block's gathered parameters after its forward
+    fsdp_prefetch: int = 0  # blocks whose all-gather is issued ahead of time (0: FSDP2's implicit order)
+    fsdp_param_dtype: FSDPDtype = "fp32"  # "bf16": compute in bf16 with fp32 master weights (GPU)
+    fsdp_reduce_dtype: FSDPDtype = "fp32"  # dtype of the gradient reduce-scatter
+    fsdp_cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory
 
 
 @dataclass
@@ -487,6 +496,7 @@ def validate_parallel(par: ParallelConfig, num_experts: int, world_size: Optiona
     if world_size is not None and world_size % par.expert_parallel_size:
         raise ConfigError(f"parallel.expert_parallel_size={par.expert_parallel_size} must divide the world size "
                           f"{world_size} (try {_divisors(world_size)}, or launch a multiple of it processes)")
+    _validate_fsdp(par)
 
 
 def validate_peft(peft: PEFTConfig, attention_type: str) -> None:
@@ -538,6 +548,11 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
     validate_train(config.train)
     validate_data(config.data)
     return config
+
+
+def _validate_fsdp(par: ParallelConfig) -> None:
+    if par.fsdp_prefetch < 0:
+        raise ConfigError(f"parallel.fsdp_prefetch={par.fsdp_prefetch} must be >= 0 (0: FSDP2's implicit prefetch)")
 
 
 def architecture_fields(cls=None, prefix: str = "") -> list[tuple[str, Optional[tuple]]]:

@@ -11,6 +11,13 @@ into one tensor per expert, keyed by the expert's global index:
 A rank saves the keys it holds and loads the keys its layout needs, so any expert-parallel size can
 load any checkpoint. Replicated tensors are the same key on every rank; DCP writes one copy.
 Everything that is not a tensor (step, reader state, optimizer hyperparameters) goes to the manifest.
+
+Under FSDP (mymoe/parallel/fsdp.py) parameters and their optimizer moments are DTensors: a dense one is
+handed to DCP as it is, which writes each rank's shard as part of the one global tensor; a stacked expert
+one is sharded by whole experts on dim 0, so each rank writes the experts of its rows, or, when a rank
+holds fewer experts than it has expert-data-parallel peers, on dim 1, so each expert's entry is a DTensor
+of which each rank writes its slice. The checkpoint looks the same whichever layout wrote it, and loading
+builds targets in the loading run's layout.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mymoe.checkpoint.storage import CheckpointError, tensor_crc32
 from mymoe.model.moe.experts import is_expert
@@ -75,12 +83,37 @@ def optimizer_parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer
     return ordered
 
 
+def held_rows(value: torch.Tensor, rows: ExpertRows) -> tuple[torch.Tensor, int]:
+    """(the rows of a stacked expert tensor this rank holds, the global index of the first): all of them, or
+    under FSDP this rank's shard of them."""
+    if not isinstance(value, DTensor):
+        return value, rows.first
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+    return value.to_local(), rows.first + offset[0]
+
+
+def expert_slices(stacked: torch.Tensor, like: torch.Tensor) -> list[torch.Tensor]:
+    """One tensor per local row of `stacked` (this rank's part of a stacked expert tensor shaped like `like`):
+    the row itself, or when `like` is sharded inside each expert (dim > 0) a DTensor of the whole expert."""
+    if not isinstance(like, DTensor) or like.placements[0].dim == 0:
+        return [stacked[row] for row in range(stacked.shape[0])]
+    from torch.distributed.tensor import Shard
+
+    shape = like.shape[1:]
+    placement = [Shard(like.placements[0].dim - 1)]
+    return [DTensor.from_local(stacked[row], like.device_mesh, placement, run_check=False, shape=shape,
+                               stride=torch.empty(shape, device="meta").stride()) for row in range(stacked.shape[0])]
+
+
 def _put(tensors: dict, key: str, value: torch.Tensor, rows: Optional[ExpertRows]) -> None:
     if rows is None or value.dim() == 0:
         tensors[key] = value
         return
-    for local, expert in enumerate(rows.global_indices()):
-        tensors[expert_key(key, expert)] = value[local]
+    local, first = held_rows(value, rows)
+    for row, expert_value in enumerate(expert_slices(local, value)):
+        tensors[expert_key(key, first + row)] = expert_value
 
 
 def flatten(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> tuple[dict, dict]:
@@ -148,24 +181,37 @@ def load_targets(template: dict, model: nn.Module, optimizer: Optional[torch.opt
     rows = expert_rows(model)
     tensors: dict[str, torch.Tensor] = {}
 
-    def target(key: str, shape: torch.Size, dtype: torch.dtype, held: Optional[ExpertRows]) -> torch.Tensor:
+    def target(key: str, shape: torch.Size, dtype: torch.dtype, held: Optional[ExpertRows],
+               like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`like`: the live tensor of this shape; when it is a DTensor (FSDP) the target takes its layout."""
+        sharded = isinstance(like, DTensor)
         if held is None:
             _check(key, shape, saved_keys)
-            tensors[key] = torch.empty(shape, dtype=dtype)
+            tensors[key] = torch.empty_like(like, dtype=dtype) if sharded else torch.empty(shape, dtype=dtype)
             return tensors[key]
-        stacked = torch.empty((held.count, *shape), dtype=dtype)  # [E_local, ...]
-        for local, expert in enumerate(held.global_indices()):
-            _check(expert_key(key, expert), shape, saved_keys)
-            tensors[expert_key(key, expert)] = stacked[local]
+        first, count, device = held.first, held.count, None
+        if sharded:
+            local, first = held_rows(like, held)
+            count, device = local.shape[0], local.device
+        local_shape = tuple(local.shape[1:]) if sharded else tuple(shape)
+        stacked = torch.empty((count, *local_shape), dtype=dtype, device=device)  # [E_local (or this rank's), ...]
+        for local_row, expert_target in enumerate(expert_slices(stacked, like) if sharded else stacked):
+            _check(expert_key(key, first + local_row), shape, saved_keys)
+            tensors[expert_key(key, first + local_row)] = expert_target
+        if sharded:
+            return DTensor.from_local(stacked, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                                      stride=like.stride())
         return stacked
 
     model_state = {}
     for name, value in template["model"].items():
         held = rows.get(name) if value.dim() > 0 else None
-        model_state[name] = target(f"model.{name}", value.shape[1:] if held else value.shape, value.dtype, held)
+        model_state[name] = target(f"model.{name}", value.shape[1:] if held else value.shape, value.dtype, held,
+                                   like=value)
 
     optimizer_state: dict[int, dict] = {}
     if optimizer is not None:
+        params = [param for group in optimizer.param_groups for param in group["params"]]
         for index, name in enumerate(optimizer_parameter_names(model, optimizer)):
             layout = manifest["optimizer_state"].get(name)
             if layout is None:  # no state saved for it (e.g. a parameter that never had a gradient)
@@ -183,7 +229,9 @@ def load_targets(template: dict, model: nn.Module, optimizer: Optional[torch.opt
                     held, (shape, dtype) = None, saved_keys[flat_key]
                 else:
                     raise CheckpointError(f"the checkpoint has no optimizer tensor '{flat_key}' for parameter {name}")
-                optimizer_state[index][key] = target(flat_key, torch.Size(shape), dtype, held)
+                param = params[index]
+                like = param if held is not None or torch.Size(shape) == param.shape else None
+                optimizer_state[index][key] = target(flat_key, torch.Size(shape), dtype, held, like=like)
     return LoadTargets(tensors, model_state, optimizer_state)
 
 

@@ -9,6 +9,7 @@
     dedup_dispatch.py  DedupAllToAllDispatcher: sends a token to a rank once, not once per expert there
     parallelize.py  shard each MoE layer's experts, install its dispatcher, synchronise replicas
     grads.py        average gradients (dense over the world, experts over edp / world), global grad norm, clip
+    fsdp.py         parallel.fsdp: FSDP2 shards dense state over the world and experts over their edp group
 
 Model code never imports torch.distributed: it only calls the dispatcher it is handed.
 """

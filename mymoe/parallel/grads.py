@@ -10,15 +10,19 @@ W gives dL/dW. Dividing by the edp size would overcount by the ep size. With EP 
 
 The global norm counts every gradient element once: dense gradients are identical on all ranks after
 reduction (counted from this rank alone); each ep group holds every expert exactly once, so the sum
-of squares of expert gradients is summed over the ep group.
+of squares of expert gradients is summed over the ep group. Under FSDP (fsdp.py) every gradient is a
+shard that no other rank holds (dense over the world, experts over edp within each ep slice), so the sum
+of squares of the local shards is summed over the world.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from mymoe.model.moe.experts import is_expert
 from mymoe.parallel.collectives import apply_flat, named_collective
+from mymoe.parallel.fsdp import is_fully_sharded
 from mymoe.parallel.groups import ParallelContext
 
 
@@ -33,7 +37,7 @@ def split_parameters(model: torch.nn.Module) -> tuple[list, list]:
 
 def reduce_gradients(model: torch.nn.Module, ctx: ParallelContext) -> None:
     """Average gradients as data parallelism prescribes: dense over the world, experts over edp / W."""
-    if not ctx.is_distributed:
+    if not ctx.is_distributed or is_fully_sharded(model):  # FSDP reduce-scatters in backward
         return
     dense, expert = split_parameters(model)
     for param in dense + expert:
@@ -55,17 +59,27 @@ def reduce_gradients(model: torch.nn.Module, ctx: ParallelContext) -> None:
     apply_flat([p.grad for p in expert], average_experts, ctx.device)
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (DTensor) gradient, or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def _sum_of_squares(params: list, device: torch.device) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float32, device=device)
     for param in params:
         if param.grad is not None:
-            total += param.grad.detach().float().square().sum().to(device)
+            total += _local(param.grad.detach()).float().square().sum().to(device)
     return total
 
 
 def global_grad_norm(model: torch.nn.Module, ctx: ParallelContext) -> torch.Tensor:
     """L2 norm of the whole model's gradient, each element counted once. Call after reduce_gradients."""
     dense, expert = split_parameters(model)
+    if ctx.is_distributed and is_fully_sharded(model):
+        squares = _sum_of_squares(dense + expert, ctx.device)
+        with named_collective("all_reduce (sharded gradient norm, world)", ctx.timeout_seconds):
+            dist.all_reduce(squares)
+        return squares.sqrt()
     expert_squares = _sum_of_squares(expert, ctx.device)
     if ctx.expert_parallel_size > 1:
         with named_collective("all_reduce (expert gradient norm, expert-parallel group)", ctx.timeout_seconds):
@@ -83,5 +97,6 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float, ctx: ParallelContex
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for param in model.parameters():
             if param.grad is not None:
-                param.grad.detach().mul_(scale.to(param.grad.device, param.grad.dtype))
+                grad = _local(param.grad.detach())
+                grad.mul_(scale.to(grad.device, grad.dtype))
     return norm

@@ -19,11 +19,12 @@ def main(argv=None) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
     # the loop imports torch and the whole package: only once the arguments are known, so --help is instant
-    from mymoe.train.loop import check_data, run
+    from mymoe.train.loop import check_data, check_engine, run
 
     try:
         config = load_config(args.config, overrides)
         check_data(config)  # every rank alike, before any collective
+        check_engine(config, args.deepspeed)
     except ConfigError as error:
         sys.exit(f"mymoe-train: {error}")
 

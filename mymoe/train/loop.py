@@ -28,6 +28,7 @@ from mymoe.peft import apply_peft
 from mymoe.parallel import ParallelContext, clip_grad_norm_, init_distributed, parallelize, reduce_gradients, shutdown
 from mymoe.parallel.collectives import all_reduce
 from mymoe.train.deepspeed_engine import ZeroOptimizerView, initialize_deepspeed
+from mymoe.parallel.fsdp import apply_fsdp, set_gradient_sync
 from mymoe.train.metrics import MetricsLogger, peak_flops_per_second
 from mymoe.train.stop import GracefulStop
 from mymoe.optim import build_optimizer, parameter_groups
@@ -87,12 +88,19 @@ def build_reader(config: Config, ctx: ParallelContext, split: str):
     return build_train_reader(data.train_prefixes, data.train_weights, **common)
 
 
+def check_engine(config: Config, deepspeed_config: Optional[str]) -> None:
+    if deepspeed_config is not None and config.parallel.fsdp:
+        raise ConfigError(f"--deepspeed {deepspeed_config} and parallel.fsdp=true both partition the training "
+                          f"state and cannot be combined: drop --deepspeed, or set --parallel.fsdp=false")
+
+
 class Trainer:
     """Holds everything a step needs; `state_dict`/`load_state_dict` are the checkpoint seam."""
 
     def __init__(self, config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] = None,
                  init_from: Optional[str] = None):
         check_data(config)
+        check_engine(config, deepspeed_config)
         self.config, self.ctx = config, ctx
         train = config.train
         torch.manual_seed(train.seed)  # the same initial model on every rank (parallelize also broadcasts it)
@@ -104,6 +112,8 @@ class Trainer:
             apply_peft(self.model, config.peft.lora_rank, config.peft.lora_alpha, config.peft.lora_targets,
                        config.peft.prefix_length, seed=train.seed)
         self.model.to(ctx.device)
+        if config.parallel.fsdp:  # after the adapters exist, so FSDP shards them with the rest
+            apply_fsdp(self.model, ctx, config.parallel)
         torch.manual_seed(train.seed + ctx.rank)  # router noise and the like differ per rank, reproducibly
         self.engine = None
         if deepspeed_config is not None:
@@ -149,7 +159,8 @@ class Trainer:
         aux_scale = aux_loss_scale(self.step, config.train)
         self.model.train()
         sums = None  # [loss, lm_loss, aux_loss, z_loss, load_balancing_loss, dropped per layer...]
-        for _ in range(accumulation):
+        for micro in range(accumulation):
+            set_gradient_sync(self.model, micro == accumulation - 1)  # FSDP: one reduce-scatter per step
             input_ids, labels = self.train_reader.next_batch()
             with autocast_context(config, ctx.device):
                 out = self.forward(input_ids.to(ctx.device), labels=labels.to(ctx.device))
@@ -220,6 +231,7 @@ def checkpoint_manager(config: Config, ctx: ParallelContext) -> CheckpointManage
 
 def run(config: Config, deepspeed_config: Optional[str] = None, progress: bool = True) -> TrainResult:
     """Join the job, train to the end, save the last checkpoint, leave the job."""
+    check_engine(config, deepspeed_config)  # before any collective, on every rank alike
     ctx = init_distributed(config)
     try:
         return train(config, ctx, deepspeed_config, progress)
@@ -239,7 +251,7 @@ def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] 
                            dead_expert_window=train_config.dead_expert_window, start_step=trainer.step,
                            progress=progress)
     model = trainer.model
-    through = f" (DeepSpeed {deepspeed_config})" if deepspeed_config else ""
+    through = f" (DeepSpeed {deepspeed_config})" if deepspeed_config else (" (FSDP)" if config.parallel.fsdp else "")
     logger.write(f"model: {model.num_parameters() / 1e6:.2f}M parameters "
                  f"({model.num_parameters(active_only=True) / 1e6:.2f}M active); world {ctx.world_size} = "
                  f"EP {ctx.expert_parallel_size} x EDP {ctx.expert_data_parallel_size}{through}; "
