@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = commands.add_parser("preprocess", help="tokenize documents into .bin/.idx")
     _add_input_arguments(pre)
-    pre.add_argument("--tokenizer", required=True, help="a SentencePiece .model")
+    pre.add_argument("--tokenizer", required=True,
+                     help="a SentencePiece .model, a tokenizer.json, or a Hugging Face model folder")
     pre.add_argument("--output", required=True,
                      help="prefix: writes OUTPUT.{bin,idx}, or OUTPUT_train and OUTPUT_valid "
                           "with --split / --valid-docs")
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     look = commands.add_parser("inspect", help="counts, length histogram, decoded samples")
     look.add_argument("prefix", help="a .bin/.idx prefix (or either file)")
-    look.add_argument("--tokenizer", help="decode samples and check ids with this .model")
+    look.add_argument("--tokenizer", help="decode samples and check ids with this tokenizer "
+                      "(.model, tokenizer.json or model folder)")
     look.add_argument("--samples", type=int, default=2, help="documents to decode")
     look.add_argument("--max-chars", type=int, default=400, help="characters shown per sample")
     look.add_argument("--quiet", action="store_true", help="no progress bars")

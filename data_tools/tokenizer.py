@@ -75,24 +75,25 @@ class TokenizerResult:
         )
 
 
-def load_tokenizer(model_path: str) -> spm.SentencePieceProcessor:
-    if not os.path.isfile(model_path):
-        raise DataError(
-            f"tokenizer model {model_path} does not exist; train one with "
-            f"`python -m data_tools train-tokenizer` or pass the right --tokenizer"
-        )
+def load_tokenizer(model_path: str):
+    """A SentencePiece .model, or a Hugging Face tokenizer.json (file or model folder): both with
+    SentencePieceProcessor's methods (mymoe.tokenizer)."""
+    from mymoe.tokenizer import TokenizerError
+    from mymoe.tokenizer import load_tokenizer as load_any_tokenizer
+
     try:
-        return spm.SentencePieceProcessor(model_file=model_path)
-    except (RuntimeError, OSError) as error:
-        raise DataError(f"{model_path} is not a SentencePiece model ({error})") from None
+        return load_any_tokenizer(model_path)
+    except TokenizerError as error:
+        raise DataError(str(error)) from None
 
 
-def end_of_document_id(tokenizer: spm.SentencePieceProcessor, model_path: str) -> int:
+def end_of_document_id(tokenizer, model_path: str) -> int:
     eod = tokenizer.eos_id()
     if eod < 0:
         raise DataError(
-            f"tokenizer {model_path} has no EOS piece, and preprocess appends EOS to end every "
-            f"document; retrain it with `python -m data_tools train-tokenizer` (which keeps </s>)"
+            f"tokenizer {model_path} has no EOS token, and preprocess appends EOS to end every "
+            f"document; retrain it with `python -m data_tools train-tokenizer` (which keeps </s>), "
+            f"or name it as eos_token in the tokenizer_config.json beside a tokenizer.json"
         )
     return eod
 

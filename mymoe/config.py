@@ -157,7 +157,7 @@ class DataConfig:
     train_weights: Optional[list] = None
     valid_prefixes: list = field(default_factory=list)
     seq_len: int = 128
-    tokenizer: Optional[str] = None  # sentencepiece .model, for generation and checks
+    tokenizer: Optional[str] = None  # sentencepiece .model, tokenizer.json or HF folder: generation, checks
 
 
 @dataclass

@@ -116,10 +116,15 @@ def check_compatible(manifest: dict, config: Config, directory: Path) -> None:
 
 
 def tokenizer_fingerprint(config: Config) -> Optional[dict]:
-    path = config.data.tokenizer
-    if not path or not Path(path).is_file():
+    from mymoe.tokenizer import TokenizerError, tokenizer_file
+
+    if not config.data.tokenizer:
         return None
-    return {"path": str(path), "crc32": file_crc32(Path(path))[1]}
+    try:
+        path = tokenizer_file(config.data.tokenizer)  # a model folder: its tokenizer.json
+    except TokenizerError:
+        return None
+    return {"path": str(path), "crc32": file_crc32(path)[1]}
 
 
 def expert_checksums_of(tensors: dict) -> dict[str, dict[str, int]]:

@@ -2,8 +2,11 @@
 
 Attention, norms, embedding and head have the same names in mymoe and in every supported architecture
 (``model.layers.N.self_attn.q_proj.weight`` ...), so only each layer's ``mlp`` goes through the
-per-architecture adapter (hf_mixtral, hf_qwen2_moe, hf_deepseek_v3), and for DeepSeek-V3 the rotary rows
-of the attention weights (its ``attention_to_hf`` / ``attention_from_hf``). The multi-token prediction
+per-architecture adapter (hf_<family>.py), and for DeepSeek-V2/V3 the rotary rows of the attention
+weights (``attention_to_hf`` / ``attention_from_hf``). Attention biases and q/k norms keep their names too;
+an adapter's ATTENTION_OPTIONS says which of them its architecture has. With a tokenizer the export also
+holds files AutoTokenizer loads with our ids and the special ids transformers' generate needs
+(hf_tokenizer). The multi-token prediction
 head is not written: no supported architecture runs one in transformers. Export writes the Hub's layout
 (one tensor per expert, as ``save_pretrained`` writes it); import reads that layout and also the fused
 ``experts.gate_up_proj`` / ``experts.down_proj`` one. A model whose computation the target cannot
@@ -12,7 +15,6 @@ reproduce exactly is refused with every reason, and nothing is written.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -24,7 +26,7 @@ from safetensors.torch import save_file
 from mymoe.checkpoint.storage import CheckpointError
 from mymoe.config import ConfigError, config_from_dict, validate
 from mymoe.convert import (hf_deepseek_v2, hf_deepseek_v3, hf_llama, hf_mixtral, hf_olmoe, hf_qwen2_moe, hf_qwen3,
-                           hf_qwen3_moe)
+                           hf_qwen3_moe, hf_tokenizer)
 from mymoe.convert.atomic import atomic_output
 from mymoe.convert.consolidate import model_tensors, save_weights
 
@@ -138,19 +140,6 @@ def split_layers(state: dict) -> tuple[dict, dict[int, dict]]:
     return plain, mlps
 
 
-def check_tokenizer(path: str, vocab_size: int) -> None:
-    import sentencepiece as spm
-
-    try:
-        pieces = spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
-    except (OSError, RuntimeError) as error:
-        raise CheckpointError(f"{path} is not a sentencepiece model: {error}") from None
-    if pieces > vocab_size:
-        raise CheckpointError(f"tokenizer {path} has {pieces} pieces but the model's vocab_size is {vocab_size}: "
-                              f"ids past {vocab_size - 1} have no embedding; pass the tokenizer the model was "
-                              f"trained with")
-
-
 def export_hf(model, out_dir: str | Path, name: str = "auto", tokenizer: Optional[str] = None,
               overwrite: bool = False) -> dict:
     name = choose_format(model) if name == "auto" else name
@@ -158,8 +147,9 @@ def export_hf(model, out_dir: str | Path, name: str = "auto", tokenizer: Optiona
     if problems:
         raise CheckpointError(f"cannot export as {name} without changing what the model computes, nothing was "
                               f"written:\n  " + "\n  ".join(problems))
-    if tokenizer is not None:
-        check_tokenizer(tokenizer, model.config.vocab_size)
+    prepared = None
+    if tokenizer is not None:  # read, converted and checked before anything is written
+        prepared = hf_tokenizer.prepare(tokenizer, model.config.vocab_size, model.config.max_position_embeddings)
     state = model_tensors(model)
     if model.mtp is not None:
         state = {key: value for key, value in state.items() if not key.startswith("mtp.")}
@@ -176,9 +166,13 @@ def export_hf(model, out_dir: str | Path, name: str = "auto", tokenizer: Optiona
         temporary.mkdir()
         save_file({key: value.contiguous() for key, value in tensors.items()}, str(temporary / "model.safetensors"),
                   metadata={"format": "pt"})
-        (temporary / "config.json").write_text(json.dumps(hf_config(model, name), indent=2) + "\n")
-        if tokenizer is not None:
-            shutil.copy(tokenizer, temporary / "tokenizer.model")
+        config = hf_config(model, name)
+        if prepared is not None:
+            config.update(prepared["ids"])
+            hf_tokenizer.write(prepared, temporary)
+            (temporary / "generation_config.json").write_text(
+                json.dumps(hf_tokenizer.generation_config(prepared["ids"]), indent=2) + "\n")
+        (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {"architecture": ADAPTERS[name].ARCHITECTURE, "tensors": len(tensors)}
 
 

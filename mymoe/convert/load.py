@@ -29,6 +29,8 @@ def load_any(path: str | Path, step: Optional[int] = None):
             model, config = load_consolidated_model(Path(scratch) / "model.safetensors")
         if config.data.tokenizer is None and (source / "tokenizer.model").is_file():
             config.data.tokenizer = str(source / "tokenizer.model")
+        elif config.data.tokenizer is None and (source / "tokenizer.json").is_file():
+            config.data.tokenizer = str(source)  # the folder: its config files name the special tokens
         return model, config, {"step": "?", "expert_parallel_size": "?"}
     return load_model(source, step)
 
