@@ -88,6 +88,12 @@ class ModelConfig:
     qk_norm: Optional[str] = None  # RMSNorm of queries and keys before rotary: "head" per head (Qwen3),
     #                                "full" over the whole projection (OLMoE)
     clip_qkv: Optional[float] = None  # clamp queries, keys and values to [-clip_qkv, clip_qkv] (OLMoE)
+    attention_multiplier: Optional[float] = None  # softmax scale of the scores; None: 1 / sqrt(head_dim)
+    # Granite's scalings (1.0: none): embeddings times embedding_multiplier, each block's attention and
+    # MLP output times residual_multiplier before its residual add, logits divided by logits_scaling
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     q_lora_rank: Optional[int] = None  # None: queries projected directly, no low-rank bottleneck
     kv_lora_rank: int = 512
     qk_nope_head_dim: int = 128
@@ -381,7 +387,18 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
                           f"whole projection, OLMoE)")
     if m.clip_qkv is not None and m.clip_qkv <= 0:
         raise ConfigError(f"model.clip_qkv={m.clip_qkv} must be positive (or null for no clamping)")
-    gqa_options = [name for name in ("attention_bias", "qkv_bias", "qk_norm", "clip_qkv") if getattr(m, name)]
+    for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"model.{name}={getattr(m, name)} must be positive (1.0: no scaling)")
+    if m.attention_multiplier is not None and m.attention_multiplier <= 0:
+        raise ConfigError(f"model.attention_multiplier={m.attention_multiplier} must be positive (or null for "
+                          f"1 / sqrt(head_dim))")
+    scaled = [name for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling") if getattr(m, name) != 1]
+    if scaled and m.num_nextn_predict_layers:
+        raise ConfigError(f"model.{scaled[0]}={getattr(m, scaled[0])} with num_nextn_predict_layers: the multi-token "
+                          f"prediction head does not apply Granite's scalings; use one or the other")
+    gqa_options = [name for name in ("attention_bias", "qkv_bias", "qk_norm", "clip_qkv", "attention_multiplier")
+                   if getattr(m, name)]
     if m.attention_type == "mla" and gqa_options:
         raise ConfigError(f"model.{gqa_options[0]}={getattr(m, gqa_options[0])!r} is an option of grouped-query "
                           f"attention: set it to its default (false or null) with attention_type=mla")

@@ -25,13 +25,14 @@ from safetensors.torch import save_file
 
 from mymoe.checkpoint.storage import CheckpointError
 from mymoe.config import ConfigError, config_from_dict, validate
-from mymoe.convert import (hf_deepseek_v2, hf_deepseek_v3, hf_llama, hf_mixtral, hf_olmoe, hf_qwen2_moe, hf_qwen3,
-                           hf_qwen3_moe, hf_tokenizer)
+from mymoe.convert import (hf_deepseek_v2, hf_deepseek_v3, hf_granitemoe, hf_llama, hf_mixtral, hf_olmoe,
+                           hf_qwen2_moe, hf_qwen3, hf_qwen3_moe, hf_tokenizer)
 from mymoe.convert.atomic import atomic_output
 from mymoe.convert.consolidate import model_tensors, save_weights
 
 ADAPTERS = {"mixtral": hf_mixtral, "qwen2_moe": hf_qwen2_moe, "qwen3_moe": hf_qwen3_moe, "olmoe": hf_olmoe,
-            "deepseek_v2": hf_deepseek_v2, "deepseek_v3": hf_deepseek_v3, "llama": hf_llama, "qwen3": hf_qwen3}
+            "deepseek_v2": hf_deepseek_v2, "deepseek_v3": hf_deepseek_v3, "granitemoe": hf_granitemoe,
+            "llama": hf_llama, "qwen3": hf_qwen3}
 
 
 def choose_format(model) -> str:
@@ -47,6 +48,10 @@ def choose_format(model) -> str:
         return "deepseek_v2"
     if config.attention_type == "mla" or moe.scoring_func == "sigmoid" or moe.n_group > 1 or biased:
         return "deepseek_v3"
+    scaled = any(getattr(config, field) != 1 for field in ("embedding_multiplier", "residual_multiplier",
+                                                           "logits_scaling"))
+    if scaled or config.attention_multiplier is not None:
+        return "granitemoe"
     if config.qk_norm == "full" or config.clip_qkv is not None:
         return "olmoe"
     if config.qk_norm == "head":
@@ -58,7 +63,8 @@ def choose_format(model) -> str:
 # values its architecture computes
 ATTENTION_OPTIONS = {"attention_bias": "biases on the q, k, v and o projections",
                      "qkv_bias": "biases on the q, k and v projections", "qk_norm": "query and key norms",
-                     "clip_qkv": "clamping of queries, keys and values"}
+                     "clip_qkv": "clamping of queries, keys and values",
+                     "attention_multiplier": "softmax scale other than 1 / sqrt(head_dim)"}
 
 
 def attention_option_problems(config, name: str) -> list[str]:
@@ -81,6 +87,10 @@ def attention_option_problems(config, name: str) -> list[str]:
 def export_refusals(model, name: str) -> list[str]:
     config, moe = model.config, model.config.moe
     problems = list(ADAPTERS[name].refusals(config)) + attention_option_problems(config, name)
+    if "granite_scaling" not in getattr(ADAPTERS[name], "COMPUTES", ()):
+        problems += [f"{field}={getattr(config, field)}: {name} has no such scaling (export as granitemoe)"
+                     for field in ("embedding_multiplier", "residual_multiplier", "logits_scaling")
+                     if getattr(config, field) != 1]
     eval_factor = moe.eval_capacity_factor if moe.eval_capacity_factor is not None else moe.capacity_factor
     if eval_factor is not None:
         problems.append(f"capacity factor {eval_factor} at inference: mymoe drops tokens past capacity, "

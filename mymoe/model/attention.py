@@ -61,12 +61,13 @@ class Attention(nn.Module):
     num_key_value_heads == num_attention_heads is plain multi-head attention, 1 is multi-query.
     Options, all off by default: biases on q, k, v (qkv_bias) and o (out_bias); ``qk_norm`` "head"
     RMS-normalises each query and key head (Qwen3), "full" the whole query and key projection (OLMoE),
-    both before rotary; ``clip_qkv`` clamps queries, keys and values after that (OLMoE).
+    both before rotary; ``clip_qkv`` clamps queries, keys and values after that (OLMoE); ``scale``
+    replaces 1 / sqrt(head_dim) as the scores' scale (Granite's attention_multiplier).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, qkv_bias: bool = False,
                  out_bias: bool = False, qk_norm: Optional[str] = None, clip_qkv: Optional[float] = None,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, scale: Optional[float] = None):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -76,6 +77,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=out_bias)
         self.qk_norm, self.clip_qkv = qk_norm, clip_qkv
+        self.scale = scale  # None: SDPA's 1 / sqrt(head_dim)
         if qk_norm is not None:
             per_head = qk_norm == "head"
             self.q_norm = RMSNorm(head_dim if per_head else num_heads * head_dim, eps)
@@ -109,7 +111,8 @@ class Attention(nn.Module):
         # is_causal aligns the triangle to the top-left corner, right only when queries and keys start
         # together; every other case comes with an explicit mask
         is_causal = mask is None and seq > 1
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, is_causal=is_causal)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, is_causal=is_causal,
+                                             scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
 
