@@ -25,10 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    tok = commands.add_parser("train-tokenizer", help="train a SentencePiece tokenizer")
+    tok = commands.add_parser("train-tokenizer", help="train a SentencePiece (or Hugging Face BPE) tokenizer")
     _add_input_arguments(tok)
     tok.add_argument("--output", required=True,
-                     help="prefix: writes OUTPUT.model and OUTPUT.vocab")
+                     help="prefix: writes OUTPUT.model and OUTPUT.vocab (--library tokenizers: the folder "
+                          "OUTPUT/ with tokenizer.json and tokenizer_config.json)")
+    tok.add_argument("--library", default="sentencepiece", choices=["sentencepiece", "tokenizers"],
+                     help="tokenizers: a byte-level BPE trained with Hugging Face tokenizers")
     tok.add_argument("--vocab-size", type=int, default=8000)
     tok.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     tok.add_argument("--normalization", default="identity", choices=["identity", "nmt_nfkc"],
@@ -112,7 +115,7 @@ def _train_tokenizer(args) -> int:
     from data_tools.tokenizer import TokenizerOptions, check_tokenizer_options, train_tokenizer
 
     options = TokenizerOptions(
-        inputs=args.input, output=args.output, vocab_size=args.vocab_size,
+        inputs=args.input, output=args.output, vocab_size=args.vocab_size, library=args.library,
         model_type=args.model_type, normalization=args.normalization,
         byte_fallback=args.byte_fallback,
         special_tokens=args.special_tokens, character_coverage=args.character_coverage,
@@ -126,9 +129,10 @@ def _train_tokenizer(args) -> int:
     size = sum(source.size for source in sources)
     print(
         f"train-tokenizer: {options.model_type} vocab {options.vocab_size:,} on "
-        f"{count_of(len(sources), 'file')} ({size / 1e6:,.1f} MB) -> {options.output}.model"
+        f"{count_of(len(sources), 'file')} ({size / 1e6:,.1f} MB) -> {options.output}"
+        + ("/ (Hugging Face tokenizers)" if options.library == "tokenizers" else ".model")
         + (f", {len(options.special_tokens)} special tokens" if options.special_tokens else "")
-        + (", byte fallback" if options.byte_fallback else "")
+        + (", byte fallback" if options.byte_fallback and options.library == "sentencepiece" else "")
     )
     result = train_tokenizer(options, sources)
     _print_problems(result.report)

@@ -37,7 +37,8 @@ MAX_SENTENCE_CHARS = 1000
 @dataclass
 class TokenizerOptions:
     inputs: list[str]
-    output: str  # prefix: writes <output>.model and <output>.vocab
+    output: str  # prefix: writes <output>.model and <output>.vocab (library tokenizers: the folder <output>/)
+    library: str = "sentencepiece"  # or "tokenizers": byte-level BPE with Hugging Face tokenizers (hf_bpe.py)
     vocab_size: int = 8000
     model_type: str = "bpe"
     normalization: str = "identity"
@@ -133,6 +134,13 @@ def check_tokenizer_options(options: TokenizerOptions) -> None:
         raise DataError(f"--input-sentence-size {options.input_sentence_size} must be >= 0")
     if options.num_threads < 1:
         raise DataError(f"--num-threads {options.num_threads} must be >= 1")
+    if options.library not in ("sentencepiece", "tokenizers"):
+        raise DataError(f"--library {options.library!r} is not sentencepiece or tokenizers")
+    if options.library == "tokenizers":
+        from data_tools.hf_bpe import check_bpe_options
+
+        check_bpe_options(options)
+        return
     for path in (options.output + ".model", options.output + ".vocab"):
         if os.path.exists(path) and not options.overwrite:
             raise DataError(
@@ -142,6 +150,10 @@ def check_tokenizer_options(options: TokenizerOptions) -> None:
 
 def train_tokenizer(options: TokenizerOptions, sources: list[Source]) -> TokenizerResult:
     """Train on `sources` (resolved inputs); `check_tokenizer_options` must have passed."""
+    if options.library == "tokenizers":
+        from data_tools.hf_bpe import train_bpe
+
+        return train_bpe(options, sources)
     started = time.perf_counter()
     report = CorpusReport()
     counts = {"documents": 0, "lines": 0}
