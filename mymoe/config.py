@@ -56,6 +56,13 @@ class MoEConfig:
     seq_aux_loss_coef: float = 0.0  # DeepSeek sequence-level balance loss
     router_z_loss_coef: float = 0.0
     bias_update_rate: float = 0.0  # aux-loss-free balancing; 0 disables the selection bias
+    # GPT-OSS's experts, all off by default: a bias on the router's logits, biases on the experts'
+    # projections, and "clamped_swiglu": (clamp(up, +-limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
+    router_bias: bool = False
+    expert_mlp_bias: bool = False
+    expert_activation: str = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     @property
     def dropless(self) -> bool:
@@ -94,6 +101,12 @@ class ModelConfig:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    # GPT-OSS attention: a learned per-head logit that joins each softmax (a "sink" taking probability
+    # mass, contributing no value), and layers attending only to the last sliding_window positions
+    attention_sinks: bool = False
+    sliding_window: Optional[int] = None
+    layer_types: Optional[list] = None  # per layer "full_attention" or "sliding_attention"; None: all
+    #                                     sliding when sliding_window is set
     q_lora_rank: Optional[int] = None  # None: queries projected directly, no low-rank bottleneck
     kv_lora_rank: int = 512
     qk_nope_head_dim: int = 128
@@ -397,8 +410,23 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
     if scaled and m.num_nextn_predict_layers:
         raise ConfigError(f"model.{scaled[0]}={getattr(m, scaled[0])} with num_nextn_predict_layers: the multi-token "
                           f"prediction head does not apply Granite's scalings; use one or the other")
-    gqa_options = [name for name in ("attention_bias", "qkv_bias", "qk_norm", "clip_qkv", "attention_multiplier")
-                   if getattr(m, name)]
+    if m.sliding_window is not None and m.sliding_window <= 0:
+        raise ConfigError(f"model.sliding_window={m.sliding_window} must be a positive number of positions (or null)")
+    if m.layer_types is not None:
+        bad = [kind for kind in m.layer_types if kind not in ("full_attention", "sliding_attention")]
+        if bad or len(m.layer_types) != m.num_hidden_layers:
+            raise ConfigError(f"model.layer_types={m.layer_types} must list 'full_attention' or 'sliding_attention' "
+                              f"for each of the {m.num_hidden_layers} layers")
+        if "sliding_attention" in m.layer_types and m.sliding_window is None:
+            raise ConfigError("model.layer_types has sliding_attention layers but model.sliding_window is null: "
+                              "set the window")
+    if moe.expert_activation not in ("swiglu", "clamped_swiglu"):
+        raise ConfigError(f"model.moe.expert_activation={moe.expert_activation!r} must be 'swiglu' or "
+                          f"'clamped_swiglu' (GPT-OSS)")
+    if moe.swiglu_limit <= 0:
+        raise ConfigError(f"model.moe.swiglu_limit={moe.swiglu_limit} must be positive")
+    gqa_options = [name for name in ("attention_bias", "qkv_bias", "qk_norm", "clip_qkv", "attention_multiplier",
+                                     "attention_sinks", "sliding_window") if getattr(m, name)]
     if m.attention_type == "mla" and gqa_options:
         raise ConfigError(f"model.{gqa_options[0]}={getattr(m, gqa_options[0])!r} is an option of grouped-query "
                           f"attention: set it to its default (false or null) with attention_type=mla")

@@ -25,14 +25,14 @@ from safetensors.torch import save_file
 
 from mymoe.checkpoint.storage import CheckpointError
 from mymoe.config import ConfigError, config_from_dict, validate
-from mymoe.convert import (hf_deepseek_v2, hf_deepseek_v3, hf_granitemoe, hf_llama, hf_mixtral, hf_olmoe,
+from mymoe.convert import (hf_deepseek_v2, hf_deepseek_v3, hf_gpt_oss, hf_granitemoe, hf_llama, hf_mixtral, hf_olmoe,
                            hf_qwen2_moe, hf_qwen3, hf_qwen3_moe, hf_tokenizer)
 from mymoe.convert.atomic import atomic_output
 from mymoe.convert.consolidate import model_tensors, save_weights
 
 ADAPTERS = {"mixtral": hf_mixtral, "qwen2_moe": hf_qwen2_moe, "qwen3_moe": hf_qwen3_moe, "olmoe": hf_olmoe,
             "deepseek_v2": hf_deepseek_v2, "deepseek_v3": hf_deepseek_v3, "granitemoe": hf_granitemoe,
-            "llama": hf_llama, "qwen3": hf_qwen3}
+            "gpt_oss": hf_gpt_oss, "llama": hf_llama, "qwen3": hf_qwen3}
 
 
 def choose_format(model) -> str:
@@ -52,6 +52,8 @@ def choose_format(model) -> str:
                                                            "logits_scaling"))
     if scaled or config.attention_multiplier is not None:
         return "granitemoe"
+    if config.attention_sinks or moe.expert_activation == "clamped_swiglu":
+        return "gpt_oss"
     if config.qk_norm == "full" or config.clip_qkv is not None:
         return "olmoe"
     if config.qk_norm == "head":
@@ -64,7 +66,8 @@ def choose_format(model) -> str:
 ATTENTION_OPTIONS = {"attention_bias": "biases on the q, k, v and o projections",
                      "qkv_bias": "biases on the q, k and v projections", "qk_norm": "query and key norms",
                      "clip_qkv": "clamping of queries, keys and values",
-                     "attention_multiplier": "softmax scale other than 1 / sqrt(head_dim)"}
+                     "attention_multiplier": "softmax scale other than 1 / sqrt(head_dim)",
+                     "attention_sinks": "sink logits", "sliding_window": "sliding-window layers"}
 
 
 def attention_option_problems(config, name: str) -> list[str]:
@@ -98,9 +101,15 @@ def export_refusals(model, name: str) -> list[str]:
     if any(getattr(module, "prefix", None) is not None for module in model.modules()):
         problems.append(f"prefix-tuning adapters: {name} has no trainable attention prefixes (LoRA merges into "
                         f"the weights, prefixes cannot)")
+    computes = getattr(ADAPTERS[name], "COMPUTES", ())  # what beyond Mixtral's routing the architecture has
+    if config.first_k_dense_replace < config.num_hidden_layers and "router_bias" not in computes:
+        if moe.router_bias:
+            problems.append(f"router_bias=true: {name}'s router has no bias on its logits (export as gpt_oss)")
+        if moe.expert_mlp_bias or moe.expert_activation != "swiglu":
+            problems.append(f"expert_mlp_bias={moe.expert_mlp_bias}, expert_activation={moe.expert_activation!r}: "
+                            f"{name}'s experts are SwiGLU without biases (export as gpt_oss)")
     if name == "deepseek_v3" or config.first_k_dense_replace == config.num_hidden_layers:
         return problems  # DeepSeek-V3 routing has groups, scaling and the bias; a dense model has no routing
-    computes = getattr(ADAPTERS[name], "COMPUTES", ())  # what beyond Mixtral's routing the architecture has
     if config.attention_type == "mla" and "mla" not in computes:
         problems.append(f"attention_type=mla: {name} has grouped-query attention, not multi-head latent attention "
                         f"(export as deepseek_v2 or deepseek_v3)")
@@ -190,7 +199,7 @@ def export_hf(model, out_dir: str | Path, name: str = "auto", tokenizer: Optiona
 # import
 
 
-def read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def read_hf_tensors(directory: Path, unfuse: bool = True) -> dict[str, torch.Tensor]:
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory} has no *.safetensors file: save the model with "
@@ -199,7 +208,7 @@ def read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             tensors.update({key: f.get_tensor(key) for key in f.keys()})
-    return unfuse_experts(tensors)
+    return unfuse_experts(tensors) if unfuse else tensors
 
 
 def unfuse_experts(tensors: dict) -> dict:
@@ -223,8 +232,6 @@ def unfuse_experts(tensors: dict) -> dict:
 
 # families whose computation mymoe's model cannot reproduce yet, and what it lacks
 NOT_YET = {
-    "gpt_oss": "GPT-OSS needs attention sinks, alternating sliding-window layers, a router with a bias, experts with "
-               "biases and its clamped SwiGLU (alpha 1.702, limit 7), which mymoe's model does not compute yet",
     "phimoe": "Phi-MoE normalises with LayerNorm (weights and biases) instead of RMSNorm, routes with sparsemixer "
               "and adds a bias to the head, which mymoe's model does not compute",
     "granitemoeshared": "Granite-MoE-Shared's shared MLP is not mapped yet (granitemoe without it is)",
@@ -279,7 +286,7 @@ def import_hf(source: str | Path, out_file: str | Path, overwrite: bool = False)
         config = validate(config_from_dict({"model": fields}))
     except ConfigError as error:
         raise CheckpointError(f"{config_file} does not describe a model mymoe can build: {error}") from None
-    tensors = read_hf_tensors(source)
+    tensors = read_hf_tensors(source, unfuse=not getattr(ADAPTERS[name], "READS_FUSED_EXPERTS", False))
     layers = config.model.num_hidden_layers
     beyond = sorted({int(key.split(".")[2]) for key in tensors if key.startswith("model.layers.")} - set(range(layers)))
     if beyond:

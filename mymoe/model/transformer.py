@@ -39,6 +39,14 @@ class CausalLMOutput:
     mtp_loss: Optional[torch.Tensor] = None  # multi-token prediction loss, unweighted (in loss weighted)
 
 
+def layer_is_sliding(config: ModelConfig, layer_index: int) -> bool:
+    if config.sliding_window is None:
+        return False
+    if config.layer_types is None:
+        return True
+    return layer_index < len(config.layer_types) and config.layer_types[layer_index] == "sliding_attention"
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
@@ -50,7 +58,9 @@ class Block(nn.Module):
                                        config.head_dim, qkv_bias=config.attention_bias or config.qkv_bias,
                                        out_bias=config.attention_bias, qk_norm=config.qk_norm,
                                        clip_qkv=config.clip_qkv, eps=config.rms_norm_eps,
-                                       scale=config.attention_multiplier)
+                                       scale=config.attention_multiplier, sinks=config.attention_sinks,
+                                       sliding_window=config.sliding_window if layer_is_sliding(config, layer_index)
+                                       else None)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = layer_index >= config.first_k_dense_replace
         self.residual_multiplier = config.residual_multiplier
@@ -169,7 +179,7 @@ class MoECausalLM(nn.Module):
                 generator.manual_seed(base_seed ^ zlib.crc32(name.encode()))
                 if isinstance(module, RMSNorm):
                     param.fill_(1.0)
-                elif param_name == "bias":
+                elif param_name == "bias" or param_name.endswith("_bias") or param_name == "sinks":
                     param.zero_()
                 elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
                     param.normal_(0.0, residual_std, generator=generator)
