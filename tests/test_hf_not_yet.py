@@ -1,4 +1,5 @@
-"""Families mymoe cannot compute yet are refused on import with what they need, and nothing is written."""
+"""Families mymoe cannot compute yet, and quantized checkpoints, are refused on import with what they need, and
+nothing is written."""
 from __future__ import annotations
 
 import pytest
@@ -24,3 +25,19 @@ def test_a_family_mymoe_cannot_compute_is_refused_with_what_it_needs(tmp_path, b
     with pytest.raises(CheckpointError, match=f"cannot be imported, nothing was written: .*{reason}"):
         import_hf(tmp_path / "hf", tmp_path / "ours.safetensors")
     assert not (tmp_path / "ours.safetensors").exists() and not (tmp_path / "ours.yaml").exists()
+
+
+def test_a_quantized_checkpoint_is_refused_with_how_to_dequantize(tmp_path):
+    import json
+
+    from mymoe.checkpoint import CheckpointError
+    from mymoe.convert.hf import import_hf
+    from test_hf_gpt_oss import gpt_oss
+
+    gpt_oss().save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="quant_method='mxfp4'.*Mxfp4Config\\(dequantize=True\\)"):
+        import_hf(tmp_path / "hf", tmp_path / "ours.safetensors")
+    assert not (tmp_path / "ours.safetensors").exists()

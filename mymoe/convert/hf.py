@@ -247,6 +247,11 @@ def model_config_from_hf(hf: dict) -> tuple[str, dict]:
         raise CheckpointError(f"model_type={name!r} in config.json is not supported: mymoe imports "
                               f"{', '.join(ADAPTERS)}")
     fields, problems = ADAPTERS[name].model_fields(hf)
+    quantization = (hf.get("quantization_config") or {}).get("quant_method")
+    if quantization:
+        problems.append(f"quantization_config quant_method={quantization!r} (GPT-OSS ships MXFP4 experts): mymoe reads "
+                        f"bf16 / fp32 tensors; load it with transformers dequantized (for MXFP4: "
+                        f"quantization_config=Mxfp4Config(dequantize=True)), save_pretrained, and import that")
     rope = dict(hf.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     kind = rope.pop("rope_type", "default")
