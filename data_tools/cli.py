@@ -14,6 +14,7 @@ from data_tools.corpus import resolve_inputs
 from data_tools.inspect_dataset import inspect_dataset
 from data_tools.merge import merge
 from data_tools.preprocess import PreprocessOptions, preprocess
+from data_tools.hf_bpe import check_bpe_options, train_bpe
 from data_tools.tokenizer import TokenizerOptions, check_tokenizer_options, train_tokenizer
 
 INPUT_HELP = (
@@ -30,10 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    tok = commands.add_parser("train-tokenizer", help="train a SentencePiece tokenizer")
+    tok = commands.add_parser("train-tokenizer", help="train a SentencePiece (or Hugging Face BPE) tokenizer")
     _add_input_arguments(tok)
     tok.add_argument("--output", required=True,
-                     help="prefix: writes OUTPUT.model and OUTPUT.vocab")
+                     help="prefix: writes OUTPUT.model and OUTPUT.vocab (--library tokenizers: the folder "
+                          "OUTPUT/ with tokenizer.json and tokenizer_config.json)")
+    tok.add_argument("--library", default="sentencepiece", choices=["sentencepiece", "tokenizers"],
+                     help="tokenizers: a byte-level BPE trained with Hugging Face tokenizers")
     tok.add_argument("--vocab-size", type=int, default=8000)
     tok.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     tok.add_argument("--normalization", default="identity", choices=["identity", "nmt_nfkc"],
@@ -52,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = commands.add_parser("preprocess", help="tokenize documents into .bin/.idx")
     _add_input_arguments(pre)
-    pre.add_argument("--tokenizer", required=True, help="a SentencePiece .model")
+    pre.add_argument("--tokenizer", required=True,
+                     help="a SentencePiece .model, a tokenizer.json, or a Hugging Face model folder")
     pre.add_argument("--output", required=True,
                      help="prefix: writes OUTPUT.{bin,idx}, or OUTPUT_train and OUTPUT_valid "
                           "with --split / --valid-docs")
@@ -76,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     look = commands.add_parser("inspect", help="counts, length histogram, decoded samples")
     look.add_argument("prefix", help="a .bin/.idx prefix (or either file)")
-    look.add_argument("--tokenizer", help="decode samples and check ids with this .model")
+    look.add_argument("--tokenizer", help="decode samples and check ids with this tokenizer "
+                      "(.model, tokenizer.json or model folder)")
     look.add_argument("--samples", type=int, default=2, help="documents to decode")
     look.add_argument("--max-chars", type=int, default=400, help="characters shown per sample")
     look.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train_tokenizer(args) -> int:
     options = TokenizerOptions(
-        inputs=args.input, output=args.output, vocab_size=args.vocab_size,
+        inputs=args.input, output=args.output, vocab_size=args.vocab_size, library=args.library,
         model_type=args.model_type, normalization=args.normalization,
         byte_fallback=args.byte_fallback,
         special_tokens=args.special_tokens, character_coverage=args.character_coverage,
@@ -122,15 +128,18 @@ def _train_tokenizer(args) -> int:
         overwrite=args.overwrite, progress=not args.quiet,
     )
     check_tokenizer_options(options)
+    if options.library == "tokenizers":
+        check_bpe_options(options)
     sources = resolve_inputs(options.inputs)
     size = sum(source.size for source in sources)
     print(
         f"train-tokenizer: {options.model_type} vocab {options.vocab_size:,} on "
-        f"{count_of(len(sources), 'file')} ({size / 1e6:,.1f} MB) -> {options.output}.model"
+        f"{count_of(len(sources), 'file')} ({size / 1e6:,.1f} MB) -> {options.output}"
+        + ("/ (Hugging Face tokenizers)" if options.library == "tokenizers" else ".model")
         + (f", {len(options.special_tokens)} special tokens" if options.special_tokens else "")
-        + (", byte fallback" if options.byte_fallback else "")
+        + (", byte fallback" if options.byte_fallback and options.library == "sentencepiece" else "")
     )
-    result = train_tokenizer(options, sources)
+    result = (train_bpe if options.library == "tokenizers" else train_tokenizer)(options, sources)
     _print_problems(result.report)
     print(result.summary())
     return 0

@@ -5,9 +5,10 @@ second.
 """
 
 import numpy as np
-import sentencepiece as spm
 
-_tokenizer: spm.SentencePieceProcessor | None = None
+from mymoe.tokenizer import load_tokenizer
+
+_tokenizer = None  # a SentencePieceProcessor or mymoe.tokenizer.HuggingFaceTokenizer
 _eod: int = -1
 _dtype: type = np.int32
 _init_error: str | None = None
@@ -17,7 +18,7 @@ def init_worker(model_path: str, eod: int, dtype: type) -> None:
     global _tokenizer, _eod, _dtype, _init_error
     _eod, _dtype = eod, dtype
     try:
-        _tokenizer = spm.SentencePieceProcessor(model_file=model_path)
+        _tokenizer = load_tokenizer(model_path)
     except Exception as error:  # noqa: BLE001
         # A Pool initializer that raises makes the pool start a replacement worker, forever: the
         # run would hang. Keep the error and raise it from the first task, where the parent sees it.
@@ -27,8 +28,9 @@ def init_worker(model_path: str, eod: int, dtype: type) -> None:
 def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
     """(tokens of all kept documents back to back, tokens per document, documents dropped).
 
-    Every kept document ends with EOD. A document that tokenizes to nothing is dropped rather than
-    written as a lone EOD, which would be an empty document in disguise.
+    Every kept document ends with EOD, once (a tokenizer whose post-processor already appends its EOS
+    gets no second one). A document that tokenizes to nothing is dropped rather than written as a lone
+    EOD, which would be an empty document in disguise.
     """
     if _init_error is not None:
         raise RuntimeError(_init_error)
@@ -37,7 +39,10 @@ def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
     eod = np.array([_eod], dtype=np.int32)
     pieces, lengths = [], []
     for ids in encoded:
-        if ids.size:
+        if ids.size and ids[-1] == _eod:
+            pieces.append(ids)
+            lengths.append(ids.size)
+        elif ids.size:
             pieces += [ids, eod]
             lengths.append(ids.size + 1)
     tokens = np.concatenate(pieces).astype(_dtype) if pieces else np.zeros(0, dtype=_dtype)

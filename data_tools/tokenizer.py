@@ -25,6 +25,8 @@ from tqdm import tqdm
 
 from data_tools import DataError, count_of
 from data_tools.corpus import CorpusReport, Source, cap_documents, read_documents
+from mymoe.tokenizer import TokenizerError
+from mymoe.tokenizer import load_tokenizer as load_any_tokenizer
 
 MODEL_TYPES = ("bpe", "unigram")
 NORMALIZATIONS = ("identity", "nmt_nfkc")
@@ -37,7 +39,8 @@ MAX_SENTENCE_CHARS = 1000
 @dataclass
 class TokenizerOptions:
     inputs: list[str]
-    output: str  # prefix: writes <output>.model and <output>.vocab
+    output: str  # prefix: writes <output>.model and <output>.vocab (library tokenizers: the folder <output>/)
+    library: str = "sentencepiece"  # or "tokenizers": byte-level BPE with Hugging Face tokenizers (hf_bpe.py)
     vocab_size: int = 8000
     model_type: str = "bpe"
     normalization: str = "identity"
@@ -75,24 +78,22 @@ class TokenizerResult:
         )
 
 
-def load_tokenizer(model_path: str) -> spm.SentencePieceProcessor:
-    if not os.path.isfile(model_path):
-        raise DataError(
-            f"tokenizer model {model_path} does not exist; train one with "
-            f"`python -m data_tools train-tokenizer` or pass the right --tokenizer"
-        )
+def load_tokenizer(model_path: str):
+    """A SentencePiece .model, or a Hugging Face tokenizer.json (file or model folder): both with
+    SentencePieceProcessor's methods (mymoe.tokenizer)."""
     try:
-        return spm.SentencePieceProcessor(model_file=model_path)
-    except (RuntimeError, OSError) as error:
-        raise DataError(f"{model_path} is not a SentencePiece model ({error})") from None
+        return load_any_tokenizer(model_path)
+    except TokenizerError as error:
+        raise DataError(str(error)) from None
 
 
-def end_of_document_id(tokenizer: spm.SentencePieceProcessor, model_path: str) -> int:
+def end_of_document_id(tokenizer, model_path: str) -> int:
     eod = tokenizer.eos_id()
     if eod < 0:
         raise DataError(
-            f"tokenizer {model_path} has no EOS piece, and preprocess appends EOS to end every "
-            f"document; retrain it with `python -m data_tools train-tokenizer` (which keeps </s>)"
+            f"tokenizer {model_path} has no EOS token, and preprocess appends EOS to end every "
+            f"document; retrain it with `python -m data_tools train-tokenizer` (which keeps </s>), "
+            f"or name it as eos_token in the tokenizer_config.json beside a tokenizer.json"
         )
     return eod
 
@@ -132,6 +133,10 @@ def check_tokenizer_options(options: TokenizerOptions) -> None:
         raise DataError(f"--input-sentence-size {options.input_sentence_size} must be >= 0")
     if options.num_threads < 1:
         raise DataError(f"--num-threads {options.num_threads} must be >= 1")
+    if options.library not in ("sentencepiece", "tokenizers"):
+        raise DataError(f"--library {options.library!r} is not sentencepiece or tokenizers")
+    if options.library == "tokenizers":  # data_tools.hf_bpe checks the rest (the cli calls it)
+        return
     for path in (options.output + ".model", options.output + ".vocab"):
         if os.path.exists(path) and not options.overwrite:
             raise DataError(
@@ -140,7 +145,8 @@ def check_tokenizer_options(options: TokenizerOptions) -> None:
 
 
 def train_tokenizer(options: TokenizerOptions, sources: list[Source]) -> TokenizerResult:
-    """Train on `sources` (resolved inputs); `check_tokenizer_options` must have passed."""
+    """Train a SentencePiece model on `sources` (resolved inputs); `check_tokenizer_options` must have
+    passed. (--library tokenizers trains with data_tools.hf_bpe.train_bpe instead.)"""
     started = time.perf_counter()
     report = CorpusReport()
     counts = {"documents": 0, "lines": 0}

@@ -28,6 +28,7 @@ ScoringFunc = Literal["softmax", "sigmoid"]
 DropPolicy = Literal["probs", "position"]  # mymoe.model.moe.overflow.priority_order
 OverflowPolicy = Literal["drop", "spill", "null_expert"]  # mymoe.model.moe.overflow.place_assignments
 AttentionType = Literal["gqa", "mla"]
+ExpertActivation = Literal["swiglu", "clamped_swiglu"]  # clamped: GPT-OSS
 QKNorm = Literal["head", "full"]  # per head (Qwen3) or over the whole projection (OLMoE)
 DispatcherName = Literal["alltoall", "alltoall_dedup", "allgather"]  # mymoe.parallel.parallelize.DISPATCHERS
 Backend = Literal["auto", "gloo", "nccl", "mpi"]
@@ -76,6 +77,13 @@ class MoEConfig:
     seq_aux_loss_coef: float = 0.0  # DeepSeek sequence-level balance loss
     router_z_loss_coef: float = 0.0
     bias_update_rate: float = 0.0  # aux-loss-free balancing; 0 disables the selection bias
+    # GPT-OSS's experts, all off by default: a bias on the router's logits, biases on the experts'
+    # projections, and "clamped_swiglu": (clamp(up, +-limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
+    router_bias: bool = field(default=False, metadata=ARCHITECTURE)
+    expert_mlp_bias: bool = field(default=False, metadata=ARCHITECTURE)
+    expert_activation: ExpertActivation = field(default="swiglu", metadata=ARCHITECTURE)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     @property
     def dropless(self) -> bool:
@@ -113,6 +121,19 @@ class ModelConfig:
     qk_norm: Optional[QKNorm] = field(default=None, metadata=ARCHITECTURE)
     # clamp queries, keys and values to [-clip_qkv, clip_qkv] (OLMoE)
     clip_qkv: Optional[float] = field(default=None, metadata=ARCHITECTURE)
+    # softmax scale of the scores; None: 1 / sqrt(head_dim)
+    attention_multiplier: Optional[float] = field(default=None, metadata=ARCHITECTURE)
+    # Granite's scalings (1.0: none): embeddings times embedding_multiplier, each block's attention and
+    # MLP output times residual_multiplier before its residual add, logits divided by logits_scaling
+    embedding_multiplier: float = field(default=1.0, metadata=ARCHITECTURE)
+    residual_multiplier: float = field(default=1.0, metadata=ARCHITECTURE)
+    logits_scaling: float = field(default=1.0, metadata=ARCHITECTURE)
+    # GPT-OSS attention: a learned per-head logit that joins each softmax (a "sink" taking probability
+    # mass, contributing no value), and layers attending only to the last sliding_window positions
+    attention_sinks: bool = field(default=False, metadata=ARCHITECTURE)
+    sliding_window: Optional[int] = field(default=None, metadata=ARCHITECTURE)
+    # per layer "full_attention" or "sliding_attention"; None: all sliding when sliding_window is set
+    layer_types: Optional[list] = field(default=None, metadata=ARCHITECTURE)
     # None: queries projected directly, no low-rank bottleneck
     q_lora_rank: Optional[int] = field(default=None, metadata=MLA_ARCHITECTURE)
     kv_lora_rank: int = field(default=512, metadata=MLA_ARCHITECTURE)
@@ -191,7 +212,7 @@ class DataConfig:
     train_weights: Optional[list] = None
     valid_prefixes: list = field(default_factory=list)
     seq_len: int = 128
-    tokenizer: Optional[str] = None  # sentencepiece .model, for generation and checks
+    tokenizer: Optional[str] = None  # sentencepiece .model, tokenizer.json or HF folder: generation, checks
 
 
 @dataclass
@@ -433,7 +454,28 @@ def validate_model(m: ModelConfig) -> None:
             f"{m.num_attention_heads} (try {_divisors(m.num_attention_heads)})")
     if m.clip_qkv is not None and m.clip_qkv <= 0:
         raise ConfigError(f"model.clip_qkv={m.clip_qkv} must be positive (or null for no clamping)")
-    gqa_options = [name for name in ("attention_bias", "qkv_bias", "qk_norm", "clip_qkv") if getattr(m, name)]
+    for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"model.{name}={getattr(m, name)} must be positive (1.0: no scaling)")
+    if m.attention_multiplier is not None and m.attention_multiplier <= 0:
+        raise ConfigError(f"model.attention_multiplier={m.attention_multiplier} must be positive (or null for "
+                          f"1 / sqrt(head_dim))")
+    scaled = [name for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling") if getattr(m, name) != 1]
+    if scaled and m.num_nextn_predict_layers:
+        raise ConfigError(f"model.{scaled[0]}={getattr(m, scaled[0])} with num_nextn_predict_layers: the multi-token "
+                          f"prediction head does not apply Granite's scalings; use one or the other")
+    if m.sliding_window is not None and m.sliding_window <= 0:
+        raise ConfigError(f"model.sliding_window={m.sliding_window} must be a positive number of positions (or null)")
+    if m.layer_types is not None:
+        bad = [kind for kind in m.layer_types if kind not in ("full_attention", "sliding_attention")]
+        if bad or len(m.layer_types) != m.num_hidden_layers:
+            raise ConfigError(f"model.layer_types={m.layer_types} must list 'full_attention' or 'sliding_attention' "
+                              f"for each of the {m.num_hidden_layers} layers")
+        if "sliding_attention" in m.layer_types and m.sliding_window is None:
+            raise ConfigError("model.layer_types has sliding_attention layers but model.sliding_window is null: "
+                              "set the window")
+    gqa_options = [name for name in ("attention_bias", "qkv_bias", "qk_norm", "clip_qkv", "attention_multiplier",
+                                     "attention_sinks", "sliding_window") if getattr(m, name)]
     if m.attention_type == "mla" and gqa_options:
         raise ConfigError(f"model.{gqa_options[0]}={getattr(m, gqa_options[0])!r} is an option of grouped-query "
                           f"attention: set it to its default (false or null) with attention_type=mla")
@@ -462,6 +504,8 @@ def validate_moe(moe: MoEConfig) -> None:
     _check_positive("model.moe", moe, ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group",
                                        "topk_group"))
     check_choices(moe, "model.moe")
+    if moe.swiglu_limit <= 0:
+        raise ConfigError(f"model.moe.swiglu_limit={moe.swiglu_limit} must be positive")
     if moe.num_experts_per_tok > moe.n_routed_experts:
         raise ConfigError(f"model.moe.num_experts_per_tok={moe.num_experts_per_tok} is larger than "
                           f"model.moe.n_routed_experts={moe.n_routed_experts}: lower top-k or add experts")

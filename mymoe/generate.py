@@ -4,11 +4,11 @@
         --prompt "Once upon a time" --max-new-tokens 50 --temperature 0.8 --top-k 50 --top-p 0.9 --seed 0
 
 Every expert is loaded into one model (the checkpoint addresses experts by global index), the prompt is
-encoded with the sentencepiece model and, like every training document, follows an end-of-document
-token; tokens are printed as they are sampled, with a KV cache, until max_new_tokens or end of document.
+encoded with the tokenizer (SentencePiece or Hugging Face, mymoe.tokenizer) and, like every training
+document, follows an end-of-document token; tokens are printed as they are sampled, with a KV cache, until max_new_tokens or end of document.
 
     --model-path PATH       instead of --checkpoint: a checkpoints folder, a consolidated .safetensors file
-                            (mymoe-convert consolidate) or a Hugging Face folder (Mixtral, Qwen2-MoE)
+                            (mymoe-convert consolidate) or a Hugging Face folder (any family import-hf reads)
     --input-file FILE       one prompt per line, generated as one left-padded batch, one output line each
     --rope-scaling SPEC     context extension at inference: yarn:4, dynamic:2, linear:2 or a JSON mapping
 """
@@ -28,6 +28,8 @@ from mymoe.config import ConfigError, validate_rope_scaling
 from mymoe.load import load_model
 from mymoe.model.layers import RotaryEmbedding
 from mymoe.model.mtp import speculative_greedy
+from mymoe.tokenizer import TokenizerError
+from mymoe.tokenizer import load_tokenizer as load_any_tokenizer
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -43,7 +45,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="yarn:FACTOR, dynamic:FACTOR, linear:FACTOR or JSON")
     parser.add_argument("--step", type=int, default=None, help="load this step instead of the latest")
     parser.add_argument("--vocab-path", "--vocab_path", default=None,
-                        help="sentencepiece .model (default: data.tokenizer from the checkpoint's config)")
+                        help="sentencepiece .model, tokenizer.json or Hugging Face model folder (default: "
+                             "data.tokenizer from the checkpoint's config)")
     parser.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
     parser.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=50)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
@@ -104,9 +107,11 @@ def left_padded_batch(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.
 
 
 def load_tokenizer(path: str, vocab_size: int):
-    import sentencepiece as spm
-
-    tokenizer = spm.SentencePieceProcessor(model_file=path)
+    """A SentencePiece .model, a tokenizer.json or a Hugging Face model folder (mymoe.tokenizer)."""
+    try:
+        tokenizer = load_any_tokenizer(path)
+    except TokenizerError as error:
+        raise CheckpointError(str(error)) from None
     if tokenizer.vocab_size() > vocab_size:
         raise CheckpointError(f"{path} has {tokenizer.vocab_size()} pieces but the model was trained with "
                               f"vocab_size={vocab_size}: use the tokenizer the training data was made with")

@@ -40,6 +40,8 @@ def load_model(path: str | Path, step: Optional[int] = None,
         model, config, _ = hf_model(source)
         if config.data.tokenizer is None and (source / "tokenizer.model").is_file():
             config.data.tokenizer = str(source / "tokenizer.model")
+        elif config.data.tokenizer is None and (source / "tokenizer.json").is_file():
+            config.data.tokenizer = str(source)  # the folder: its config files name the special tokens
         return model, config, dict(UNKNOWN_LAYOUT)
     directory, manifest = find_checkpoint(source, step, verify)
     model, config = checkpoint_model(directory, manifest)

@@ -1,5 +1,6 @@
 """The options of our grouped-query attention, each on its own: q/k/v and output biases, per-head and
-full-projection q/k RMSNorm, q/k/v clamping, a head_dim apart from hidden_size / heads. Each is off by
+full-projection q/k RMSNorm, q/k/v clamping, a head_dim apart from hidden_size / heads (and Granite's
+scalings, which test_hf_granitemoe checks one by one, train here too). Each is off by
 default (checkpoints of before load unchanged), changes what the model computes when on, decodes with
 the KV cache as it runs whole, is refused with its fix when it cannot apply, and trains from scratch."""
 from __future__ import annotations
@@ -108,15 +109,18 @@ def test_an_explicit_head_dim_frees_hidden_size_from_the_head_count():
     assert model(IDS).logits.shape == (2, 10, 64)
 
 
-def test_every_option_trains_from_scratch(tmp_path):
+@pytest.mark.parametrize("options", [
+    {"model.qkv_bias": "true", "model.attention_bias": "true", "model.qk_norm": "head", "model.clip_qkv": 8.0,
+     "model.head_dim": 24},
+    {"model.qk_norm": "full", "model.attention_multiplier": 0.1, "model.embedding_multiplier": 2.0,
+     "model.residual_multiplier": 0.5, "model.logits_scaling": 2.0}], ids=["biases_head_norm_clip", "full_norm_granite"])
+def test_every_option_trains_from_scratch(tmp_path, options):
     from mymoe.parallel import ParallelContext
     from mymoe.train.loop import train
     from conftest import make_dataset, tiny_overrides
 
     train_prefix, valid_prefix = make_dataset(tmp_path / "data")
-    overrides = tiny_overrides(train_prefix, valid_prefix, tmp_path / "run", 8, {
-        "model.qkv_bias": "true", "model.attention_bias": "true", "model.qk_norm": "head", "model.clip_qkv": 8.0,
-        "model.head_dim": 24, "data.seq_len": 32})
+    overrides = tiny_overrides(train_prefix, valid_prefix, tmp_path / "run", 8, {**options, "data.seq_len": 32})
     config = load_config("configs/tiny.yaml", overrides)
     result = train(config, ParallelContext(), progress=False)
     assert result.steps == 8 and result.losses[-1] < result.losses[0]

@@ -21,7 +21,7 @@ PACKAGES = ("mymoe", "data_tools")
 # Lowest first. A module may import modules of its own layer or of a lower one. A module is placed by the
 # longest entry that is it or a package above it.
 LAYERS = [
-    ["mymoe", "mymoe.config"],  # typed settings, no project imports
+    ["mymoe", "mymoe.config", "mymoe.tokenizer"],  # typed settings, no project imports
     ["mymoe.model", "mymoe.data"],  # plain PyTorch on one process; the .bin/.idx reader
     ["mymoe.peft", "mymoe.upcycle", "mymoe.optim"],  # whole-model tools: adapters, dense -> MoE, AdamW groups
     ["mymoe.parallel"],  # ranks, groups, dispatchers over torch.distributed, gradient reduction

@@ -36,6 +36,7 @@ from mymoe.checkpoint.storage import (
     FORMAT_VERSION, MANIFEST, METADATA, CheckpointError, SafeFileSystemReader, TensorsOnlyLoadPlanner, file_crc32,
     fsync_directory, read_dcp_metadata, read_manifest, tensor_crc32, verify_files, write_json_durably)
 from mymoe.config import Config, architecture_fields
+from mymoe.tokenizer import TokenizerError, tokenizer_file
 
 LATEST = "latest"
 STEP_PREFIX = "step_"
@@ -132,10 +133,13 @@ def check_compatible(manifest: dict, config: Config, directory: Path) -> None:
 
 
 def tokenizer_fingerprint(config: Config) -> Optional[dict]:
-    path = config.data.tokenizer
-    if not path or not Path(path).is_file():
+    if not config.data.tokenizer:
         return None
-    return {"path": str(path), "crc32": file_crc32(Path(path))[1]}
+    try:
+        path = tokenizer_file(config.data.tokenizer)  # a model folder: its tokenizer.json
+    except TokenizerError:
+        return None
+    return {"path": str(path), "crc32": file_crc32(path)[1]}
 
 
 def expert_checksums_of(tensors: dict) -> dict[str, dict[str, int]]:

@@ -45,7 +45,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("source", help="a checkpoints folder, step_* folder or consolidated .safetensors file")
     p.add_argument("out", help="the folder to create (config.json + model.safetensors)")
     p.add_argument("--format", choices=("auto", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
-                                        "deepseek_v3", "llama", "qwen3"), default="auto",
+                                        "deepseek_v3", "granitemoe", "gpt_oss", "llama", "qwen3"),
+                   default="auto",
                    help="auto picks the one whose routing matches the config")
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--tokenizer", default=None, help="sentencepiece .model to copy into the export")

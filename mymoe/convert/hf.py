@@ -2,8 +2,11 @@
 
 Attention, norms, embedding and head have the same names in mymoe and in every supported architecture
 (``model.layers.N.self_attn.q_proj.weight`` ...), so only each layer's ``mlp`` goes through the
-per-architecture adapter (hf_mixtral, hf_qwen2_moe, hf_deepseek_v3), and for DeepSeek-V3 the rotary rows
-of the attention weights (its ``attention_to_hf`` / ``attention_from_hf``). The multi-token prediction
+per-architecture adapter (hf_<family>.py), and for DeepSeek-V2/V3 the rotary rows of the attention
+weights (``attention_to_hf`` / ``attention_from_hf``). Attention biases and q/k norms keep their names too;
+an adapter's ATTENTION_OPTIONS says which of them its architecture has. With a tokenizer the export also
+holds files AutoTokenizer loads with our ids and the special ids transformers' generate needs
+(hf_tokenizer). The multi-token prediction
 head is not written: no supported architecture runs one in transformers. Export writes the Hub's layout
 (one tensor per expert, as ``save_pretrained`` writes it); import reads that layout and also the fused
 ``experts.gate_up_proj`` / ``experts.down_proj`` one. A model whose computation the target cannot
@@ -12,7 +15,6 @@ reproduce exactly is refused with every reason, and nothing is written.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -23,14 +25,15 @@ from safetensors.torch import save_file
 
 from mymoe.checkpoint.storage import CheckpointError
 from mymoe.config import Config, ConfigError, config_from_dict, validate
-from mymoe.convert import (hf_deepseek_v2, hf_deepseek_v3, hf_llama, hf_mixtral, hf_olmoe, hf_qwen2_moe, hf_qwen3,
-                           hf_qwen3_moe)
+from mymoe.convert import (hf_deepseek_v2, hf_deepseek_v3, hf_gpt_oss, hf_granitemoe, hf_llama, hf_mixtral, hf_olmoe,
+                           hf_qwen2_moe, hf_qwen3, hf_qwen3_moe, hf_tokenizer)
 from mymoe.convert.atomic import atomic_output
 from mymoe.convert.consolidate import model_tensors, save_weights
 from mymoe.model import MoECausalLM
 
 ADAPTERS = {"mixtral": hf_mixtral, "qwen2_moe": hf_qwen2_moe, "qwen3_moe": hf_qwen3_moe, "olmoe": hf_olmoe,
-            "deepseek_v2": hf_deepseek_v2, "deepseek_v3": hf_deepseek_v3, "llama": hf_llama, "qwen3": hf_qwen3}
+            "deepseek_v2": hf_deepseek_v2, "deepseek_v3": hf_deepseek_v3, "granitemoe": hf_granitemoe,
+            "gpt_oss": hf_gpt_oss, "llama": hf_llama, "qwen3": hf_qwen3}
 
 
 def choose_format(model) -> str:
@@ -46,6 +49,12 @@ def choose_format(model) -> str:
         return "deepseek_v2"
     if config.attention_type == "mla" or moe.scoring_func == "sigmoid" or moe.n_group > 1 or biased:
         return "deepseek_v3"
+    scaled = any(getattr(config, field) != 1 for field in ("embedding_multiplier", "residual_multiplier",
+                                                           "logits_scaling"))
+    if scaled or config.attention_multiplier is not None:
+        return "granitemoe"
+    if config.attention_sinks or moe.expert_activation == "clamped_swiglu":
+        return "gpt_oss"
     if config.qk_norm == "full" or config.clip_qkv is not None:
         return "olmoe"
     if config.qk_norm == "head":
@@ -57,7 +66,9 @@ def choose_format(model) -> str:
 # values its architecture computes
 ATTENTION_OPTIONS = {"attention_bias": "biases on the q, k, v and o projections",
                      "qkv_bias": "biases on the q, k and v projections", "qk_norm": "query and key norms",
-                     "clip_qkv": "clamping of queries, keys and values"}
+                     "clip_qkv": "clamping of queries, keys and values",
+                     "attention_multiplier": "softmax scale other than 1 / sqrt(head_dim)",
+                     "attention_sinks": "sink logits", "sliding_window": "sliding-window layers"}
 
 
 def attention_option_problems(config, name: str) -> list[str]:
@@ -80,6 +91,10 @@ def attention_option_problems(config, name: str) -> list[str]:
 def export_refusals(model, name: str) -> list[str]:
     config, moe = model.config, model.config.moe
     problems = list(ADAPTERS[name].refusals(config)) + attention_option_problems(config, name)
+    if "granite_scaling" not in getattr(ADAPTERS[name], "COMPUTES", ()):
+        problems += [f"{field}={getattr(config, field)}: {name} has no such scaling (export as granitemoe)"
+                     for field in ("embedding_multiplier", "residual_multiplier", "logits_scaling")
+                     if getattr(config, field) != 1]
     eval_factor = moe.eval_capacity_factor if moe.eval_capacity_factor is not None else moe.capacity_factor
     if eval_factor is not None:
         problems.append(f"capacity factor {eval_factor} at inference: mymoe drops tokens past capacity, "
@@ -87,9 +102,15 @@ def export_refusals(model, name: str) -> list[str]:
     if any(getattr(module, "prefix", None) is not None for module in model.modules()):
         problems.append(f"prefix-tuning adapters: {name} has no trainable attention prefixes (LoRA merges into "
                         f"the weights, prefixes cannot)")
+    computes = getattr(ADAPTERS[name], "COMPUTES", ())  # what beyond Mixtral's routing the architecture has
+    if config.first_k_dense_replace < config.num_hidden_layers and "router_bias" not in computes:
+        if moe.router_bias:
+            problems.append(f"router_bias=true: {name}'s router has no bias on its logits (export as gpt_oss)")
+        if moe.expert_mlp_bias or moe.expert_activation != "swiglu":
+            problems.append(f"expert_mlp_bias={moe.expert_mlp_bias}, expert_activation={moe.expert_activation!r}: "
+                            f"{name}'s experts are SwiGLU without biases (export as gpt_oss)")
     if name == "deepseek_v3" or config.first_k_dense_replace == config.num_hidden_layers:
         return problems  # DeepSeek-V3 routing has groups, scaling and the bias; a dense model has no routing
-    computes = getattr(ADAPTERS[name], "COMPUTES", ())  # what beyond Mixtral's routing the architecture has
     if config.attention_type == "mla" and "mla" not in computes:
         problems.append(f"attention_type=mla: {name} has grouped-query attention, not multi-head latent attention "
                         f"(export as deepseek_v2 or deepseek_v3)")
@@ -139,19 +160,6 @@ def split_layers(state: dict) -> tuple[dict, dict[int, dict]]:
     return plain, mlps
 
 
-def check_tokenizer(path: str, vocab_size: int) -> None:
-    import sentencepiece as spm
-
-    try:
-        pieces = spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
-    except (OSError, RuntimeError) as error:
-        raise CheckpointError(f"{path} is not a sentencepiece model: {error}") from None
-    if pieces > vocab_size:
-        raise CheckpointError(f"tokenizer {path} has {pieces} pieces but the model's vocab_size is {vocab_size}: "
-                              f"ids past {vocab_size - 1} have no embedding; pass the tokenizer the model was "
-                              f"trained with")
-
-
 def export_hf(model, out_dir: str | Path, name: str = "auto", tokenizer: Optional[str] = None,
               overwrite: bool = False) -> dict:
     name = choose_format(model) if name == "auto" else name
@@ -159,8 +167,9 @@ def export_hf(model, out_dir: str | Path, name: str = "auto", tokenizer: Optiona
     if problems:
         raise CheckpointError(f"cannot export as {name} without changing what the model computes, nothing was "
                               f"written:\n  " + "\n  ".join(problems))
-    if tokenizer is not None:
-        check_tokenizer(tokenizer, model.config.vocab_size)
+    prepared = None
+    if tokenizer is not None:  # read, converted and checked before anything is written
+        prepared = hf_tokenizer.prepare(tokenizer, model.config.vocab_size, model.config.max_position_embeddings)
     state = model_tensors(model)
     if model.mtp is not None:
         state = {key: value for key, value in state.items() if not key.startswith("mtp.")}
@@ -177,9 +186,13 @@ def export_hf(model, out_dir: str | Path, name: str = "auto", tokenizer: Optiona
         temporary.mkdir()
         save_file({key: value.contiguous() for key, value in tensors.items()}, str(temporary / "model.safetensors"),
                   metadata={"format": "pt"})
-        (temporary / "config.json").write_text(json.dumps(hf_config(model, name), indent=2) + "\n")
-        if tokenizer is not None:
-            shutil.copy(tokenizer, temporary / "tokenizer.model")
+        config = hf_config(model, name)
+        if prepared is not None:
+            config.update(prepared["ids"])
+            hf_tokenizer.write(prepared, temporary)
+            (temporary / "generation_config.json").write_text(
+                json.dumps(hf_tokenizer.generation_config(prepared["ids"]), indent=2) + "\n")
+        (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {"architecture": ADAPTERS[name].ARCHITECTURE, "tensors": len(tensors)}
 
 
@@ -187,7 +200,7 @@ def export_hf(model, out_dir: str | Path, name: str = "auto", tokenizer: Optiona
 # import
 
 
-def read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def read_hf_tensors(directory: Path, unfuse: bool = True) -> dict[str, torch.Tensor]:
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory} has no *.safetensors file: save the model with "
@@ -196,7 +209,7 @@ def read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             tensors.update({key: f.get_tensor(key) for key in f.keys()})
-    return unfuse_experts(tensors)
+    return unfuse_experts(tensors) if unfuse else tensors
 
 
 def unfuse_experts(tensors: dict) -> dict:
@@ -218,12 +231,28 @@ def unfuse_experts(tensors: dict) -> dict:
     return out
 
 
+# families whose computation mymoe's model cannot reproduce yet, and what it lacks
+NOT_YET = {
+    "phimoe": "Phi-MoE normalises with LayerNorm (weights and biases) instead of RMSNorm, routes with sparsemixer "
+              "and adds a bias to the head, which mymoe's model does not compute",
+    "granitemoeshared": "Granite-MoE-Shared's shared MLP is not mapped yet (granitemoe without it is)",
+}
+
+
 def model_config_from_hf(hf: dict) -> tuple[str, dict]:
     name = hf.get("model_type")
+    if name in NOT_YET:
+        raise CheckpointError(f"model_type={name!r} cannot be imported, nothing was written: {NOT_YET[name]}. Fine-tune "
+                              f"it with transformers, or start from a family mymoe imports: {', '.join(ADAPTERS)}")
     if name not in ADAPTERS:
         raise CheckpointError(f"model_type={name!r} in config.json is not supported: mymoe imports "
                               f"{', '.join(ADAPTERS)}")
     fields, problems = ADAPTERS[name].model_fields(hf)
+    quantization = (hf.get("quantization_config") or {}).get("quant_method")
+    if quantization:
+        problems.append(f"quantization_config quant_method={quantization!r} (GPT-OSS ships MXFP4 experts): mymoe reads "
+                        f"bf16 / fp32 tensors; load it with transformers dequantized (for MXFP4: "
+                        f"quantization_config=Mxfp4Config(dequantize=True)), save_pretrained, and import that")
     rope = dict(hf.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     kind = rope.pop("rope_type", "default")
@@ -262,7 +291,7 @@ def hf_model(source: str | Path) -> tuple[MoECausalLM, Config, str]:
         config = validate(config_from_dict({"model": fields}))
     except ConfigError as error:
         raise CheckpointError(f"{config_file} does not describe a model mymoe can build: {error}") from None
-    tensors = read_hf_tensors(source)
+    tensors = read_hf_tensors(source, unfuse=not getattr(ADAPTERS[name], "READS_FUSED_EXPERTS", False))
     layers = config.model.num_hidden_layers
     beyond = sorted({int(key.split(".")[2]) for key in tensors if key.startswith("model.layers.")} - set(range(layers)))
     if beyond:

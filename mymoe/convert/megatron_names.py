@@ -50,11 +50,18 @@ def fused_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
 
 def megatron_state_dict(model) -> dict[str, torch.Tensor]:
     config = model.config
-    options = [f"{name}={getattr(config, name)!r}" for name in ("attention_bias", "qkv_bias", "qk_norm", "clip_qkv")
-               if getattr(config, name)]
+    options = [f"{name}={getattr(config, name)!r}" for name in ("attention_bias", "qkv_bias", "qk_norm", "clip_qkv",
+                                                                 "attention_multiplier", "attention_sinks",
+                                                                 "sliding_window") if getattr(config, name)]
+    options += [f"{name}={getattr(config, name)}" for name in ("embedding_multiplier", "residual_multiplier",
+                                                                "logits_scaling") if getattr(config, name) != 1]
+    options += [f"moe.{name}=true" for name in ("router_bias", "expert_mlp_bias") if getattr(config.moe, name)]
+    if config.moe.expert_activation != "swiglu":
+        options.append(f"moe.expert_activation={config.moe.expert_activation}")
     if options:
         raise CheckpointError(f"{', '.join(options)}: the Megatron-Core names written here have no attention "
-                              f"biases, q/k norms or clamping; export to Hugging Face (export-hf) instead")
+                              f"biases, q/k norms, clamping, sinks, windows, scalings or expert biases; export to "
+                              f"Hugging Face (export-hf) instead")
     state = model.state_dict()
     out = {"embedding.word_embeddings.weight": state["model.embed_tokens.weight"],
            "decoder.final_layernorm.weight": state["model.norm.weight"]}

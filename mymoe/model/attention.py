@@ -61,12 +61,16 @@ class Attention(nn.Module):
     num_key_value_heads == num_attention_heads is plain multi-head attention, 1 is multi-query.
     Options, all off by default: biases on q, k, v (qkv_bias) and o (out_bias); ``qk_norm`` "head"
     RMS-normalises each query and key head (Qwen3), "full" the whole query and key projection (OLMoE),
-    both before rotary; ``clip_qkv`` clamps queries, keys and values after that (OLMoE).
+    both before rotary; ``clip_qkv`` clamps queries, keys and values after that (OLMoE); ``scale``
+    replaces 1 / sqrt(head_dim) as the scores' scale (Granite's attention_multiplier); ``sinks`` adds a
+    learned logit per head to every softmax, taking probability but adding no value, and
+    ``sliding_window`` lets a query see only the keys less than that many positions back (GPT-OSS).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, qkv_bias: bool = False,
                  out_bias: bool = False, qk_norm: Optional[str] = None, clip_qkv: Optional[float] = None,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, scale: Optional[float] = None, sinks: bool = False,
+                 sliding_window: Optional[int] = None):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -76,6 +80,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=out_bias)
         self.qk_norm, self.clip_qkv = qk_norm, clip_qkv
+        self.scale = scale  # None: SDPA's 1 / sqrt(head_dim)
+        self.sliding_window = sliding_window
+        self.sinks = nn.Parameter(torch.zeros(num_heads)) if sinks else None  # [heads] logits
         if qk_norm is not None:
             per_head = qk_norm == "head"
             self.q_norm = RMSNorm(head_dim if per_head else num_heads * head_dim, eps)
@@ -108,8 +115,14 @@ class Attention(nn.Module):
             values = values.repeat_interleave(groups, dim=1)
         # is_causal aligns the triangle to the top-left corner, right only when queries and keys start
         # together; every other case comes with an explicit mask
-        is_causal = mask is None and seq > 1
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, is_causal=is_causal)
+        if self.sliding_window is not None:
+            mask = window_mask(mask, seq, keys.shape[2], self.sliding_window, keys.device)
+        if self.sinks is not None:
+            out = attention_with_sinks(queries, keys, values, mask, self.sinks, self.scale)
+        else:
+            is_causal = mask is None and seq > 1
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, is_causal=is_causal,
+                                                 scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
 
@@ -124,6 +137,29 @@ class Attention(nn.Module):
             mask = (torch.arange(total, device=keys.device)[None, :] <= query_slot)[None, None]
         visible = mask.new_ones(mask.shape[:-1] + (prefix_length,))
         return keys, values, torch.cat([visible, mask], dim=-1)
+
+
+def window_mask(mask: Optional[torch.Tensor], seq: int, total: int, window: int, device) -> torch.Tensor:
+    """The boolean mask [B or 1, 1, S, total] (the causal one when mask is None) limited to keys fewer than
+    `window` slots before each query, as transformers' sliding-window layers (the queries are the last S slots)."""
+    query_slot = torch.arange(total - seq, total, device=device)[:, None]
+    key_slot = torch.arange(total, device=device)[None, :]
+    near = (key_slot <= query_slot) & (key_slot > query_slot - window)  # [S, total]
+    return near[None, None] if mask is None else mask & near
+
+
+def attention_with_sinks(queries, keys, values, mask, sinks: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+    """softmax over [scores, sink] with the sink's column dropped, times values: queries [B, H, S, d], keys and
+    values [B, H, T, d], mask [B or 1, 1, S, T] bool or None (causal), sinks [H]. Written out (SDPA has no sink)."""
+    seq, total = queries.shape[2], keys.shape[2]
+    scale = scale if scale is not None else queries.shape[-1] ** -0.5
+    scores = (queries @ keys.transpose(-1, -2)).float() * scale  # [B, H, S, T]
+    if mask is None:
+        mask = window_mask(None, seq, total, total + 1, queries.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.float().view(1, -1, 1, 1).expand(scores.shape[0], -1, seq, 1)
+    probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
+    return probs.to(values.dtype) @ values
 
 
 def build_attention_mask(attention_mask: Optional[torch.Tensor], past_length: int, seq_len: int,

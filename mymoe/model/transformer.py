@@ -39,6 +39,14 @@ class CausalLMOutput:
     mtp_loss: Optional[torch.Tensor] = None  # multi-token prediction loss, unweighted (in loss weighted)
 
 
+def layer_is_sliding(config: ModelConfig, layer_index: int) -> bool:
+    if config.sliding_window is None:
+        return False
+    if config.layer_types is None:
+        return True
+    return layer_index < len(config.layer_types) and config.layer_types[layer_index] == "sliding_attention"
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
@@ -49,9 +57,13 @@ class Block(nn.Module):
             self.self_attn = Attention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                                        config.head_dim, qkv_bias=config.attention_bias or config.qkv_bias,
                                        out_bias=config.attention_bias, qk_norm=config.qk_norm,
-                                       clip_qkv=config.clip_qkv, eps=config.rms_norm_eps)
+                                       clip_qkv=config.clip_qkv, eps=config.rms_norm_eps,
+                                       scale=config.attention_multiplier, sinks=config.attention_sinks,
+                                       sliding_window=config.sliding_window if layer_is_sliding(config, layer_index)
+                                       else None)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = layer_index >= config.first_k_dense_replace
+        self.residual_multiplier = config.residual_multiplier
         if self.is_moe:
             self.mlp = MoELayer(config.hidden_size, config.moe, init_std=config.initializer_range)
         else:
@@ -59,11 +71,14 @@ class Block(nn.Module):
 
     def forward(self, hidden, cos, sin, mask=None, cache=None):
         """hidden [B, S, d] -> (hidden [B, S, d], MoEAux or None for a dense block)."""
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, mask, cache)
+        scale = self.residual_multiplier
+        attention = self.self_attn(self.input_layernorm(hidden), cos, sin, mask, cache)
+        hidden = hidden + (attention * scale if scale != 1 else attention)
         if not self.is_moe:
-            return hidden + self.mlp(self.post_attention_layernorm(hidden)), None
-        moe_output, aux = self.mlp(self.post_attention_layernorm(hidden))
-        return hidden + moe_output, aux
+            output, aux = self.mlp(self.post_attention_layernorm(hidden)), None
+        else:
+            output, aux = self.mlp(self.post_attention_layernorm(hidden))
+        return hidden + (output * scale if scale != 1 else output), aux
 
 
 class MoETransformer(nn.Module):
@@ -91,6 +106,8 @@ class MoETransformer(nn.Module):
                 position_ids = torch.arange(past_length, past_length + seq, device=input_ids.device)
                 position_ids = position_ids.expand(batch, seq)
         hidden = self.embed_tokens(input_ids)  # [B, S, d]
+        if self.config.embedding_multiplier != 1:
+            hidden = hidden * self.config.embedding_multiplier
         cos, sin = self.rotary_emb(position_ids, hidden.dtype)  # [B, S, head_dim]
         mask = build_attention_mask(attention_mask, past_length, seq, input_ids.device)
         # recomputation would write the cache twice, and there is no backward pass to save memory for
@@ -162,7 +179,7 @@ class MoECausalLM(nn.Module):
                 generator.manual_seed(base_seed ^ zlib.crc32(name.encode()))
                 if isinstance(module, RMSNorm):
                     param.fill_(1.0)
-                elif param_name == "bias":
+                elif param_name == "bias" or param_name.endswith("_bias") or param_name == "sinks":
                     param.zero_()
                 elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
                     param.normal_(0.0, residual_std, generator=generator)
@@ -181,6 +198,8 @@ class MoECausalLM(nn.Module):
             past_key_values = [KVCache() for _ in range(self.config.num_hidden_layers)]
         hidden, moe_aux = self.model(input_ids, attention_mask, position_ids, past_key_values)
         logits = self.lm_head(hidden)  # [B, S, V]
+        if self.config.logits_scaling != 1:
+            logits = logits / self.config.logits_scaling
         mtp_loss = None
         if labels is not None and self.mtp is not None and input_ids.shape[1] > 1:
             # position t pairs hidden[t] with token t+1 and is scored on token t+2 (labels[t + 1])

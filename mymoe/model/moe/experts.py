@@ -185,6 +185,12 @@ def _scatter(out: torch.Tensor, index: Optional[torch.Tensor], first_row: int, e
         out.index_add_(0, index[first_row:end_row], values)
 
 
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS's activation: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)."""
+    gate = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(alpha * gate)
+
+
 class GroupedExperts(nn.Module):
     """``num_experts`` SwiGLU experts with stacked weights w_gate, w_up [E, hidden, ffn], w_down [E, ffn, hidden].
 
@@ -192,7 +198,9 @@ class GroupedExperts(nn.Module):
     ones starting at global index ``first_expert`` out of ``num_global_experts``.
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, init_std: float = 0.02):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, init_std: float = 0.02,
+                 bias: bool = False, activation: str = "swiglu", swiglu_alpha: float = 1.702,
+                 swiglu_limit: float = 7.0):
         super().__init__()
         self.num_experts = num_experts
         self.num_global_experts = num_experts
@@ -205,6 +213,11 @@ class GroupedExperts(nn.Module):
         self.w_gate = self._expert_parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.w_up = self._expert_parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.w_down = self._expert_parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        # GPT-OSS's experts (see clamped_swiglu): biases [E, ffn] / [E, hidden] and the clamped activation
+        self.activation, self.swiglu_alpha, self.swiglu_limit = activation, swiglu_alpha, swiglu_limit
+        self.bias_names = ("w_gate_bias", "w_up_bias", "w_down_bias") if bias else ()
+        for name, width in zip(self.bias_names, (intermediate_size, intermediate_size, hidden_size)):
+            setattr(self, name, self._expert_parameter(torch.zeros(num_experts, width)))
         self.reset_parameters(init_std)
 
     @staticmethod
@@ -227,20 +240,23 @@ class GroupedExperts(nn.Module):
                 f"cannot shard experts [{first_expert}, {first_expert + num_local}): this module holds global "
                 f"experts [{self.first_expert}, {self.first_expert + self.num_experts}); shard a full-size "
                 f"module with first_expert = rank * num_local")
-        for name in ("w_gate", "w_up", "w_down"):
+        for name in ("w_gate", "w_up", "w_down") + self.bias_names:
             kept = getattr(self, name).detach()[start:start + num_local].clone()
             setattr(self, name, self._expert_parameter(kept))
         self.first_expert = first_expert
         self.num_experts = num_local
 
     def num_parameters_per_expert(self) -> int:
-        return 3 * self.hidden_size * self.intermediate_size
+        biases = (2 * self.intermediate_size + self.hidden_size) if self.bias_names else 0
+        return 3 * self.hidden_size * self.intermediate_size + biases
 
     def forward(self, batch: ExpertBatch) -> torch.Tensor:
         """Run every row of the batch through its expert; returns [batch.out_rows, hidden] (see ExpertBatch)."""
         if batch.tokens_per_expert.numel() != self.num_experts:
             raise ValueError(f"tokens_per_expert has {batch.tokens_per_expert.numel()} entries but this module "
                              f"holds {self.num_experts} experts: shard the experts to the dispatcher's local experts")
+        if self.bias_names or self.activation != "swiglu":
+            return self._forward_per_expert(batch)
         # a custom autograd Function is invisible to autocast, so cast to its dtype here as nn.Linear would be
         device_type = batch.source.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else batch.source.dtype
@@ -254,6 +270,30 @@ class GroupedExperts(nn.Module):
         max_chunk_rows = max(1, self.chunk_bytes // bytes_per_row)
         return _GatherSwiGLUScatter.apply(source, batch.row_index, batch.row_weight, *weights, counts,
                                           batch.out_rows, max_chunk_rows, use_grouped_mm)
+
+    def _forward_per_expert(self, batch: ExpertBatch) -> torch.Tensor:
+        """GPT-OSS's experts in plain autograd, one expert at a time: biases and the clamped activation are
+        outside the fused function above (which keeps memory low for the common SwiGLU case)."""
+        counts = batch.tokens_per_expert.tolist()
+        source = batch.source
+        rows = source if batch.row_index is None else source.index_select(0, batch.row_index)  # expert-sorted
+        outputs = []
+        for expert, rows_e in enumerate(rows.split(counts)):
+            gate, up = rows_e @ self.w_gate[expert], rows_e @ self.w_up[expert]
+            if self.bias_names:
+                gate, up = gate + self.w_gate_bias[expert], up + self.w_up_bias[expert]
+            if self.activation == "clamped_swiglu":
+                hidden = clamped_swiglu(gate, up, self.swiglu_alpha, self.swiglu_limit)
+            else:
+                hidden = F.silu(gate) * up
+            out = hidden @ self.w_down[expert]
+            outputs.append(out + self.w_down_bias[expert] if self.bias_names else out)
+        expert_out = torch.cat(outputs) if outputs else rows.new_zeros(0, self.hidden_size)
+        if batch.row_weight is not None:
+            expert_out = expert_out * batch.row_weight[:, None].to(expert_out.dtype)
+        if batch.row_index is None:
+            return expert_out
+        return expert_out.new_zeros(batch.out_rows, self.hidden_size).index_add(0, batch.row_index, expert_out)
 
     def extra_repr(self) -> str:
         return (f"experts {self.first_expert}..{self.first_expert + self.num_experts - 1} of "

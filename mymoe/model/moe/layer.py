@@ -61,7 +61,9 @@ class MoELayer(nn.Module):
         self.num_experts = moe.n_routed_experts
         self.top_k = moe.num_experts_per_tok
         self.gate = Router(hidden_size, moe, init_std)
-        self.experts = GroupedExperts(moe.n_routed_experts, hidden_size, moe.moe_intermediate_size, init_std)
+        self.experts = GroupedExperts(moe.n_routed_experts, hidden_size, moe.moe_intermediate_size, init_std,
+                                      bias=moe.expert_mlp_bias, activation=moe.expert_activation,
+                                      swiglu_alpha=moe.swiglu_alpha, swiglu_limit=moe.swiglu_limit)
         self.shared_experts = None
         self.shared_expert_gate = None
         if moe.n_shared_experts > 0:

@@ -1,7 +1,7 @@
 """The router: scores -> (noise) -> (group limit) -> (+bias, for selection only) -> top-k -> weights.
 
-Scoring is softmax (Mixtral, Qwen) or sigmoid (DeepSeek-V3). The combine weights are always the clean
-scores of the chosen experts, renormalised over the k chosen when ``norm_topk_prob`` and multiplied by
+Scoring is softmax (Mixtral, Qwen) or sigmoid (DeepSeek-V3), of the logits plus a learned bias with
+``router_bias`` (GPT-OSS). The combine weights are always the clean scores of the chosen experts, renormalised over the k chosen when ``norm_topk_prob`` and multiplied by
 ``routed_scaling_factor``; noise and the balancing bias only change which experts are chosen.
 
 Losses returned for logging, unweighted, and summed with their coefficients into ``aux_loss``:
@@ -51,6 +51,8 @@ class Router(nn.Module):
         self.top_k = moe.num_experts_per_tok
         self.moe = moe
         self.weight = nn.Parameter(torch.empty(self.num_experts, hidden_size))
+        # GPT-OSS: a bias on the logits, which (unlike expert_bias) changes the weights as well as the choice
+        self.bias = nn.Parameter(torch.zeros(self.num_experts)) if moe.router_bias else None
         self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32))
         self.generator: Optional[torch.Generator] = None
         self.reset_parameters(init_std)
@@ -68,7 +70,8 @@ class Router(nn.Module):
         if self.training and moe.router_jitter_noise > 0:
             jitter = self._uniform(router_input, 1.0 - moe.router_jitter_noise, 1.0 + moe.router_jitter_noise)
             router_input = router_input * jitter
-        logits = F.linear(router_input, self.weight.to(compute_dtype))  # [tokens, experts]
+        bias = self.bias.to(compute_dtype) if self.bias is not None else None
+        logits = F.linear(router_input, self.weight.to(compute_dtype), bias)  # [tokens, experts]
         scores = self._score(logits)
 
         with torch.no_grad():
@@ -80,9 +83,14 @@ class Router(nn.Module):
                 selection_scores = self._limit_groups(selection_scores)
             expert_indices = torch.topk(selection_scores, self.top_k, dim=-1).indices  # [tokens, k]
 
-        expert_weights = scores.gather(1, expert_indices)
-        if moe.norm_topk_prob and self.top_k > 1:
-            expert_weights = expert_weights / (expert_weights.sum(-1, keepdim=True) + 1e-20)
+        if moe.norm_topk_prob and self.top_k > 1 and moe.scoring_func == "softmax":
+            # the renormalised softmax of the k chosen is the softmax of their logits: the same weights, and
+            # an exact zero gradient for the experts not chosen (not a rounding residue AdamW would amplify)
+            expert_weights = logits.gather(1, expert_indices).softmax(dim=-1)
+        else:
+            expert_weights = scores.gather(1, expert_indices)
+            if moe.norm_topk_prob and self.top_k > 1:
+                expert_weights = expert_weights / (expert_weights.sum(-1, keepdim=True) + 1e-20)
         expert_weights = expert_weights * moe.routed_scaling_factor
 
         probs = scores if moe.scoring_func == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
