@@ -7,7 +7,8 @@ A save, on every rank at once:
        DCP's index after every rank has reported its writes
     3. each rank checksums its file; rank 0 gathers them with every expert's crc32 into manifest.json,
        renames step_N.partial -> step_N, fsyncs the folder, then points `latest` at it (write + rename)
-    4. rank 0 deletes committed steps beyond keep_last and tells every rank the save is done
+    4. rank 0 deletes this run's steps beyond keep_last (retention.py says which may go) and tells every
+       rank the save is done
 
 A crash anywhere before the rename leaves only a .partial folder, which nothing reads, and `latest` still
 names the previous step. With async_save the state is first copied (the only part the training step
@@ -31,6 +32,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mymoe.checkpoint.layout import flatten, load_targets, restore_param_groups
+from mymoe.checkpoint.retention import new_run_id, run_of, steps_to_prune
 from mymoe.checkpoint.storage import (
     FORMAT_VERSION, MANIFEST, METADATA, CheckpointError, SafeFileSystemReader, TensorsOnlyLoadPlanner, file_crc32,
     fsync_directory, read_dcp_metadata, read_manifest, tensor_crc32, verify_files, write_json_durably)
@@ -152,6 +154,7 @@ class CheckpointManager:
         self._thread: Optional[threading.Thread] = None
         self._thread_error: Optional[BaseException] = None
         self.last_save_seconds = 0.0
+        self.run_id: Optional[str] = None  # set by load (the run goes on) or at the first save (a new run)
 
     # ------------------------------------------------------------------------------------------------
     # save
@@ -227,8 +230,10 @@ class CheckpointManager:
             files.update(report["files"])
             for name, sums in report["experts"].items():
                 experts.setdefault(name, {}).update(sums)
-        manifest = {"format_version": FORMAT_VERSION, **extras, "config": self.config.to_dict(),
-                    "world_size": self.ctx.world_size, "expert_parallel_size": self.ctx.expert_parallel_size,
+        if self.run_id is None:
+            self.run_id = new_run_id()
+        manifest = {"format_version": FORMAT_VERSION, **extras, "run_id": self.run_id,
+                    "config": self.config.to_dict(), "world_size": self.ctx.world_size, "expert_parallel_size": self.ctx.expert_parallel_size,
                     "files": files, "expert_checksums": experts, "tokenizer": tokenizer_fingerprint(self.config),
                     "torch_version": torch.__version__, "saved_at": time.time()}
         write_json_durably(partial / MANIFEST, manifest)
@@ -242,9 +247,8 @@ class CheckpointManager:
         temporary.write_text(final.name + "\n")
         temporary.replace(latest)
         fsync_directory(self.root)
-        if self.keep_last > 0:
-            for _, old in committed_steps(self.root)[:-self.keep_last]:
-                shutil.rmtree(old)
+        for old in steps_to_prune(committed_steps(self.root), self.run_id, self.keep_last):
+            shutil.rmtree(old)
 
     # ------------------------------------------------------------------------------------------------
     # load
@@ -270,6 +274,7 @@ class CheckpointManager:
         directory = Path(directory)
         manifest = read_manifest(directory)
         check_compatible(manifest, self.config, directory)
+        self.run_id = run_of(manifest)
         self.verify(directory, manifest)
         template = trainer.state_dict()
         targets, rng = read_tensors(directory, manifest, template, trainer.model, trainer.optimizer,

@@ -230,7 +230,12 @@ def run(config: Config, deepspeed_config: Optional[str] = None, progress: bool =
 def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] = None,
           progress: bool = True) -> TrainResult:
     checkpoints = checkpoint_manager(config, ctx)
-    resuming = config.train.resume and checkpoints.latest() is not None
+    resuming = checkpoints.latest() is not None
+    if resuming and not config.train.resume:  # every rank got the same answer from latest()
+        from mymoe.checkpoint.retention import fresh_run_refusal
+        from mymoe.checkpoint import committed_steps
+
+        raise ConfigError(fresh_run_refusal(checkpoints.root, committed_steps(checkpoints.root)))
     trainer = Trainer(config, ctx, deepspeed_config, init_from=None if resuming else config.train.init_from)
     if resuming:
         checkpoints.load_latest(trainer)
