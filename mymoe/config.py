@@ -8,8 +8,10 @@ Every check of a bad value lives in ``validate`` and runs before anything is bui
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +145,7 @@ class TrainConfig:
     # folder) when out_dir has no checkpoint to resume from
     init_from: Optional[str] = None
     dead_expert_window: int = 20  # steps an expert may stay idle or saturated before a warning
+    max_nonfinite_steps: int = 3  # steps in a row with a nan/inf loss or gradient norm (skipped) before a stop
 
 
 @dataclass
@@ -459,7 +462,38 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
     if config.data.train_weights is not None and len(config.data.train_weights) != len(config.data.train_prefixes):
         raise ConfigError(f"data.train_weights has {len(config.data.train_weights)} entries but data.train_prefixes "
                           f"has {len(config.data.train_prefixes)}: give one weight per prefix")
+    check_values(config)
     return config
+
+
+# single-value rules: (field, rule, what the value must be); every float field must besides be finite
+VALUE_RULES = (
+    ("model.rms_norm_eps", lambda v: v > 0, "a small positive number such as 1e-6"),
+    ("model.initializer_range", lambda v: v > 0, "positive (0.02 is usual)"),
+    ("model.rope_theta", lambda v: v > 0, "positive (10000 is usual)"),
+    ("train.max_nonfinite_steps", lambda v: v >= 1, "a positive integer (non-finite steps skipped in a row)"),
+)
+
+
+def _float_fields(node, prefix: str):
+    for item in dataclasses.fields(node):
+        value = getattr(node, item.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(value, f"{prefix}{item.name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{item.name}", value
+
+
+def check_values(config: Config) -> None:
+    """The rules of VALUE_RULES, and no nan or inf anywhere (a nan passes every `<` and `>` check)."""
+    for name, value in _float_fields(config, ""):
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}={value} must be a finite number")
+    for name, rule, must_be in VALUE_RULES:
+        section, _, key = name.rpartition(".")
+        value = getattr(functools.reduce(getattr, section.split("."), config), key)
+        if not rule(value):
+            raise ConfigError(f"{name}={value!r} must be {must_be}")
 
 
 def _validate_rope_scaling(rope_scaling: dict) -> None:

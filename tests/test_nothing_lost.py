@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mymoe.checkpoint import CheckpointManager, committed_steps, read_manifest, resolve_checkpoint
@@ -71,3 +72,73 @@ def test_resume_false_over_an_older_run_refuses_in_one_line_and_keeps_it(tmp_pat
     message = train_cli(["--config", config, "--train.resume=false"])
     assert "train.resume=false" in message and "--train.out_dir" in message and "steps 2, 4 of run" in message
     assert {path.name: path.stat().st_mtime_ns for path in root.iterdir()} == before  # nothing touched
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. non-finite guard: skip, stop after a few naming the culprit, never save nan
+
+
+def poison_after(step: int, parameter: str):
+    """A Trainer.train_step that writes nan into one parameter once the trainer reaches `step`."""
+    from mymoe.train import loop
+
+    original = loop.Trainer.train_step
+
+    def train_step(self):
+        if self.step == step:
+            with torch.no_grad():
+                dict(self.model.named_parameters())[parameter].fill_(float("nan"))
+        return original(self)
+    return train_step
+
+
+def test_diverging_run_skips_then_stops_naming_the_module_and_keeps_its_good_checkpoints(tmp_path, monkeypatch):
+    from mymoe.train import loop
+
+    monkeypatch.setattr(loop.Trainer, "train_step", poison_after(4, "model.layers.1.mlp.experts.w_up"))
+    config = write_config(tmp_path, train={"max_steps": 12, "checkpoint_interval": 4, "keep_last": 1})
+    message = train_cli(["--config", config])
+    assert "steps 5-7 all had a non-finite loss or gradient norm" in message, message
+    assert "model.layers.1.mlp.experts.w_up" in message and "--train.lr" in message
+    root = tmp_path / "run" / "checkpoints"
+    assert steps_of(root) == [4]  # saved before the nan; nothing after it, so nothing good was pruned
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r and r["loss"] != r["loss"]] == [5, 6, 7]
+
+
+def test_a_skipped_step_leaves_the_weights_alone_and_nan_state_is_never_saved(tmp_path):
+    from mymoe.checkpoint import CheckpointError
+    from mymoe.train.loop import Trainer
+
+    config = tiny_config(tmp_path, max_steps=4)
+    trainer = Trainer(config, ParallelContext())
+    manager = CheckpointManager(tmp_path / "run" / "checkpoints", config, ParallelContext(), verbose=False)
+    train_until(trainer, manager, 2, (2,))
+    weights = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    forward = trainer.forward
+
+    def forward_to_nan_loss(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.lm_loss = out.lm_loss * float("nan")
+        return out
+    trainer.forward = forward_to_nan_loss
+    metrics = trainer.train_step()
+    trainer.forward = forward
+    assert metrics["skipped"] and trainer.step == 3
+    assert all(torch.equal(p, weights[name]) for name, p in trainer.model.named_parameters())
+    with torch.no_grad():
+        trainer.model.model.embed_tokens.weight[0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match=r"step 3 was not saved: model\.model\.embed_tokens\.weight holds nan "
+                                              r"or inf .*step_00000002 is kept"):
+        manager.save(trainer)
+    assert steps_of(tmp_path / "run" / "checkpoints") == [2]
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.partial"))
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("--train.lr=inf", "train.lr=inf must be a finite number"),
+    ("--model.rms_norm_eps=-1", "model.rms_norm_eps=-1.0 must be a small positive number"),
+])
+def test_values_that_would_diverge_are_refused(tmp_path, override, fragment):
+    message = train_cli(["--config", write_config(tmp_path), override])
+    assert fragment in message, message

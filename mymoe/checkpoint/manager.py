@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mymoe.checkpoint.layout import flatten, load_targets, restore_param_groups
-from mymoe.checkpoint.retention import new_run_id, run_of, steps_to_prune
+from mymoe.checkpoint.retention import first_nonfinite, new_run_id, run_of, steps_to_prune
 from mymoe.checkpoint.storage import (
     FORMAT_VERSION, MANIFEST, METADATA, CheckpointError, SafeFileSystemReader, TensorsOnlyLoadPlanner, file_crc32,
     fsync_directory, read_dcp_metadata, read_manifest, tensor_crc32, verify_files, write_json_durably)
@@ -165,6 +165,7 @@ class CheckpointManager:
         start = time.perf_counter()
         state = trainer.state_dict()
         tensors, extras = flatten(state, trainer.model, trainer.optimizer, self.ctx.rank)
+        self._refuse_nonfinite(tensors, extras["step"])
         if self.async_save:
             # the staged copy is what makes the save safe to overlap with the next optimizer steps
             tensors = {key: value.detach().to("cpu", copy=True) for key, value in tensors.items()}
@@ -179,6 +180,16 @@ class CheckpointManager:
             self._thread.start()
         else:
             self._write(tensors, extras, start)
+
+    def _refuse_nonfinite(self, tensors: dict, step: int) -> None:
+        """Raise on every rank, before anything is written, if any rank's state holds nan or inf."""
+        found = [(rank, key) for rank, key in enumerate(self._gather(first_nonfinite(tensors))) if key]
+        if found:
+            rank, key = found[0]
+            previous = resolve_checkpoint(self.root)
+            raise CheckpointError(f"step {step} was not saved: {key} holds nan or inf (rank {rank}); the last good "
+                                  f"checkpoint {previous or '(none yet)'} is kept: resume from it with a lower "
+                                  f"--train.lr or --train.grad_clip")
 
     def wait(self) -> None:
         """Block until an async save has committed; raise its error if it failed."""

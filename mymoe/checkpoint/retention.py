@@ -1,10 +1,11 @@
-"""Which committed checkpoints keep-last may delete: only this run's steps older than its newest finite one.
+"""Which committed checkpoints keep-last may delete: only this run's steps older than its newest one, and
+never state that holds nan or inf in the first place.
 
 Every manifest records the run that wrote it (`run_id`; a resumed run keeps the id of the checkpoint it
-resumed from) and whether all its tensors were finite. Pruning looks at this run's steps alone, keeps the
-newest `keep_last` of them and always the newest finite one, and deletes only steps older than that one.
-So another run's checkpoints in the same folder are never sorted in with ours, and a run can never delete
-the checkpoint it would have to go back to.
+resumed from). Pruning looks at this run's steps alone and keeps the newest `keep_last` of them, so another
+run's checkpoints in the same folder are never sorted in with ours. A save of state holding nan or inf is
+refused before anything is written (`first_nonfinite`), so every committed step is finite and the newest
+one, which pruning always keeps, is the last good state a run can go back to.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import json
 import time
 import uuid
 from pathlib import Path
+from typing import Optional
+
+import torch
 
 from mymoe.checkpoint.storage import MANIFEST
 
@@ -34,21 +38,24 @@ def _read_quietly(directory: Path) -> dict | None:
         return None  # unreadable: nobody's to delete
 
 
+def first_nonfinite(tensors: dict) -> Optional[str]:
+    """The key of the first floating-point tensor holding nan or inf, else None."""
+    for key, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
+
+
 def steps_to_prune(steps: list[tuple[int, Path]], run_id: str, keep_last: int) -> list[Path]:
     """The folders (of `steps`, committed (step, folder) oldest first) that keep-last may delete."""
     if keep_last <= 0:
         return []
     mine = []
-    for step, directory in steps:
+    for _, directory in steps:
         manifest = _read_quietly(directory)
         if manifest is not None and run_of(manifest) == run_id:
-            mine.append((step, directory, manifest.get("finite", True)))
-    finite = [step for step, _, is_finite in mine if is_finite]
-    if not finite:
-        return []
-    newest_finite = finite[-1]
-    kept = {step for step, _, _ in mine[-keep_last:]} | {newest_finite}
-    return [directory for step, directory, _ in mine if step not in kept and step < newest_finite]
+            mine.append(directory)
+    return mine[:-keep_last]
 
 
 def other_runs(steps: list[tuple[int, Path]]) -> str:

@@ -25,6 +25,7 @@ from mymoe.model import MoECausalLM
 from mymoe.peft import apply_peft
 from mymoe.parallel import ParallelContext, clip_grad_norm_, init_distributed, parallelize, reduce_gradients, shutdown
 from mymoe.train.metrics import MetricsLogger, peak_flops_per_second
+from mymoe.train.guard import NonFiniteGuard
 from mymoe.train.stop import GracefulStop
 from mymoe.train.optim import Schedule, aux_loss_scale, build_optimizer, parameter_groups, total_steps
 
@@ -150,6 +151,7 @@ class Trainer:
         sums = None  # [loss, lm_loss, aux_loss, z_loss, load_balancing_loss, dropped per layer...]
         for _ in range(accumulation):
             input_ids, labels = self.train_reader.next_batch()
+            self.last_batch = (input_ids, labels)  # what the non-finite guard reruns to find the culprit
             with autocast_context(config, ctx.device):
                 out = self.forward(input_ids.to(ctx.device), labels=labels.to(ctx.device))
             loss = out.lm_loss + aux_scale * out.aux_loss
@@ -165,19 +167,23 @@ class Trainer:
                      sum(float(s["z_loss"]) for s in stats), sum(float(s["load_balancing_loss"]) for s in stats)]
             micro += [float(s["dropped_fraction"]) for s in stats]
             sums = micro if sums is None else [a + b for a, b in zip(sums, micro)]
+        means = world_mean([value / accumulation for value in sums], ctx)
+        skipped = False
         if self.engine is not None:
             grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         else:
             reduce_gradients(self.model, ctx)
             grad_norm = float(clip_grad_norm_(self.model, config.train.grad_clip, ctx))
-            self.optimizer.step()
+            # both numbers are global, so every rank skips alike (mymoe/train/guard.py)
+            skipped = not (math.isfinite(means[0]) and math.isfinite(grad_norm))
+            if not skipped:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         expert_loads = self.update_expert_biases()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        means = world_mean([value / accumulation for value in sums], ctx)
         loss, lm_loss, aux_loss, z_loss, balance_loss = means[:5]
-        return {"loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss,
+        return {"skipped": skipped, "loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss,
                 "load_balancing_loss": balance_loss, "lr": lr, "aux_loss_scale": aux_scale, "grad_norm": grad_norm,
                 "expert_loads": expert_loads, "dropped": means[5:]}
 
@@ -271,6 +277,7 @@ def train_steps(trainer: Trainer, checkpoints, logger, result: TrainResult, stop
                 flops_per_token: float, peak: float) -> None:
     """Steps until the run is finished or a signal asks every rank to stop."""
     train_config = trainer.config.train
+    guard = NonFiniteGuard(train_config.max_nonfinite_steps)
     while not trainer.finished():
         start = time.perf_counter()
         metrics = trainer.train_step()
@@ -286,6 +293,7 @@ def train_steps(trainer: Trainer, checkpoints, logger, result: TrainResult, stop
                            mfu=flops_per_token * tokens_per_second / peak,
                            dropped_fraction=sum(metrics["dropped"]) / max(len(metrics["dropped"]), 1))
             logger.log(step, scalars, metrics["expert_loads"], metrics["dropped"])
+        guard.observe(trainer, metrics, logger)  # after the log, so the skipped steps are in it
         if train_config.eval_interval and (step % train_config.eval_interval == 0 or trainer.finished()):
             eval_loss = trainer.evaluate()
             if eval_loss is not None:
