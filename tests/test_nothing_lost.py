@@ -142,3 +142,38 @@ def test_a_skipped_step_leaves_the_weights_alone_and_nan_state_is_never_saved(tm
 def test_values_that_would_diverge_are_refused(tmp_path, override, fragment):
     message = train_cli(["--config", write_config(tmp_path), override])
     assert fragment in message, message
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. one job per out_dir
+
+
+HOLD_LOCK = """
+import sys, time
+from mymoe.parallel import ParallelContext
+from mymoe.train.lock import out_dir_lock
+with out_dir_lock(sys.argv[1], ParallelContext()):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_job_on_one_out_dir_refuses_naming_the_first_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path, train={"max_steps": 2})
+    other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run")], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        message = train_cli(["--config", config])
+        assert f"train.out_dir={tmp_path / 'run'} is in use by another job (pid {other.pid} on " in message, message
+        assert "--train.out_dir" in message and "train.lock" in message
+        assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert (tmp_path / "run" / "train.lock").exists()  # left by the killed job: stale, its pid is gone
+    assert train_cli(["--config", config]) == ""
+    assert steps_of(tmp_path / "run" / "checkpoints") == [2] and not (tmp_path / "run" / "train.lock").exists()

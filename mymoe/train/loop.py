@@ -26,6 +26,7 @@ from mymoe.peft import apply_peft
 from mymoe.parallel import ParallelContext, clip_grad_norm_, init_distributed, parallelize, reduce_gradients, shutdown
 from mymoe.train.metrics import MetricsLogger, peak_flops_per_second
 from mymoe.train.guard import NonFiniteGuard
+from mymoe.train.lock import out_dir_lock
 from mymoe.train.stop import GracefulStop
 from mymoe.train.optim import Schedule, aux_loss_scale, build_optimizer, parameter_groups, total_steps
 
@@ -228,7 +229,8 @@ def run(config: Config, deepspeed_config: Optional[str] = None, progress: bool =
     """Join the job, train to the end, save the last checkpoint, leave the job."""
     ctx = init_distributed(config)
     try:
-        return train(config, ctx, deepspeed_config, progress)
+        with out_dir_lock(config.train.out_dir, ctx):  # before anything is read from or written to it
+            return train(config, ctx, deepspeed_config, progress)
     finally:
         shutdown()
 
