@@ -177,3 +177,57 @@ def test_a_second_job_on_one_out_dir_refuses_naming_the_first_and_a_dead_ones_lo
     assert (tmp_path / "run" / "train.lock").exists()  # left by the killed job: stale, its pid is gone
     assert train_cli(["--config", config]) == ""
     assert steps_of(tmp_path / "run" / "checkpoints") == [2] and not (tmp_path / "run" / "train.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. one deadline: a rank stopped during a save fails the others within parallel.timeout_seconds
+
+
+DEADLINE_SECONDS = 5
+
+
+def stalled_save_worker(rank, world_size, workdir):
+    import os
+    import signal
+    import time
+
+    import torch.distributed as dist
+
+    from mymoe.checkpoint import manager as manager_module
+    from mymoe.parallel import CollectiveError, init_distributed, shutdown
+    from mymoe.train.loop import Trainer
+
+    config = tiny_config(workdir, world_size=2, expert_parallel_size=2, train={"keep_last": 3})
+    config.parallel.timeout_seconds = DEADLINE_SECONDS
+    ctx = init_distributed(config)
+    pids = [None, None]
+    dist.all_gather_object(pids, os.getpid())
+    trainer = Trainer(config, ctx)
+    manager = CheckpointManager(Path(config.train.out_dir) / "checkpoints", config, ctx, verbose=False)
+    train_until(trainer, manager, 1, (1,))
+    if rank == 1:  # stops (as SIGSTOP or a hung disk would) once its shard of step 2 is written
+        manager_module.file_crc32 = lambda path: os.kill(os.getpid(), signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        train_until(trainer, manager, 2, (2,))
+        return {"error": None}
+    except CollectiveError as error:
+        return {"error": str(error), "seconds": time.monotonic() - start}
+    finally:
+        if rank == 0:
+            os.kill(pids[1], signal.SIGKILL)
+        shutdown()
+
+
+@pytest.mark.slow
+def test_a_rank_stopped_during_a_save_fails_the_other_within_the_deadline(tmp_path):
+    from dist_utils import run_distributed
+
+    results = run_distributed(stalled_save_worker, 2, args=(str(tmp_path),), init_process_group=False,
+                              timeout=90, raise_errors=False)
+    outcome = results[0].value
+    assert outcome and outcome["error"], f"{results[0].error_type}: {results[0].error}"
+    assert "all_gather_object (checkpoint: file checksums of step 2) timed out after 5 s" in outcome["error"]
+    assert outcome["seconds"] < DEADLINE_SECONDS + 10, outcome
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000001" and steps_of(root) == [1]

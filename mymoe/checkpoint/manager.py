@@ -16,6 +16,8 @@ waits for) and steps 1-4 run on a thread over a process group of their own.
 """
 from __future__ import annotations
 
+import datetime
+import errno
 import shutil
 import contextlib
 import threading
@@ -37,6 +39,7 @@ from mymoe.checkpoint.storage import (
     FORMAT_VERSION, MANIFEST, METADATA, CheckpointError, SafeFileSystemReader, TensorsOnlyLoadPlanner, file_crc32,
     fsync_directory, read_dcp_metadata, read_manifest, tensor_crc32, verify_files, write_json_durably)
 from mymoe.config import Config
+from mymoe.parallel.collectives import named_collective
 
 LATEST = "latest"
 STEP_PREFIX = "step_"
@@ -149,8 +152,11 @@ class CheckpointManager:
         self.thread_count = thread_count
         self.verbose = verbose and ctx.rank == 0
         # checkpoint collectives get their own gloo group: it moves only small objects, works next to nccl,
-        # and an async save's thread never shares a group with the training step
-        self.group = dist.new_group(backend="gloo") if ctx.is_distributed else None
+        # and an async save's thread never shares a group with the training step; it waits no longer than
+        # any other collective (parallel.timeout_seconds), so a stalled rank fails a save with a named error
+        self.timeout_seconds = ctx.timeout_seconds
+        self.group = (dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=ctx.timeout_seconds))
+                      if ctx.is_distributed else None)
         self._thread: Optional[threading.Thread] = None
         self._thread_error: Optional[BaseException] = None
         self.last_save_seconds = 0.0
@@ -183,7 +189,8 @@ class CheckpointManager:
 
     def _refuse_nonfinite(self, tensors: dict, step: int) -> None:
         """Raise on every rank, before anything is written, if any rank's state holds nan or inf."""
-        found = [(rank, key) for rank, key in enumerate(self._gather(first_nonfinite(tensors))) if key]
+        found = [(rank, key) for rank, key in enumerate(self._gather(first_nonfinite(tensors),
+                                                                     f"finiteness of step {step}")) if key]
         if found:
             rank, key = found[0]
             previous = resolve_checkpoint(self.root)
@@ -209,31 +216,42 @@ class CheckpointManager:
             for stale in self.root.glob(f"{STEP_PREFIX}*{PARTIAL_SUFFIX}"):
                 shutil.rmtree(stale)
             partial.mkdir()
-        self._barrier()
+        self._barrier(f"clearing {partial.name}")
         writer = FileSystemWriter(partial, single_file_per_rank=True, sync_files=True,
                                   thread_count=self.thread_count, overwrite=True)
-        with _quiet_single_process(self.group is None):
-            dcp.save(tensors, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
+        try:
+            with _quiet_single_process(self.group is None):
+                dcp.save(tensors, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
+        except (Exception, CheckpointException) as write_error:  # DCP's own exception is a BaseException
+            self._give_up(partial, step, one_line_failure(write_error))
         own_files = sorted(partial.glob(f"__{rank}_*"))
         if rank == 0:
             own_files.append(partial / METADATA)
         report = {"files": {path.name: dict(zip(("bytes", "crc32"), file_crc32(path))) for path in own_files},
                   "experts": expert_checksums_of(tensors)}
-        reports = self._gather(report)
+        reports = self._gather(report, f"file checksums of step {step}")
         error = None
         if rank == 0:
             try:
                 self._commit(partial, final, extras, reports)
             except BaseException as commit_error:
-                error = f"{type(commit_error).__name__}: {commit_error}"
-        error = self._broadcast(error)
+                error = one_line_failure(commit_error)
+        error = self._broadcast(error, f"commit of step {step}")
         if error is not None:
-            raise CheckpointError(f"saving step {step} to {final} failed on rank 0: {error}")
+            self._give_up(partial, step, f"rank 0: {error}")
         self.last_save_seconds = time.perf_counter() - start
         if self.verbose:
             size = sum(info["bytes"] for report in reports for info in report["files"].values())
             print(f"checkpoint: step {step} saved to {final} ({size / 2**20:.1f} MiB, "
                   f"{self.last_save_seconds:.2f} s{', async' if self.async_save else ''})", flush=True)
+
+    def _give_up(self, partial: Path, step: int, why: str) -> None:
+        """A save that failed: its partial folder goes (disk space back), the committed steps stay."""
+        if self.ctx.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = resolve_checkpoint(self.root)
+        raise CheckpointError(f"saving step {step} failed ({why}); nothing was committed and "
+                              f"{previous or 'no earlier checkpoint'} is intact")
 
     def _commit(self, partial: Path, final: Path, extras: dict, reports: list[dict]) -> None:
         files, experts = {}, {}
@@ -267,7 +285,7 @@ class CheckpointManager:
     def latest(self) -> Optional[Path]:
         """The newest committed checkpoint folder as rank 0 sees it (every rank gets the same answer)."""
         found = resolve_checkpoint(self.root) if self.ctx.rank == 0 else None
-        found = self._broadcast(None if found is None else str(found))
+        found = self._broadcast(None if found is None else str(found), "looking up the newest checkpoint")
         return None if found is None else Path(found)
 
     def load_latest(self, trainer) -> bool:
@@ -306,7 +324,8 @@ class CheckpointManager:
         """Check every file's size and crc32, the files split over the ranks; all ranks raise alike."""
         names = sorted(manifest["files"])
         mine = {name: manifest["files"][name] for name in names[self.ctx.rank::self.ctx.world_size]}
-        problems = [p for report in self._gather(verify_files(directory, mine)) for p in report]
+        problems = [p for report in self._gather(verify_files(directory, mine), f"verifying {directory.name}")
+                    for p in report]
         if problems:
             raise CheckpointError(f"checkpoint {directory} is damaged:\n  " + "\n  ".join(problems)
                                   + "\nload an older step (see the step_* folders) or re-save it")
@@ -314,23 +333,37 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------------------------
     # collectives on the checkpoint group (no-ops in a single process)
 
-    def _barrier(self) -> None:
+    def _barrier(self, purpose: str) -> None:
         if self.group is not None:
-            dist.barrier(group=self.group)
+            with named_collective(f"barrier (checkpoint: {purpose})", self.timeout_seconds):
+                dist.barrier(group=self.group)
 
-    def _gather(self, value) -> list:
+    def _gather(self, value, purpose: str) -> list:
         if self.group is None:
             return [value]
         values = [None] * self.ctx.world_size
-        dist.all_gather_object(values, value, group=self.group)
+        with named_collective(f"all_gather_object (checkpoint: {purpose})", self.timeout_seconds):
+            dist.all_gather_object(values, value, group=self.group)
         return values
 
-    def _broadcast(self, value):
+    def _broadcast(self, value, purpose: str):
         if self.group is None:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src=0, group=self.group)
+        with named_collective(f"broadcast_object_list (checkpoint: {purpose})", self.timeout_seconds):
+            dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
+
+
+def one_line_failure(error: BaseException) -> str:
+    """A save or load failure as one line: the first failing rank's error, without DCP's tracebacks."""
+    if isinstance(error, CheckpointException) and error.failures:
+        rank, (error, _) = sorted(error.failures.items())[0]
+        return f"rank {rank}: {one_line_failure(error)}"
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return f"no space left on device{f' writing {error.filename}' if error.filename else ''}: free some space"
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 @contextlib.contextmanager
