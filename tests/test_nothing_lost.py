@@ -231,3 +231,23 @@ def test_a_rank_stopped_during_a_save_fails_the_other_within_the_deadline(tmp_pa
     assert outcome["seconds"] < DEADLINE_SECONDS + 10, outcome
     root = tmp_path / "run" / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000001" and steps_of(root) == [1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. metrics.jsonl holds every step once after a restart
+
+
+def test_a_restarted_run_logs_each_replayed_step_once(tmp_path):
+    config = write_config(tmp_path, train={"max_steps": 5, "checkpoint_interval": 3, "keep_last": 5})
+    assert train_cli(["--config", config]) == ""
+    root = tmp_path / "run" / "checkpoints"
+    (root / "latest").write_text("step_00000003\n")  # as if the run had died after logging steps 4 and 5
+    for path in (root / "step_00000005").iterdir():
+        path.unlink()
+    (root / "step_00000005").rmdir()
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 1.')  # and cut a line short as it died
+    assert train_cli(["--config", config]) == ""
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4, 5]
