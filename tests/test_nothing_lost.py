@@ -12,7 +12,7 @@ import yaml
 
 from mymoe.checkpoint import CheckpointManager, committed_steps, read_manifest, resolve_checkpoint
 from mymoe.parallel import ParallelContext
-from test_checkpoint import tiny_config, train_until
+from test_checkpoint import tiny_config, train_until, write_dataset
 
 
 def write_config(workdir: Path, **sections) -> str:
@@ -251,3 +251,43 @@ def test_a_restarted_run_logs_each_replayed_step_once(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. every input checked at start-up, before any work
+
+
+def _truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+BAD_INPUTS = {
+    "truncated valid .bin": (lambda valid: _truncate(Path(valid + ".bin"), 1000), {},
+                             "valid.bin has 1000 bytes but its index describes 4000 tokens"),
+    "empty valid .idx": (lambda valid: Path(valid + ".idx").write_bytes(b""), {}, "valid.idx is empty (0 bytes)"),
+    "ids beyond the vocabulary": (lambda valid: write_dataset(valid, vocab_size=100, seed=3), {},
+                                  "valid.bin holds token id 9"),
+    "not a tokenizer": (lambda valid: Path(valid + ".model").write_text("not a model"),
+                        {"data": {"tokenizer": "{valid}.model"}}, "valid.model is not a sentencepiece model"),
+    "seq_len beyond the positions": (lambda valid: None, {"data": {"seq_len": 4096}},
+                                     "data.seq_len=4096 is longer than the model's positions "
+                                     "(model.max_position_embeddings=2048)"),
+    "cannot fit in memory": (lambda valid: None, {"data": {"seq_len": 100000}, "train": {"micro_batch_size": 64},
+                                                  "model": {"max_position_embeddings": 200000}},
+                             "GiB per process but has"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_a_bad_input_is_one_line_before_any_work(tmp_path, case):
+    spoil, sections, fragment = BAD_INPUTS[case]
+    valid = str(tmp_path / "valid")
+    write_dataset(valid, seed=1)
+    spoil(valid)
+    sections = {name: {key: value.format(valid=valid) if isinstance(value, str) else value
+                       for key, value in updates.items()} for name, updates in sections.items()}
+    sections.setdefault("data", {})["valid_prefixes"] = [valid]
+    sections.setdefault("train", {}).update(eval_interval=2, max_steps=2)
+    message = train_cli(["--config", write_config(tmp_path, **sections)])
+    assert fragment in message, message
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -25,6 +25,7 @@ from mymoe.model import MoECausalLM
 from mymoe.peft import apply_peft
 from mymoe.parallel import ParallelContext, clip_grad_norm_, init_distributed, parallelize, reduce_gradients, shutdown
 from mymoe.train.metrics import MetricsLogger, peak_flops_per_second
+from mymoe.train.preflight import check_inputs
 from mymoe.train.guard import NonFiniteGuard
 from mymoe.train.lock import out_dir_lock
 from mymoe.train.stop import GracefulStop
@@ -58,7 +59,8 @@ def world_mean(values: list[float], ctx: ParallelContext) -> list[float]:
 
 
 def check_data(config: Config) -> None:
-    """Raise ConfigError unless every data prefix has its .bin and .idx (pure: call it on every rank)."""
+    """Raise ConfigError unless every data prefix has its .bin and .idx and passes the start-up checks of
+    train/preflight.py (pure: call it on every rank)."""
     data = config.data
     if not data.train_prefixes:
         raise ConfigError("data.train_prefixes is empty: preprocess a corpus with `python -m data_tools preprocess` "
@@ -70,6 +72,7 @@ def check_data(config: Config) -> None:
                 raise ConfigError(f"data.{field_name}: {prefix}{' and '.join(missing)} not found (a prefix names "
                                   f"a .bin/.idx pair without the suffix; make one with `python -m data_tools "
                                   f"preprocess --output {prefix} ...`)")
+    check_inputs(config)
 
 
 def build_reader(config: Config, ctx: ParallelContext, split: str):
