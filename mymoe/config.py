@@ -234,6 +234,9 @@ def _coerce(value: Any, tp, where: str):
         except (TypeError, ValueError):
             raise ConfigError(f"{where}={value!r} must be {'an integer' if tp is int else 'a number'}") from None
     if tp is str:
+        if isinstance(value, (list, dict)):
+            raise ConfigError(f"{where}={value!r} must be a single value (a path or a name), not a "
+                              f"{type(value).__name__}")
         return str(value)
     if tp in (list, dict) or typing.get_origin(tp) in (list, dict):
         if isinstance(value, str):
@@ -259,6 +262,9 @@ def _build(cls, values: dict, where: str):
     nested_values: dict = {name: {} for name in nested}
     for key, value in values.items():
         if key in nested:
+            if not isinstance(value or {}, dict):
+                raise ConfigError(f"{where}.{key}={value!r}: '{key}' is a section, so it takes keys and values "
+                                  f"(e.g. {key}: {{{next(iter(_field_types(nested[key])))}: ...}}), not a single value")
             nested_values[key].update(value or {})
         elif key in types:
             kwargs[key] = _coerce(value, types[key], f"{where}.{key}")
@@ -329,7 +335,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
-        values = yaml.safe_load(p.read_text()) or {}
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            where = getattr(error, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(error, "problem", None) or type(error).__name__
+            raise ConfigError(f"{path} is not a YAML config{at} ({problem}): fix the file, or start from one in "
+                              f"configs/") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping with sections {', '.join(SECTIONS)}")
     config = config_from_dict(apply_overrides(values, overrides or []))
@@ -472,6 +485,13 @@ VALUE_RULES = (
     ("model.initializer_range", lambda v: v > 0, "positive (0.02 is usual)"),
     ("model.rope_theta", lambda v: v > 0, "positive (10000 is usual)"),
     ("train.max_nonfinite_steps", lambda v: v >= 1, "a positive integer (non-finite steps skipped in a row)"),
+    ("train.seed", lambda v: v >= 0, "a non-negative integer"),
+    ("train.keep_last", lambda v: v >= 0, "a non-negative integer (0 keeps every checkpoint)"),
+    ("train.weight_decay", lambda v: v >= 0, ">= 0 (0.1 is usual, 0 disables it)"),
+    ("train.adam_beta1", lambda v: 0 <= v < 1, "in [0, 1) (0.9 is usual)"),
+    ("train.adam_beta2", lambda v: 0 <= v < 1, "in [0, 1) (0.95 is usual)"),
+    ("train.adam_eps", lambda v: v > 0, "a small positive number such as 1e-8"),
+    ("train.out_dir", lambda v: v.strip() != "", "a folder path"),
 )
 
 

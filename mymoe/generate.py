@@ -23,6 +23,7 @@ from typing import Iterator, Optional
 import torch
 
 from mymoe.checkpoint import CheckpointError
+from mymoe.checkpoint.retention import first_nonfinite
 from mymoe.convert.load import load_any
 from mymoe.model.attention import KVCache
 from mymoe.model.transformer import sample_next_token
@@ -151,6 +152,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     start = time.perf_counter()
     try:
         model, config, manifest = load_any(source, args.step)
+        nonfinite = first_nonfinite(model.state_dict())
+        if nonfinite:
+            raise CheckpointError(f"{source}: {nonfinite} holds nan or inf (saved by a run that diverged): "
+                                  f"generate from an earlier, finite step with --step")
         if args.rope_scaling is not None:
             apply_rope_scaling(model, args.rope_scaling)
         vocab_path = args.vocab_path or config.data.tokenizer

@@ -13,6 +13,7 @@ import yaml
 from mymoe.checkpoint import CheckpointManager, committed_steps, read_manifest, resolve_checkpoint
 from mymoe.parallel import ParallelContext
 from test_checkpoint import tiny_config, train_until, write_dataset
+from test_data_tools_support import tokenizer_model  # noqa: F401 - fixture
 
 
 def write_config(workdir: Path, **sections) -> str:
@@ -265,6 +266,8 @@ BAD_INPUTS = {
     "truncated valid .bin": (lambda valid: _truncate(Path(valid + ".bin"), 1000), {},
                              "valid.bin has 1000 bytes but its index describes 4000 tokens"),
     "empty valid .idx": (lambda valid: Path(valid + ".idx").write_bytes(b""), {}, "valid.idx is empty (0 bytes)"),
+    "empty valid .bin": (lambda valid: Path(valid + ".bin").write_bytes(b""), {},
+                         "valid.bin has 0 bytes but its index describes 4000 tokens"),
     "ids beyond the vocabulary": (lambda valid: write_dataset(valid, vocab_size=100, seed=3), {},
                                   "valid.bin holds token id 9"),
     "not a tokenizer": (lambda valid: Path(valid + ".model").write_text("not a model"),
@@ -291,3 +294,122 @@ def test_a_bad_input_is_one_line_before_any_work(tmp_path, case):
     message = train_cli(["--config", write_config(tmp_path, **sections)])
     assert fragment in message, message
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. one line, naming the input and the fix, for every bad value and file
+
+
+BAD_CONFIGS = {
+    "malformed YAML": ("model: [unclosed\n", [], "is not a YAML config at line 2"),
+    "binary YAML": (bytes(range(256)) * 4, [], "is not a YAML config"),
+    "a scalar for a section": ("train: 5\n", [], "config.train=5: 'train' is a section"),
+    "a scalar for a nested section": ("model:\n  moe: 3\n", [], "config.model.moe=3: 'moe' is a section"),
+    "seed=-1": (None, ["--train.seed=-1"], "train.seed=-1 must be a non-negative integer"),
+    "NaN": (None, ["--train.min_lr=nan"], "train.min_lr=nan must be a finite number"),
+    "keep_last=-1": (None, ["--train.keep_last=-1"], "train.keep_last=-1 must be a non-negative integer"),
+    "grad_clip=nan": (None, ["--train.grad_clip=nan"], "train.grad_clip=nan must be a finite number"),
+    "weight_decay=-10": (None, ["--train.weight_decay=-10"], "train.weight_decay=-10.0 must be >= 0"),
+    "a list as out_dir": (None, ["--train.out_dir=[a, b]"], "train.out_dir=['a', 'b'] must be a single value"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_a_bad_config_is_one_line_naming_the_value(tmp_path, case):
+    content, overrides, fragment = BAD_CONFIGS[case]
+    config = write_config(tmp_path)
+    if content is not None:
+        Path(config).write_bytes(content if isinstance(content, bytes) else content.encode())
+    message = train_cli(["--config", config] + overrides)
+    assert fragment in message, message
+    assert not (tmp_path / "run").exists()
+
+
+def test_disk_full_during_a_save_is_one_line_and_loses_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as filesystem
+
+    from mymoe.checkpoint import CheckpointError, load_model
+    from mymoe.train.loop import Trainer
+
+    config = tiny_config(tmp_path, max_steps=4)
+    trainer = Trainer(config, ParallelContext())
+    root = tmp_path / "run" / "checkpoints"
+    manager = CheckpointManager(root, config, ParallelContext(), verbose=False)
+    train_until(trainer, manager, 2, (2,))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(root / "step_00000003.partial" / "__0_0.distcp"))
+    monkeypatch.setattr(filesystem, "_write_item", disk_full)
+    with pytest.raises(CheckpointError) as error:
+        train_until(trainer, manager, 3, (3,))
+    message = str(error.value)
+    assert "\n" not in message and "saving step 3 failed (rank 0: no space left on device writing " in message
+    assert "step_00000002 is intact" in message, message
+    assert sorted(path.name for path in root.iterdir()) == ["latest", "step_00000002"]  # the partial is gone
+    _, _, manifest = load_model(root)
+    assert manifest["step"] == 2
+
+
+def test_corrupt_jsonl_gz_is_one_line_naming_the_file(tmp_path, tokenizer_model, capsys):
+    from data_tools.cli import main
+
+    corpus = tmp_path / "corpus.jsonl.gz"
+    corpus.write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(200)))
+    code = main(["preprocess", "--input", str(corpus), "--tokenizer", tokenizer_model, "--output",
+                 str(tmp_path / "out"), "--quiet"])
+    error = capsys.readouterr().err.strip()
+    assert code != 0 and len(error.splitlines()) == 1, error
+    assert f"{corpus} is not a readable gzip file" in error and "re-compress" in error
+
+
+def test_generate_refuses_nan_weights_in_one_line(tmp_path, capsys, monkeypatch):
+    from mymoe.generate import main
+    from mymoe.train.loop import Trainer
+
+    config = tiny_config(tmp_path)
+    trainer = Trainer(config, ParallelContext())
+    root = tmp_path / "run" / "checkpoints"
+    manager = CheckpointManager(root, config, ParallelContext(), verbose=False)
+    with torch.no_grad():
+        trainer.model.model.norm.weight[0] = float("nan")
+    monkeypatch.setattr(manager, "_refuse_nonfinite", lambda tensors, step: None)  # as a save before this check
+    manager.save(trainer)
+    assert main(["--checkpoint", str(root), "--prompt", "x"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "model.norm.weight holds nan or inf" in error and "--step" in error, error
+
+
+def test_an_hf_config_missing_a_key_is_one_line(tmp_path, capsys):
+    from mymoe.convert.cli import main
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "mixtral", "vocab_size": 64}))
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "out.safetensors")]) == 1
+    printed = capsys.readouterr().err
+    error = printed.strip().splitlines()[-1]
+    assert "Traceback" not in printed and error.startswith("error: ") and "config.json has no 'intermediate_size' key" \
+        in error, printed
+
+
+def test_integer_weights_are_refused_where_floats_belong(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mymoe.checkpoint import CheckpointError
+    from mymoe.convert.consolidate import consolidate
+    from mymoe.convert.load import load_any
+    from mymoe.train.loop import Trainer
+
+    config = tiny_config(tmp_path)
+    root = tmp_path / "run" / "checkpoints"
+    CheckpointManager(root, config, ParallelContext(), verbose=False).save(Trainer(config, ParallelContext()))
+    consolidate(root, tmp_path / "w.safetensors", weights_only=True)
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        metadata, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int64)
+    save_file(tensors, str(tmp_path / "w.safetensors"), metadata=metadata)
+    with pytest.raises(CheckpointError, match=r"'model.norm.weight' in .*w.safetensors holds torch.int64 values "
+                                              r"where the model needs floats"):
+        load_any(tmp_path / "w.safetensors")
