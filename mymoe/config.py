@@ -146,6 +146,9 @@ class TrainConfig:
     init_from: Optional[str] = None
     dead_expert_window: int = 20  # steps an expert may stay idle or saturated before a warning
     max_nonfinite_steps: int = 3  # steps in a row with a nan/inf loss or gradient norm (skipped) before a stop
+    # a single process stopped by a signal abandons a step still running this long after it (torchrun and
+    # SLURM kill at 30 s); 0 waits for the step boundary
+    stop_timeout_seconds: float = 20.0
 
 
 @dataclass
@@ -486,6 +489,7 @@ VALUE_RULES = (
     ("model.rope_theta", lambda v: v > 0, "positive (10000 is usual)"),
     ("train.max_nonfinite_steps", lambda v: v >= 1, "a positive integer (non-finite steps skipped in a row)"),
     ("train.seed", lambda v: v >= 0, "a non-negative integer"),
+    ("train.stop_timeout_seconds", lambda v: v >= 0, ">= 0 (0 waits for the step boundary)"),
     ("train.keep_last", lambda v: v >= 0, "a non-negative integer (0 keeps every checkpoint)"),
     ("train.weight_decay", lambda v: v >= 0, ">= 0 (0.1 is usual, 0 disables it)"),
     ("train.adam_beta1", lambda v: 0 <= v < 1, "in [0, 1) (0.9 is usual)"),

@@ -413,3 +413,67 @@ def test_integer_weights_are_refused_where_floats_belong(tmp_path):
     with pytest.raises(CheckpointError, match=r"'model.norm.weight' in .*w.safetensors holds torch.int64 values "
                                               r"where the model needs floats"):
         load_any(tmp_path / "w.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. a bounded stop: a long step or evaluation still ends with a checkpoint, in seconds
+
+
+def forward_signalled_at(call: int, training: bool, hang_seconds: float):
+    """MoECausalLM.forward that sends this process SIGTERM at its `call`-th training (or eval) call, then
+    keeps computing for `hang_seconds` (a huge step or a long evaluation); counts[0] counts those calls."""
+    import os
+    import signal
+    import time
+
+    from mymoe.model import MoECausalLM
+
+    original, counts = MoECausalLM.forward, [0]
+
+    def forward(self, *args, **kwargs):
+        if self.training == training:
+            counts[0] += 1
+            if counts[0] == call:
+                os.kill(os.getpid(), signal.SIGTERM)
+                end = time.monotonic() + hang_seconds
+                while time.monotonic() < end:
+                    time.sleep(0.05)
+        return original(self, *args, **kwargs)
+    return forward, counts
+
+
+def test_sigterm_in_a_huge_step_of_one_process_saves_the_step_boundary_within_the_deadline(tmp_path, monkeypatch):
+    import signal
+    import time
+
+    from mymoe.model import MoECausalLM
+    from mymoe.train.loop import Trainer
+
+    forward, _ = forward_signalled_at(3, training=True, hang_seconds=600)
+    monkeypatch.setattr(MoECausalLM, "forward", forward)
+    config = write_config(tmp_path, train={"max_steps": 6, "stop_timeout_seconds": 2})
+    start = time.monotonic()
+    assert train_cli(["--config", config]) == ""
+    assert time.monotonic() - start < 60  # not 600: the step was abandoned 2 s after the signal
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000002"
+    monkeypatch.undo()
+    straight = Trainer(tiny_config(tmp_path), ParallelContext())
+    for _ in range(2):
+        straight.train_step()
+    assert read_manifest(root / "step_00000002")["train_reader"] == straight.train_reader.state_dict()
+
+
+def test_sigterm_during_a_long_evaluation_stops_it_between_batches_and_saves(tmp_path, monkeypatch):
+    from mymoe.model import MoECausalLM
+
+    forward, calls = forward_signalled_at(1, training=False, hang_seconds=0)
+    monkeypatch.setattr(MoECausalLM, "forward", forward)
+    valid = str(tmp_path / "valid")
+    write_dataset(valid, seed=1)
+    config = write_config(tmp_path, train={"max_steps": 6, "eval_interval": 2, "eval_steps": 100000},
+                          data={"valid_prefixes": [valid]})
+    assert train_cli(["--config", config]) == ""
+    assert calls[0] == 1  # the evaluation stopped after the batch the signal came in
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"

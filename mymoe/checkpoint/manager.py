@@ -261,8 +261,8 @@ class CheckpointManager:
                 experts.setdefault(name, {}).update(sums)
         if self.run_id is None:
             self.run_id = new_run_id()
-        manifest = {"format_version": FORMAT_VERSION, **extras, "run_id": self.run_id,
-                    "config": self.config.to_dict(), "world_size": self.ctx.world_size, "expert_parallel_size": self.ctx.expert_parallel_size,
+        manifest = {"format_version": FORMAT_VERSION, **extras, "run_id": self.run_id, "config": self.config.to_dict(),
+                    "world_size": self.ctx.world_size, "expert_parallel_size": self.ctx.expert_parallel_size,
                     "files": files, "expert_checksums": experts, "tokenizer": tokenizer_fingerprint(self.config),
                     "torch_version": torch.__version__, "saved_at": time.time()}
         write_json_durably(partial / MANIFEST, manifest)

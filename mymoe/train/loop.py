@@ -28,7 +28,7 @@ from mymoe.train.metrics import MetricsLogger, peak_flops_per_second
 from mymoe.train.preflight import check_inputs
 from mymoe.train.guard import NonFiniteGuard
 from mymoe.train.lock import out_dir_lock
-from mymoe.train.stop import GracefulStop
+from mymoe.train.stop import GracefulStop, StopNow
 from mymoe.train.optim import Schedule, aux_loss_scale, build_optimizer, parameter_groups, total_steps
 
 
@@ -125,6 +125,7 @@ class Trainer:
         self.schedule = Schedule(stepping_optimizer, train, self.total_steps)
         self.step = 0
         self.tokens_seen = 0
+        self.resume_point = None  # (reader state, RNG) while a step's forward and backward run
 
     # --- the checkpoint seam -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -152,6 +153,8 @@ class Trainer:
         lr = self.schedule.apply(self.step)
         aux_scale = aux_loss_scale(self.step, config.train)
         self.model.train()
+        if self.engine is None:  # where a stop deadline may abandon this step (mymoe/train/stop.py)
+            self.resume_point = (self.train_reader.state_dict(), torch.get_rng_state())
         sums = None  # [loss, lm_loss, aux_loss, z_loss, load_balancing_loss, dropped per layer...]
         for _ in range(accumulation):
             input_ids, labels = self.train_reader.next_batch()
@@ -171,6 +174,7 @@ class Trainer:
                      sum(float(s["z_loss"]) for s in stats), sum(float(s["load_balancing_loss"]) for s in stats)]
             micro += [float(s["dropped_fraction"]) for s in stats]
             sums = micro if sums is None else [a + b for a, b in zip(sums, micro)]
+        self.resume_point = None
         means = world_mean([value / accumulation for value in sums], ctx)
         skipped = False
         if self.engine is not None:
@@ -191,6 +195,14 @@ class Trainer:
                 "load_balancing_loss": balance_loss, "lr": lr, "aux_loss_scale": aux_scale, "grad_norm": grad_norm,
                 "expert_loads": expert_loads, "dropped": means[5:]}
 
+    def abandon_step(self) -> None:
+        """Undo a step stopped before its optimizer update: data position and RNG back at the step boundary."""
+        reader_state, rng = self.resume_point
+        self.train_reader.load_state_dict(reader_state)
+        torch.set_rng_state(rng)
+        self.model.zero_grad(set_to_none=True)
+        self.resume_point = None
+
     def update_expert_biases(self) -> list[list[float]]:
         """Sum each layer's load over all ranks, update aux-loss-free biases, return loads for logging."""
         loads = []
@@ -203,14 +215,18 @@ class Trainer:
         return loads
 
     @torch.no_grad()
-    def evaluate(self) -> Optional[float]:
-        """Mean lm loss over the first eval_steps batches of the held-out split (the same ones every time)."""
+    def evaluate(self, stop: Optional[GracefulStop] = None) -> Optional[float]:
+        """Mean lm loss over the first eval_steps batches of the held-out split (the same ones every time);
+        None when there is no such split, or when a stop was requested (asked between batches)."""
         valid_reader = build_reader(self.config, self.ctx, "valid")
         if valid_reader is None:
             return None
         self.model.eval()
         total = 0.0
         for _ in range(self.config.train.eval_steps):
+            if stop is not None and stop.requested():
+                self.model.train()
+                return None
             input_ids, labels = valid_reader.next_batch()
             with autocast_context(self.config, self.ctx.device):
                 out = self.model(input_ids.to(self.ctx.device), labels=labels.to(self.ctx.device))
@@ -264,7 +280,7 @@ def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] 
     peak = peak_flops_per_second(ctx.device) * ctx.world_size
     result = TrainResult(steps=trainer.step, out_dir=str(out_dir))
     try:
-        with GracefulStop(ctx) as stop:
+        with GracefulStop(ctx, trainer, train_config.stop_timeout_seconds) as stop:
             train_steps(trainer, checkpoints, logger, result, stop, flops_per_token, peak)
         logger.end_progress()
         checkpoints.save(trainer)
@@ -285,7 +301,12 @@ def train_steps(trainer: Trainer, checkpoints, logger, result: TrainResult, stop
     guard = NonFiniteGuard(train_config.max_nonfinite_steps)
     while not trainer.finished():
         start = time.perf_counter()
-        metrics = trainer.train_step()
+        try:
+            metrics = trainer.train_step()
+        except StopNow as why:
+            trainer.abandon_step()
+            logger.write(f"{why}: the step in progress was abandoned; saving step {trainer.step} to resume from")
+            return
         tokens_per_second = trainer.tokens_per_step / (time.perf_counter() - start)
         step = trainer.step
         result.losses.append(metrics["loss"])
@@ -300,7 +321,7 @@ def train_steps(trainer: Trainer, checkpoints, logger, result: TrainResult, stop
             logger.log(step, scalars, metrics["expert_loads"], metrics["dropped"])
         guard.observe(trainer, metrics, logger)  # after the log, so the skipped steps are in it
         if train_config.eval_interval and (step % train_config.eval_interval == 0 or trainer.finished()):
-            eval_loss = trainer.evaluate()
+            eval_loss = trainer.evaluate(stop)
             if eval_loss is not None:
                 result.eval_losses.append(eval_loss)
                 perplexity = math.exp(min(eval_loss, 50.0))
