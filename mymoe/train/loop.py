@@ -126,6 +126,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.resume_point = None  # (reader state, RNG) while a step's forward and backward run
+        self.last_batch = None  # the last micro-batch, which the non-finite guard reruns to find the culprit
 
     # --- the checkpoint seam -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -158,7 +159,7 @@ class Trainer:
         sums = None  # [loss, lm_loss, aux_loss, z_loss, load_balancing_loss, dropped per layer...]
         for _ in range(accumulation):
             input_ids, labels = self.train_reader.next_batch()
-            self.last_batch = (input_ids, labels)  # what the non-finite guard reruns to find the culprit
+            self.last_batch = (input_ids, labels)
             with autocast_context(config, ctx.device):
                 out = self.forward(input_ids.to(ctx.device), labels=labels.to(ctx.device))
             loss = out.lm_loss + aux_scale * out.aux_loss
@@ -259,8 +260,8 @@ def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] 
     checkpoints = checkpoint_manager(config, ctx)
     resuming = checkpoints.latest() is not None
     if resuming and not config.train.resume:  # every rank got the same answer from latest()
-        from mymoe.checkpoint.retention import fresh_run_refusal
         from mymoe.checkpoint import committed_steps
+        from mymoe.checkpoint.retention import fresh_run_refusal
 
         raise ConfigError(fresh_run_refusal(checkpoints.root, committed_steps(checkpoints.root)))
     trainer = Trainer(config, ctx, deepspeed_config, init_from=None if resuming else config.train.init_from)
