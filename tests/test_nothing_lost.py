@@ -136,6 +136,45 @@ def test_a_skipped_step_leaves_the_weights_alone_and_nan_state_is_never_saved(tm
     assert not list((tmp_path / "run" / "checkpoints").glob("*.partial"))
 
 
+def nonfinite_on_one_rank_worker(rank, world_size, workdir):
+    from mymoe.parallel import init_distributed, shutdown
+    from mymoe.train.errors import TrainingError
+    from mymoe.train.guard import NonFiniteGuard
+    from mymoe.train.loop import Trainer
+
+    config = tiny_config(workdir, world_size=2, expert_parallel_size=2, train={"max_nonfinite_steps": 2})
+    ctx = init_distributed(config)
+    try:
+        trainer = Trainer(config, ctx)
+        trainer.train_step()
+        if rank == 1:  # only rank 1 holds experts 2 and 3
+            with torch.no_grad():
+                dict(trainer.model.named_parameters())["model.layers.0.mlp.experts.w_down"].fill_(float("nan"))
+        guard, skipped = NonFiniteGuard(2), []
+        try:
+            for _ in range(3):
+                metrics = trainer.train_step()
+                skipped.append(metrics["skipped"])
+                guard.observe(trainer, metrics, type("Quiet", (), {"write": lambda self, line: None})())
+        except TrainingError as error:
+            return {"skipped": skipped, "error": str(error)}
+        return {"skipped": skipped, "error": None}
+    finally:
+        shutdown()
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_is_skipped_and_stopped_on_every_rank_alike(tmp_path):
+    from dist_utils import run_distributed
+
+    results = run_distributed(nonfinite_on_one_rank_worker, 2, args=(str(tmp_path),), init_process_group=False,
+                              timeout=90)
+    for result in results:
+        assert result.value["skipped"] == [True, True], result.value
+        assert "steps 2-3 all had a non-finite loss or gradient norm" in result.value["error"]
+        assert "rank 1: parameter model.layers.0.mlp.experts.w_down" in result.value["error"]
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("--train.lr=inf", "train.lr=inf must be a finite number"),
     ("--model.rms_norm_eps=-1", "model.rms_norm_eps=-1.0 must be a small positive number"),

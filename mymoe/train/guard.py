@@ -36,40 +36,36 @@ def _nonfinite(tensors: list[torch.Tensor]) -> bool:
 def locate_nonfinite(model: torch.nn.Module, forward, input_ids, labels) -> str:
     """Where the first nan or inf appears for this batch: a parameter, a module's output, or a gradient.
 
-    Collective when the model is (every rank calls it with its own batch); the gradients it makes are
+    Collective when the model is: every rank runs the same forward and backward whatever it finds on the
+    way (a rank that skipped them would leave the others waiting in the dispatch); the gradients made are
     cleared again.
     """
-    for name, param in model.named_parameters():
-        if _nonfinite([param]):
-            return f"parameter {name}"
+    parameters = [f"parameter {name}" for name, param in model.named_parameters() if _nonfinite([param])]
     names = {module: name or "the model" for name, module in model.named_modules()}
-    found: list[str] = []
+    outputs: list[str] = []
+    gradients: list[str] = []
 
     def forward_hook(module, inputs, output):
-        if not found and _nonfinite(_tensors_in(output)):
-            found.append(f"the output of {names[module]} ({type(module).__name__})")
+        if not outputs and _nonfinite(_tensors_in(output)):
+            outputs.append(f"the output of {names[module]} ({type(module).__name__})")
+
+    def gradient_hook(name):
+        def hook(grad):
+            if not gradients and _nonfinite([grad]):
+                gradients.append(f"the gradient of {name}")
+        return hook
 
     handles = [module.register_forward_hook(forward_hook) for module in model.modules()]
+    handles += [param.register_hook(gradient_hook(name)) for name, param in model.named_parameters()
+                if param.requires_grad]
     try:
-        out = forward(input_ids, labels=labels)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if found:
-        return found[0]
-    gradients: list[str] = []
-    handles = [param.register_hook(lambda grad, name=name: gradients.append(name) if not gradients and
-                                   _nonfinite([grad]) else None)
-               for name, param in model.named_parameters() if param.requires_grad]
-    try:
-        out.loss.backward()
+        forward(input_ids, labels=labels).loss.backward()
     finally:
         for handle in handles:
             handle.remove()
         model.zero_grad(set_to_none=True)
-    if gradients:
-        return f"the gradient of {gradients[0]}"
-    return "no module for this rank's last batch (the gradient reduction or another rank's batch)"
+    found = parameters + outputs + gradients
+    return found[0] if found else "no module for this rank's last batch (the gradient reduction or another rank)"
 
 
 class NonFiniteGuard:
