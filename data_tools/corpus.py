@@ -13,6 +13,7 @@ file are separators, not documents, and are not counted.
 
 import glob
 import gzip
+import zlib
 import json
 import os
 import re
@@ -154,6 +155,16 @@ def _decode(raw: bytes) -> tuple[str, bool]:
 
 
 def _read_jsonl(path, report, json_key, strict):
+    try:
+        yield from _read_jsonl_lines(path, report, json_key, strict)
+    except (OSError, EOFError, zlib.error) as error:
+        if not path.endswith(".gz"):
+            raise
+        raise DataError(f"{path} is not a readable gzip file ({error}): it is corrupt or cut short; "
+                        f"re-download or re-compress it") from None
+
+
+def _read_jsonl_lines(path, report, json_key, strict):
     compressed = path.endswith(".gz")
     with open(path, "rb") as raw_file:
         lines = gzip.GzipFile(fileobj=raw_file) if compressed else raw_file

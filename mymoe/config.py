@@ -8,8 +8,10 @@ Every check of a bad value lives in ``validate`` and runs before anything is bui
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +206,10 @@ class TrainConfig:
     # folder) when out_dir has no checkpoint to resume from
     init_from: Optional[str] = None
     dead_expert_window: int = 20  # steps an expert may stay idle or saturated before a warning
+    max_nonfinite_steps: int = 3  # steps in a row with a nan/inf loss or gradient norm (skipped) before a stop
+    # a single process stopped by a signal abandons a step still running this long after it (torchrun and
+    # SLURM kill at 30 s); 0 waits for the step boundary
+    stop_timeout_seconds: float = 20.0
 
 
 @dataclass
@@ -292,6 +298,9 @@ def _coerce(value: Any, tp, where: str):
         except (TypeError, ValueError):
             raise ConfigError(f"{where}={value!r} must be {'an integer' if tp is int else 'a number'}") from None
     if tp is str or typing.get_origin(tp) is Literal:  # a Literal's values are checked by validate
+        if isinstance(value, (list, dict)):
+            raise ConfigError(f"{where}={value!r} must be a single value (a path or a name), not a "
+                              f"{type(value).__name__}")
         return str(value)
     if tp in (list, dict) or typing.get_origin(tp) in (list, dict):
         if isinstance(value, str):
@@ -317,6 +326,9 @@ def _build(cls, values: dict, where: str):
     nested_values: dict = {name: {} for name in nested}
     for key, value in values.items():
         if key in nested:
+            if not isinstance(value or {}, dict):
+                raise ConfigError(f"{where}.{key}={value!r}: '{key}' is a section, so it takes keys and values "
+                                  f"(e.g. {key}: {{{next(iter(_field_types(nested[key])))}: ...}}), not a single value")
             nested_values[key].update(value or {})
         elif key in types:
             kwargs[key] = _coerce(value, types[key], f"{where}.{key}")
@@ -387,7 +399,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
-        values = yaml.safe_load(p.read_text()) or {}
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            where = getattr(error, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(error, "problem", None) or type(error).__name__
+            raise ConfigError(f"{path} is not a YAML config{at} ({problem}): fix the file, or start from one in "
+                              f"configs/") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping with sections {', '.join(SECTIONS)}")
     config = config_from_dict(apply_overrides(values, overrides or []))
@@ -591,6 +610,7 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
     validate_peft(config.peft, config.model.attention_type)
     validate_train(config.train)
     validate_data(config.data)
+    check_values(config)
     return config
 
 
@@ -611,6 +631,44 @@ def architecture_fields(cls=None, prefix: str = "") -> list[tuple[str, Optional[
         elif f.metadata.get("architecture"):
             found.append((prefix + f.name, f.metadata.get("when")))
     return found
+
+
+# single-value rules: (field, rule, what the value must be); every float field must besides be finite
+VALUE_RULES = (
+    ("model.rms_norm_eps", lambda v: v > 0, "a small positive number such as 1e-6"),
+    ("model.initializer_range", lambda v: v > 0, "positive (0.02 is usual)"),
+    ("model.rope_theta", lambda v: v > 0, "positive (10000 is usual)"),
+    ("train.max_nonfinite_steps", lambda v: v >= 1, "a positive integer (non-finite steps skipped in a row)"),
+    ("train.seed", lambda v: v >= 0, "a non-negative integer"),
+    ("train.stop_timeout_seconds", lambda v: v >= 0, ">= 0 (0 waits for the step boundary)"),
+    ("train.keep_last", lambda v: v >= 0, "a non-negative integer (0 keeps every checkpoint)"),
+    ("train.weight_decay", lambda v: v >= 0, ">= 0 (0.1 is usual, 0 disables it)"),
+    ("train.adam_beta1", lambda v: 0 <= v < 1, "in [0, 1) (0.9 is usual)"),
+    ("train.adam_beta2", lambda v: 0 <= v < 1, "in [0, 1) (0.95 is usual)"),
+    ("train.adam_eps", lambda v: v > 0, "a small positive number such as 1e-8"),
+    ("train.out_dir", lambda v: v.strip() != "", "a folder path"),
+)
+
+
+def _float_fields(node, prefix: str):
+    for item in dataclasses.fields(node):
+        value = getattr(node, item.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(value, f"{prefix}{item.name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{item.name}", value
+
+
+def check_values(config: Config) -> None:
+    """The rules of VALUE_RULES, and no nan or inf anywhere (a nan passes every `<` and `>` check)."""
+    for name, value in _float_fields(config, ""):
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}={value} must be a finite number")
+    for name, rule, must_be in VALUE_RULES:
+        section, _, key = name.rpartition(".")
+        value = getattr(functools.reduce(getattr, section.split("."), config), key)
+        if not rule(value):
+            raise ConfigError(f"{name}={value!r} must be {must_be}")
 
 
 def validate_rope_scaling(rope_scaling: dict) -> None:

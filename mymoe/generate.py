@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 import torch
 
 from mymoe.checkpoint import CheckpointError
+from mymoe.checkpoint.retention import first_nonfinite
 from mymoe.config import ConfigError, validate_rope_scaling
 from mymoe.load import load_model
 from mymoe.model.layers import RotaryEmbedding
@@ -144,6 +145,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     start = time.perf_counter()
     try:
         model, config, manifest = load_model(source, args.step)
+        nonfinite = first_nonfinite(model.state_dict())
+        if nonfinite:
+            raise CheckpointError(f"{source}: {nonfinite} holds nan or inf (saved by a run that diverged): "
+                                  f"generate from an earlier, finite step with --step")
         if args.rope_scaling is not None:
             apply_rope_scaling(model, args.rope_scaling)
         vocab_path = args.vocab_path or config.data.tokenizer

@@ -6,6 +6,7 @@ runs pickled code.
     storage.py   the on-disk layout, checksums, manifest, and DCP readers that refuse pickled objects
     layout.py    Trainer.state_dict() <-> flat tensors keyed by global expert index (+ JSON extras)
     manager.py   CheckpointManager: save with atomic commit, keep-last-N, async save, resume from latest
+    retention.py which steps keep-last may delete (only this run's older ones), and no nan state saved
 
     checkpoints = CheckpointManager(out_dir / "checkpoints", config, ctx)
     checkpoints.load_latest(trainer)     # False when there is nothing to resume

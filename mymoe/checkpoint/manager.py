@@ -7,7 +7,8 @@ A save, on every rank at once:
        DCP's index after every rank has reported its writes
     3. each rank checksums its file; rank 0 gathers them with every expert's crc32 into manifest.json,
        renames step_N.partial -> step_N, fsyncs the folder, then points `latest` at it (write + rename)
-    4. rank 0 deletes committed steps beyond keep_last and tells every rank the save is done
+    4. rank 0 deletes this run's steps beyond keep_last (retention.py says which may go) and tells every
+       rank the save is done
 
 A crash anywhere before the rename leaves only a .partial folder, which nothing reads, and `latest` still
 names the previous step. With async_save the state is first copied (the only part the training step
@@ -15,6 +16,8 @@ waits for) and steps 1-4 run on a thread over a process group of their own.
 """
 from __future__ import annotations
 
+import datetime
+import errno
 import shutil
 import contextlib
 import threading
@@ -32,11 +35,13 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor
 
 from mymoe.checkpoint.layout import flatten, load_targets, restore_param_groups
+from mymoe.checkpoint.retention import first_nonfinite, new_run_id, run_of, steps_to_prune
 from mymoe.checkpoint.storage import (
     FORMAT_VERSION, MANIFEST, METADATA, CheckpointError, SafeFileSystemReader, TensorsOnlyLoadPlanner, file_crc32,
     fsync_directory, read_dcp_metadata, read_manifest, tensor_crc32, verify_files, write_json_durably)
 from mymoe.config import Config, architecture_fields
 from mymoe.tokenizer import TokenizerError, tokenizer_file
+from mymoe.parallel.collectives import named_collective
 
 LATEST = "latest"
 STEP_PREFIX = "step_"
@@ -169,11 +174,15 @@ class CheckpointManager:
         self.thread_count = thread_count
         self.verbose = verbose and ctx.rank == 0
         # checkpoint collectives get their own gloo group: it moves only small objects, works next to nccl,
-        # and an async save's thread never shares a group with the training step
-        self.group = dist.new_group(backend="gloo") if ctx.is_distributed else None
+        # and an async save's thread never shares a group with the training step; it waits no longer than
+        # any other collective (parallel.timeout_seconds), so a stalled rank fails a save with a named error
+        self.timeout_seconds = ctx.timeout_seconds
+        self.group = (dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=ctx.timeout_seconds))
+                      if ctx.is_distributed else None)
         self._thread: Optional[threading.Thread] = None
         self._thread_error: Optional[BaseException] = None
         self.last_save_seconds = 0.0
+        self.run_id: Optional[str] = None  # set by load (the run goes on) or at the first save (a new run)
 
     # ------------------------------------------------------------------------------------------------
     # save
@@ -184,6 +193,7 @@ class CheckpointManager:
         start = time.perf_counter()
         state = trainer.state_dict()
         tensors, extras = flatten(state, trainer.model, trainer.optimizer, self.ctx.rank)
+        self._refuse_nonfinite(tensors, extras["step"])
         if self.async_save:
             # the staged copy is what makes the save safe to overlap with the next optimizer steps
             tensors = {key: value.detach().to("cpu", copy=True) for key, value in tensors.items()}
@@ -198,6 +208,17 @@ class CheckpointManager:
             self._thread.start()
         else:
             self._write(tensors, extras, start)
+
+    def _refuse_nonfinite(self, tensors: dict, step: int) -> None:
+        """Raise on every rank, before anything is written, if any rank's state holds nan or inf."""
+        found = [(rank, key) for rank, key in enumerate(self._gather(first_nonfinite(tensors),
+                                                                     f"finiteness of step {step}")) if key]
+        if found:
+            rank, key = found[0]
+            previous = resolve_checkpoint(self.root)
+            raise CheckpointError(f"step {step} was not saved: {key} holds nan or inf (rank {rank}); the last good "
+                                  f"checkpoint {previous or '(none yet)'} is kept: resume from it with a lower "
+                                  f"--train.lr or --train.grad_clip")
 
     def wait(self) -> None:
         """Block until an async save has committed; raise its error if it failed."""
@@ -217,31 +238,42 @@ class CheckpointManager:
             for stale in self.root.glob(f"{STEP_PREFIX}*{PARTIAL_SUFFIX}"):
                 shutil.rmtree(stale)
             partial.mkdir()
-        self._barrier()
+        self._barrier(f"clearing {partial.name}")
         writer = FileSystemWriter(partial, single_file_per_rank=True, sync_files=True,
                                   thread_count=self.thread_count, overwrite=True)
-        with _quiet_single_process(self.group is None):
-            dcp.save(tensors, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
+        try:
+            with _quiet_single_process(self.group is None):
+                dcp.save(tensors, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
+        except (Exception, CheckpointException) as write_error:  # DCP's own exception is a BaseException
+            self._give_up(partial, step, one_line_failure(write_error))
         own_files = sorted(partial.glob(f"__{rank}_*"))
         if rank == 0:
             own_files.append(partial / METADATA)
         report = {"files": {path.name: dict(zip(("bytes", "crc32"), file_crc32(path))) for path in own_files},
                   "experts": expert_checksums_of(tensors)}
-        reports = self._gather(report)
+        reports = self._gather(report, f"file checksums of step {step}")
         error = None
         if rank == 0:
             try:
                 self._commit(partial, final, extras, reports)
             except BaseException as commit_error:
-                error = f"{type(commit_error).__name__}: {commit_error}"
-        error = self._broadcast(error)
+                error = one_line_failure(commit_error)
+        error = self._broadcast(error, f"commit of step {step}")
         if error is not None:
-            raise CheckpointError(f"saving step {step} to {final} failed on rank 0: {error}")
+            self._give_up(partial, step, f"rank 0: {error}")
         self.last_save_seconds = time.perf_counter() - start
         if self.verbose:
             size = sum(info["bytes"] for report in reports for info in report["files"].values())
             print(f"checkpoint: step {step} saved to {final} ({size / 2**20:.1f} MiB, "
                   f"{self.last_save_seconds:.2f} s{', async' if self.async_save else ''})", flush=True)
+
+    def _give_up(self, partial: Path, step: int, why: str) -> None:
+        """A save that failed: its partial folder goes (disk space back), the committed steps stay."""
+        if self.ctx.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = resolve_checkpoint(self.root)
+        raise CheckpointError(f"saving step {step} failed ({why}); nothing was committed and "
+                              f"{previous or 'no earlier checkpoint'} is intact")
 
     def _commit(self, partial: Path, final: Path, extras: dict, reports: list[dict]) -> None:
         files, experts = {}, {}
@@ -249,7 +281,9 @@ class CheckpointManager:
             files.update(report["files"])
             for name, sums in report["experts"].items():
                 experts.setdefault(name, {}).update(sums)
-        manifest = {"format_version": FORMAT_VERSION, **extras, "config": self.config.to_dict(),
+        if self.run_id is None:
+            self.run_id = new_run_id()
+        manifest = {"format_version": FORMAT_VERSION, **extras, "run_id": self.run_id, "config": self.config.to_dict(),
                     "world_size": self.ctx.world_size, "expert_parallel_size": self.ctx.expert_parallel_size,
                     "files": files, "expert_checksums": experts, "tokenizer": tokenizer_fingerprint(self.config),
                     "torch_version": torch.__version__, "saved_at": time.time()}
@@ -264,9 +298,8 @@ class CheckpointManager:
         temporary.write_text(final.name + "\n")
         temporary.replace(latest)
         fsync_directory(self.root)
-        if self.keep_last > 0:
-            for _, old in committed_steps(self.root)[:-self.keep_last]:
-                shutil.rmtree(old)
+        for old in steps_to_prune(committed_steps(self.root), self.run_id, self.keep_last):
+            shutil.rmtree(old)
 
     # ------------------------------------------------------------------------------------------------
     # load
@@ -274,7 +307,7 @@ class CheckpointManager:
     def latest(self) -> Optional[Path]:
         """The newest committed checkpoint folder as rank 0 sees it (every rank gets the same answer)."""
         found = resolve_checkpoint(self.root) if self.ctx.rank == 0 else None
-        found = self._broadcast(None if found is None else str(found))
+        found = self._broadcast(None if found is None else str(found), "looking up the newest checkpoint")
         return None if found is None else Path(found)
 
     def load_latest(self, trainer) -> bool:
@@ -292,6 +325,7 @@ class CheckpointManager:
         directory = Path(directory)
         manifest = read_manifest(directory)
         check_compatible(manifest, self.config, directory)
+        self.run_id = run_of(manifest)
         self.verify(directory, manifest)
         template = trainer.state_dict()
         targets, rng = read_tensors(directory, manifest, template, trainer.model, trainer.optimizer,
@@ -312,7 +346,8 @@ class CheckpointManager:
         """Check every file's size and crc32, the files split over the ranks; all ranks raise alike."""
         names = sorted(manifest["files"])
         mine = {name: manifest["files"][name] for name in names[self.ctx.rank::self.ctx.world_size]}
-        problems = [p for report in self._gather(verify_files(directory, mine)) for p in report]
+        problems = [p for report in self._gather(verify_files(directory, mine), f"verifying {directory.name}")
+                    for p in report]
         if problems:
             raise CheckpointError(f"checkpoint {directory} is damaged:\n  " + "\n  ".join(problems)
                                   + "\nload an older step (see the step_* folders) or re-save it")
@@ -320,23 +355,37 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------------------------
     # collectives on the checkpoint group (no-ops in a single process)
 
-    def _barrier(self) -> None:
+    def _barrier(self, purpose: str) -> None:
         if self.group is not None:
-            dist.barrier(group=self.group)
+            with named_collective(f"barrier (checkpoint: {purpose})", self.timeout_seconds):
+                dist.barrier(group=self.group)
 
-    def _gather(self, value) -> list:
+    def _gather(self, value, purpose: str) -> list:
         if self.group is None:
             return [value]
         values = [None] * self.ctx.world_size
-        dist.all_gather_object(values, value, group=self.group)
+        with named_collective(f"all_gather_object (checkpoint: {purpose})", self.timeout_seconds):
+            dist.all_gather_object(values, value, group=self.group)
         return values
 
-    def _broadcast(self, value):
+    def _broadcast(self, value, purpose: str):
         if self.group is None:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src=0, group=self.group)
+        with named_collective(f"broadcast_object_list (checkpoint: {purpose})", self.timeout_seconds):
+            dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
+
+
+def one_line_failure(error: BaseException) -> str:
+    """A save or load failure as one line: the first failing rank's error, without DCP's tracebacks."""
+    if isinstance(error, CheckpointException) and error.failures:
+        rank, (error, _) = sorted(error.failures.items())[0]
+        return f"rank {rank}: {one_line_failure(error)}"
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return f"no space left on device{f' writing {error.filename}' if error.filename else ''}: free some space"
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 @contextlib.contextmanager

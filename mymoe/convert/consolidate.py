@@ -144,6 +144,9 @@ class ConsolidatedFile:
             if value.shape != current.shape:
                 raise CheckpointError(f"'{name}' in {self.path} has shape {list(value.shape)} but the model needs "
                                       f"{list(current.shape)}: the file is from another architecture")
+            if current.is_floating_point() and not value.is_floating_point():
+                raise CheckpointError(f"'{name}' in {self.path} holds {value.dtype} values where the model needs "
+                                      f"floats ({current.dtype}): these are not a model's weights; re-export them")
             state[name] = value
         model.load_state_dict(state)
 

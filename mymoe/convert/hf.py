@@ -285,8 +285,13 @@ def hf_model(source: str | Path) -> tuple[MoECausalLM, Config, str]:
     config_file = source / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing: pass a folder written by save_pretrained")
-    hf = json.loads(config_file.read_text())
-    name, fields = model_config_from_hf(hf)
+    try:
+        hf = json.loads(config_file.read_text())
+        name, fields = model_config_from_hf(hf)
+    except (ValueError, KeyError, TypeError) as error:
+        what = f"has no {error.args[0]!r} key" if isinstance(error, KeyError) else f"cannot be read ({error})"
+        raise CheckpointError(f"{config_file} {what}: it is not a complete Hugging Face config; write it again "
+                              f"with save_pretrained") from None
     try:
         config = validate(config_from_dict({"model": fields}))
     except ConfigError as error:

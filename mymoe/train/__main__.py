@@ -28,7 +28,12 @@ def main(argv=None) -> None:
     except ConfigError as error:
         sys.exit(f"mymoe-train: {error}")
 
-    run(config, deepspeed_config=args.deepspeed, progress=not args.no_progress)
+    from mymoe.train.errors import ONE_LINE_ERRORS  # like the loop, these error types need torch
+
+    try:
+        run(config, deepspeed_config=args.deepspeed, progress=not args.no_progress)
+    except ONE_LINE_ERRORS as error:  # the message names the input and the fix; a traceback adds nothing
+        sys.exit(f"mymoe-train: {error}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ everything else is the same code.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,21 +17,26 @@ from typing import Optional
 
 import torch
 
+from mymoe.checkpoint import CheckpointManager, committed_steps
+from mymoe.checkpoint.retention import fresh_run_refusal
 from mymoe.config import Config, ConfigError
-from mymoe.checkpoint import CheckpointManager
 from mymoe.data.reader import build_train_reader
 from mymoe.load import init_from as load_initial_weights
 from mymoe.model import MoECausalLM
 from mymoe.model.transformer import training_loss
-from mymoe.peft import apply_peft
+from mymoe.optim import build_optimizer, parameter_groups
 from mymoe.parallel import ParallelContext, clip_grad_norm_, init_distributed, parallelize, reduce_gradients, shutdown
 from mymoe.parallel.collectives import all_reduce
-from mymoe.train.deepspeed_engine import ZeroOptimizerView, initialize_deepspeed
 from mymoe.parallel.fsdp import apply_fsdp, set_gradient_sync
+from mymoe.peft import apply_peft
+from mymoe.train.deepspeed_engine import ZeroOptimizerView, initialize_deepspeed
+from mymoe.train.guard import NonFiniteGuard
+from mymoe.train.lock import out_dir_lock
 from mymoe.train.metrics import MetricsLogger, peak_flops_per_second
-from mymoe.train.stop import GracefulStop
-from mymoe.optim import build_optimizer, parameter_groups
 from mymoe.train.optim import Schedule, aux_loss_scale, total_steps
+from mymoe.train.precision import autocast_context
+from mymoe.train.preflight import check_inputs
+from mymoe.train.stop import GracefulStop, StopNow
 
 
 @dataclass
@@ -42,14 +46,6 @@ class TrainResult:
     losses: list = field(default_factory=list)  # global mean loss of every step of this run
     eval_losses: list = field(default_factory=list)
     out_dir: str = ""
-
-
-def autocast_context(config: Config, device: torch.device):
-    """bf16 autocast on GPUs (precision auto or bf16) and on CPU only when asked (precision bf16)."""
-    precision = config.train.precision
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def world_mean(values: list[float], ctx: ParallelContext, what: str) -> list[float]:
@@ -62,7 +58,8 @@ def world_mean(values: list[float], ctx: ParallelContext, what: str) -> list[flo
 
 
 def check_data(config: Config) -> None:
-    """Raise ConfigError unless every data prefix has its .bin and .idx (pure: call it on every rank)."""
+    """Raise ConfigError unless every data prefix has its .bin and .idx and passes the start-up checks of
+    train/preflight.py (pure: call it on every rank)."""
     data = config.data
     if not data.train_prefixes:
         raise ConfigError("data.train_prefixes is empty: preprocess a corpus with `python -m data_tools preprocess` "
@@ -74,6 +71,7 @@ def check_data(config: Config) -> None:
                 raise ConfigError(f"data.{field_name}: {prefix}{' and '.join(missing)} not found (a prefix names "
                                   f"a .bin/.idx pair without the suffix; make one with `python -m data_tools "
                                   f"preprocess --output {prefix} ...`)")
+    check_inputs(config)
 
 
 def build_reader(config: Config, ctx: ParallelContext, split: str):
@@ -131,6 +129,8 @@ class Trainer:
         self.schedule = Schedule(stepping_optimizer, train, self.total_steps)
         self.step = 0
         self.tokens_seen = 0
+        self.resume_point = None  # (reader state, RNG) while a step's forward and backward run
+        self.last_batch = None  # the last micro-batch, which the non-finite guard reruns to find the culprit
 
     # --- the checkpoint seam -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -158,10 +158,13 @@ class Trainer:
         lr = self.schedule.apply(self.step)
         aux_scale = aux_loss_scale(self.step, config.train)
         self.model.train()
+        if self.engine is None:  # where a stop deadline may abandon this step (mymoe/train/stop.py)
+            self.resume_point = (self.train_reader.state_dict(), torch.get_rng_state())
         sums = None  # [loss, lm_loss, aux_loss, z_loss, load_balancing_loss, dropped per layer...]
         for micro in range(accumulation):
             set_gradient_sync(self.model, micro == accumulation - 1)  # FSDP: one reduce-scatter per step
             input_ids, labels = self.train_reader.next_batch()
+            self.last_batch = (input_ids, labels)
             with autocast_context(config, ctx.device):
                 out = self.forward(input_ids.to(ctx.device), labels=labels.to(ctx.device))
             loss = training_loss(out, config.model.mtp_loss_weight, aux_scale)
@@ -175,21 +178,34 @@ class Trainer:
                      sum(float(s["z_loss"]) for s in stats), sum(float(s["load_balancing_loss"]) for s in stats)]
             micro += [float(s["dropped_fraction"]) for s in stats]
             sums = micro if sums is None else [a + b for a, b in zip(sums, micro)]
+        self.resume_point = None
+        means = world_mean([value / accumulation for value in sums], ctx, "step losses and drop fractions")
+        skipped = False
         if self.engine is not None:
             grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         else:
             reduce_gradients(self.model, ctx)
             grad_norm = float(clip_grad_norm_(self.model, config.train.grad_clip, ctx))
-            self.optimizer.step()
+            # both numbers are global, so every rank skips alike (mymoe/train/guard.py)
+            skipped = not (math.isfinite(means[0]) and math.isfinite(grad_norm))
+            if not skipped:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         expert_loads = self.update_expert_biases()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        means = world_mean([value / accumulation for value in sums], ctx, "step losses and drop fractions")
         loss, lm_loss, aux_loss, z_loss, balance_loss = means[:5]
-        return {"loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss,
+        return {"skipped": skipped, "loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss,
                 "load_balancing_loss": balance_loss, "lr": lr, "aux_loss_scale": aux_scale, "grad_norm": grad_norm,
                 "expert_loads": expert_loads, "dropped": means[5:]}
+
+    def abandon_step(self) -> None:
+        """Undo a step stopped before its optimizer update: data position and RNG back at the step boundary."""
+        reader_state, rng = self.resume_point
+        self.train_reader.load_state_dict(reader_state)
+        torch.set_rng_state(rng)
+        self.model.zero_grad(set_to_none=True)
+        self.resume_point = None
 
     def update_expert_biases(self) -> list[list[float]]:
         """Sum every layer's load over all ranks in one collective, update the aux-loss-free biases, return
@@ -206,14 +222,18 @@ class Trainer:
         return loads.cpu().tolist()
 
     @torch.no_grad()
-    def evaluate(self) -> Optional[float]:
-        """Mean lm loss over the first eval_steps batches of the held-out split (the same ones every time)."""
+    def evaluate(self, stop: Optional[GracefulStop] = None) -> Optional[float]:
+        """Mean lm loss over the first eval_steps batches of the held-out split (the same ones every time);
+        None when there is no such split, or when a stop was requested (asked between batches)."""
         valid_reader = build_reader(self.config, self.ctx, "valid")
         if valid_reader is None:
             return None
         self.model.eval()
         total = 0.0
         for _ in range(self.config.train.eval_steps):
+            if stop is not None and stop.requested():
+                self.model.train()
+                return None
             input_ids, labels = valid_reader.next_batch()
             with autocast_context(self.config, self.ctx.device):
                 out = self.model(input_ids.to(self.ctx.device), labels=labels.to(self.ctx.device))
@@ -234,7 +254,8 @@ def run(config: Config, deepspeed_config: Optional[str] = None, progress: bool =
     check_engine(config, deepspeed_config)  # before any collective, on every rank alike
     ctx = init_distributed(config)
     try:
-        return train(config, ctx, deepspeed_config, progress)
+        with out_dir_lock(config.train.out_dir, ctx):  # before anything is read from or written to it
+            return train(config, ctx, deepspeed_config, progress)
     finally:
         shutdown()
 
@@ -242,7 +263,9 @@ def run(config: Config, deepspeed_config: Optional[str] = None, progress: bool =
 def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] = None,
           progress: bool = True) -> TrainResult:
     checkpoints = checkpoint_manager(config, ctx)
-    resuming = config.train.resume and checkpoints.latest() is not None
+    resuming = checkpoints.latest() is not None
+    if resuming and not config.train.resume:  # every rank got the same answer from latest()
+        raise ConfigError(fresh_run_refusal(checkpoints.root, committed_steps(checkpoints.root)))
     trainer = Trainer(config, ctx, deepspeed_config, init_from=None if resuming else config.train.init_from)
     if resuming:
         checkpoints.load_latest(trainer)
@@ -260,7 +283,7 @@ def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] 
     peak = peak_flops_per_second(ctx.device) * ctx.world_size
     result = TrainResult(steps=trainer.step, out_dir=str(out_dir))
     try:
-        with GracefulStop(ctx) as stop:
+        with GracefulStop(ctx, trainer, train_config.stop_timeout_seconds) as stop:
             train_steps(trainer, checkpoints, logger, result, stop, flops_per_token, peak)
         logger.end_progress()
         checkpoints.save(trainer)
@@ -278,9 +301,15 @@ def train_steps(trainer: Trainer, checkpoints, logger, result: TrainResult, stop
                 flops_per_token: float, peak: float) -> None:
     """Steps until the run is finished or a signal asks every rank to stop."""
     train_config = trainer.config.train
+    guard = NonFiniteGuard(train_config.max_nonfinite_steps)
     while not trainer.finished():
         start = time.perf_counter()
-        metrics = trainer.train_step()
+        try:
+            metrics = trainer.train_step()
+        except StopNow as why:
+            trainer.abandon_step()
+            logger.write(f"{why}: the step in progress was abandoned; saving step {trainer.step} to resume from")
+            return
         tokens_per_second = trainer.tokens_per_step / (time.perf_counter() - start)
         step = trainer.step
         result.losses.append(metrics["loss"])
@@ -293,8 +322,9 @@ def train_steps(trainer: Trainer, checkpoints, logger, result: TrainResult, stop
                            mfu=flops_per_token * tokens_per_second / peak,
                            dropped_fraction=sum(metrics["dropped"]) / max(len(metrics["dropped"]), 1))
             logger.log(step, scalars, metrics["expert_loads"], metrics["dropped"])
+        guard.observe(trainer, metrics, logger)  # after the log, so the skipped steps are in it
         if train_config.eval_interval and (step % train_config.eval_interval == 0 or trainer.finished()):
-            eval_loss = trainer.evaluate()
+            eval_loss = trainer.evaluate(stop)
             if eval_loss is not None:
                 result.eval_losses.append(eval_loss)
                 perplexity = math.exp(min(eval_loss, 50.0))

@@ -73,6 +73,28 @@ class ExpertHealth:
         return messages
 
 
+def drop_records_after(path: Path, step: int) -> None:
+    """Forget the records of steps after `step`: a resumed run replays them, so each step is logged once.
+
+    A line cut short by a killed process is dropped too.
+    """
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    if len(kept) < len(lines):
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(kept))
+        temporary.replace(path)
+
+
 class MetricsLogger:
     def __init__(self, out_dir: str, total_steps: int, enabled: bool, dead_expert_window: int = 20,
                  start_step: int = 0, progress: bool = True):
@@ -86,6 +108,7 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(path / "tensorboard"))
+        drop_records_after(path / "metrics.jsonl", start_step)
         self.jsonl = open(path / "metrics.jsonl", "a", buffering=1)
         if progress:
             from tqdm import tqdm
