@@ -75,7 +75,7 @@ def read_torch_file(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        lines = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        lines = [line.strip().rstrip(".") for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
         raise CheckpointError(f"{path} is refused: it holds pickled Python objects, not only tensors and plain "
                               f"values, and unpickling them could run code ({lines[0] if lines else 'not a state dict'}); "
                               f"save the weights with torch.save(model.state_dict(), path)") from None
