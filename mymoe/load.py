@@ -109,7 +109,8 @@ def save_vector_model(model: VectorMoE, path: str | Path) -> None:
 def load_vector_model(path: str | Path) -> VectorMoE:
     """A VectorMoE (the simple_moe model of ``mymoe.generate``) from a file save_vector_model wrote."""
     saved = read_torch_file(Path(path))
-    if not (isinstance(saved, dict) and {"model_state_dict", "config"} <= saved.keys()):
+    if not (isinstance(saved, dict) and {"model_state_dict", "config"} <= saved.keys()
+            and "in_features" in saved["config"]):
         raise CheckpointError(f"{path} is not a vector model file: write one with mymoe.load.save_vector_model "
                               f"(model_state_dict and config)")
     model = VectorMoE.from_architecture(saved["config"])

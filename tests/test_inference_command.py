@@ -124,6 +124,9 @@ def test_readme_simple_moe_maps_vectors_stdin_csv_and_npy(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     assert main(["--model_type", "simple_moe", "--input_file", "wide.npy"]) == 1
     assert "reads rows of 6 features" in capsys.readouterr().err
+    save_text_model(tmp_path / "text.pt", MIXTRAL)
+    assert main(["--model_type", "simple_moe", "--model_path", "text.pt", "--input_file", "rows.npy"]) == 1
+    assert "text.pt is not a vector model file" in capsys.readouterr().err
 
 
 class RunsCode:
