@@ -8,7 +8,8 @@
     transformer_moe       the text model (default): the prompt follows an end-of-document token, as every
                           training document does, and tokens are printed as they are sampled (KV cache)
     long_transformer_moe  the text model with its context extended at inference (--rope-scaling, default
-                          yarn:8; dynamic:8 for dynamic NTK); the extended context length is printed
+                          yarn:8 unless the model has its own; dynamic:8 for dynamic NTK); the context
+                          length is printed
     simple_moe            the vector model (mymoe.model.vector.VectorMoE): rows from --input-file (.npy or
                           .csv, "" reads CSV rows on stdin), output rows to --output-file (.npy, .csv, "": stdout)
 
@@ -79,7 +80,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="greedy decoding (no sampling, no repetition penalty) drafted by the model's "
                              "multi-token prediction head and verified by its main head: the plain greedy "
                              "output, in fewer main-model steps")
-    parser.set_defaults(fallback_vocab_path=DEFAULT_VOCAB_PATH)
+    parser.set_defaults(fallback_vocab_path=DEFAULT_VOCAB_PATH, long_context_preset=None)
     args = parser.parse_args(argv)
     if args.checkpoint is not None and args.model_path is not None:
         parser.error("give one of --checkpoint or --model-path")
@@ -89,7 +90,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error("--model-type simple_moe reads a vector model from --model-path (a .pt file); --checkpoint, "
                      "--rope-scaling and --speculative are for the text models")
     if args.model_type == "long_transformer_moe" and args.rope_scaling is None:
-        args.rope_scaling = "yarn"
+        args.long_context_preset = parse_rope_scaling("yarn")  # unless the model was trained with a scaling
     if args.rope_scaling is not None:
         try:
             args.rope_scaling = parse_rope_scaling(args.rope_scaling)

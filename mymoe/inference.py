@@ -131,8 +131,11 @@ def generate_text(args: argparse.Namespace, device: torch.device) -> int:
     print(f"loading {source}{f' step {args.step}' if args.step is not None else ''} ...", file=sys.stderr)
     start = time.perf_counter()
     model, config, manifest = load_model(source, args.step)
-    if args.rope_scaling is not None:
-        apply_rope_scaling(model, args.rope_scaling)
+    scaling = args.rope_scaling
+    if scaling is None and not config.model.rope_scaling:
+        scaling = args.long_context_preset  # long_transformer_moe: a model trained with a scaling keeps it
+    if scaling is not None:
+        apply_rope_scaling(model, scaling)
     vocab_path = args.vocab_path or config.data.tokenizer or args.fallback_vocab_path
     if not Path(vocab_path).is_file():
         raise CheckpointError(f"--vocab-path {vocab_path} does not exist: pass a sentencepiece .model or a "
@@ -144,7 +147,7 @@ def generate_text(args: argparse.Namespace, device: torch.device) -> int:
           f"loaded in {time.perf_counter() - start:.1f} s; sampling with temperature {args.temperature}, "
           f"top_k {args.top_k}, top_p {args.top_p}, repetition penalty {args.repetition_penalty}, seed {args.seed}",
           file=sys.stderr)
-    if args.rope_scaling is not None:
+    if scaling is not None or args.model_type == "long_transformer_moe":
         print(f"context length: {context_length(config.model)}", file=sys.stderr)
 
     eod = end_of_document_id(tokenizer)

@@ -50,8 +50,9 @@ def load_model(path: str | Path, step: Optional[int] = None,
         return model, config, dict(UNKNOWN_LAYOUT)
     if (source / "config.json").is_file():
         model, config, _ = hf_model(source)
-        if config.data.tokenizer is None and (source / "tokenizer.model").is_file():
-            config.data.tokenizer = str(source / "tokenizer.model")
+        for name in ("tokenizer.model", "tokenizer.json"):  # sentencepiece first: what our exports hold
+            if config.data.tokenizer is None and (source / name).is_file():
+                config.data.tokenizer = str(source / name)
         return model, config, dict(UNKNOWN_LAYOUT)
     directory, manifest = find_checkpoint(source, step, verify)
     model, config = checkpoint_model(directory, manifest)

@@ -173,3 +173,16 @@ def test_help_imports_no_torch():
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
     assert "--model_type" in done.stdout and done.stdout.strip().endswith("no torch")
+
+
+def test_hugging_face_folder_with_a_tokenizer_json_and_a_model_trained_with_its_own_scaling(tmp_path, capsys):
+    from mymoe.convert.hf import export_hf
+
+    export_hf(our_model(MIXTRAL), tmp_path / "hf")
+    write_tokenizer_json(tmp_path / "hf" / "tokenizer.json")  # found beside config.json, no --vocab_path
+    assert main(["--model_path", str(tmp_path / "hf"), "--prompt", "the cat", "--max_new_tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("the cat")
+    save_text_model(tmp_path / "dynamic.pt", {**MIXTRAL, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    assert main(["--model_type", "long_transformer_moe", "--model_path", str(tmp_path / "dynamic.pt"), "--vocab_path",
+                 str(tmp_path / "hf" / "tokenizer.json"), "--prompt", "the", "--max_new_tokens", "3"]) == 0
+    assert "context length: 128 positions (trained on 64, dynamic x2)" in capsys.readouterr().err
