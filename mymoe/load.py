@@ -41,7 +41,7 @@ def load_model(path: str | Path, step: Optional[int] = None,
     source = Path(path)
     if not source.exists():
         raise CheckpointError(f"{source} does not exist: give a run's checkpoints folder, a consolidated "
-                              f".safetensors file or a Hugging Face folder")
+                              f".safetensors file, a Hugging Face folder or a .pt state dict")
     if source.is_file() and source.suffix in TORCH_SUFFIXES:
         model, config = state_dict_model(source)
         return model, config, dict(UNKNOWN_LAYOUT)
@@ -89,6 +89,9 @@ def state_dict_model(path: Path) -> tuple[MoECausalLM, Config]:
     state, values = saved, None
     if isinstance(saved, dict) and "model_state_dict" in saved:
         state, values = saved["model_state_dict"], saved.get("config")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict: save "
+                              f"torch.save(model.state_dict(), path)")
     if values is not None:
         config = validate(config_from_dict(values if "model" in values else {"model": values}))
     elif config_path_beside(path).is_file():
