@@ -5,7 +5,8 @@ import torch
 
 from conftest import MIXTRAL, our_model
 from mymoe.convert.cli import parse_args as convert_parse_args
-from mymoe.generate import apply_rope_scaling, left_padded_batch, main, parse_args, parse_rope_scaling
+from mymoe.generate import main, parse_args, parse_rope_scaling
+from mymoe.inference import apply_rope_scaling, left_padded_batch
 
 
 def test_left_padded_batch_gives_each_prompt_its_greedy_tokens():

@@ -50,7 +50,7 @@ def test_generate_from_an_ep2_checkpoint_is_deterministic(ep2_checkpoint_and_tok
 @pytest.mark.slow
 def test_streamed_sampling_equals_model_generate(ep2_checkpoint_and_tokenizer):
     from mymoe.load import load_model
-    from mymoe.generate import sample_tokens
+    from mymoe.inference import sample_tokens
 
     checkpoint, _ = ep2_checkpoint_and_tokenizer
     model, config, _ = load_model(checkpoint)

@@ -69,3 +69,20 @@ def test_mla_config_errors():
         validate(config_from_dict({"model": {"attention_type": "mla", "qk_rope_head_dim": 7}}))
     with pytest.raises(ConfigError, match="attention_type='flash' must be 'gqa' or 'mla'"):
         validate(config_from_dict({"model": {"attention_type": "flash"}}))
+
+
+def test_rope_scaling_at_inference_equals_a_model_built_with_it():
+    """--rope-scaling on an MLA model: the table rotates qk_rope_head_dim (8 here, head_dim 16) and the
+    YaRN softmax sharpening follows, so the logits are those of a model configured with the scaling."""
+    from mymoe.inference import apply_rope_scaling
+
+    scaling = {"type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    torch.manual_seed(0)
+    extended = MoECausalLM(mla_config()).eval()
+    built = MoECausalLM(mla_config(rope_scaling=scaling)).eval()
+    built.load_state_dict(extended.state_dict())
+    apply_rope_scaling(extended, scaling)
+    ids = torch.randint(0, 101, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(extended(ids).logits, built(ids).logits)
+    assert extended.model.rotary_emb.head_dim == 8

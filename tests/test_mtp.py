@@ -87,6 +87,6 @@ def test_generate_command_decodes_speculatively_from_a_checkpoint(tmp_path, caps
     assert generate_main(common + ["--speculative"]) == 0
     speculative = capsys.readouterr()
     assert "draft acceptance rate" in speculative.err
-    assert generate_main(common + ["--temperature", "0", "--no_stream"]) == 0
+    assert generate_main(common + ["--temperature", "0", "--repetition_penalty", "1", "--no_stream"]) == 0
     greedy = capsys.readouterr()
     assert speculative.out.strip() == greedy.out.strip()

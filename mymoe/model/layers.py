@@ -70,6 +70,13 @@ class RotaryEmbedding(nn.Module):
         if self.kind == "yarn":
             self._init_yarn(scaling)
 
+    @classmethod
+    def from_config(cls, config) -> "RotaryEmbedding":
+        """The table a model with this ModelConfig rotates by: over config.rope_head_dim, which is
+        qk_rope_head_dim for multi-head latent attention (only that part of each head rotates) and head_dim
+        otherwise. The model and inference-time rescaling both build it here, so they cannot disagree."""
+        return cls(config.rope_head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
+
     def _exponents(self, device) -> torch.Tensor:
         return torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
 

@@ -46,8 +46,13 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=False)
+        self.set_rope_scaling(config.rope_scaling)
+
+    def set_rope_scaling(self, scaling: Optional[dict]) -> None:
+        """The softmax scale for this rope_scaling: at construction, and again when the context is extended
+        at inference (the rotary table alone would leave DeepSeek's YaRN sharpening behind)."""
         self.scale = 1.0 / math.sqrt(self.nope_dim + self.rope_dim)
-        scaling = config.rope_scaling or {}
+        scaling = scaling or {}
         if scaling.get("type", scaling.get("rope_type")) == "yarn" and scaling.get("mscale_all_dim"):
             # DeepSeek sharpens the softmax by the YaRN mscale of all dimensions, squared (as transformers)
             self.scale *= yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"])) ** 2

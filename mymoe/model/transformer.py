@@ -90,8 +90,7 @@ class MoETransformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.rope_head_dim, config.max_position_embeddings, config.rope_theta,
-                                          config.rope_scaling)
+        self.rotary_emb = RotaryEmbedding.from_config(config)
         self.gradient_checkpointing = config.gradient_checkpointing
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):

@@ -11,7 +11,7 @@ or as a drop-in for an MLP whose input space splits into regions that want diffe
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -35,11 +35,24 @@ class VectorMoE(nn.Module):
         if min(in_features, out_features, hidden_size, num_layers) <= 0:
             raise ValueError(f"in_features={in_features}, out_features={out_features}, hidden_size={hidden_size} "
                              f"and num_layers={num_layers} must all be positive")
+        self.in_features, self.out_features, self.hidden_size = in_features, out_features, hidden_size
+        self.num_layers, self.moe_config, self.init_std = num_layers, moe, init_std
         self.input_proj = nn.Linear(in_features, hidden_size)
         self.norms = nn.ModuleList(RMSNorm(hidden_size) for _ in range(num_layers))
         self.layers = nn.ModuleList(MoELayer(hidden_size, moe, init_std=init_std) for _ in range(num_layers))
         self.norm = RMSNorm(hidden_size)
         self.output_proj = nn.Linear(hidden_size, out_features)
+
+    def architecture(self) -> dict:
+        """Plain values that rebuild this model with ``VectorMoE.from_architecture``: saved beside the
+        weights, so a file of tensors, strings and numbers describes the whole model."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "hidden_size": self.hidden_size,
+                "num_layers": self.num_layers, "init_std": self.init_std, "moe": asdict(self.moe_config)}
+
+    @classmethod
+    def from_architecture(cls, architecture: dict) -> "VectorMoE":
+        values = dict(architecture)
+        return cls(moe=MoEConfig(**values.pop("moe")), **values)
 
     def forward(self, inputs: torch.Tensor) -> VectorMoEOutput:
         """inputs [N, in_features] -> VectorMoEOutput with output [N, out_features]."""
