@@ -114,7 +114,12 @@ def _memory_and_features_worker(rank, world_size, train_prefix, valid_prefix, ou
             memory[(expert_parallel_size, fsdp)] = {"measured": measured, "predicted": predicted}
         memory["whole"] = model_state_bytes(shapes, Layout(1, 1, False, True, 2))
         features = {}
-        for name, extra in (("lora", {"peft.lora_rank": 4, "peft.lora_targets": "[q_proj,experts,gate]"}),
+        # LoRA's B starts at zero, so its first gradients are tiny, and AdamW's update g / (|g| + eps) at the
+        # default eps 1e-8 magnifies their rounding: with exact-zero router gradients for unchosen experts, one
+        # lora_B element differed by 1.2e-5 with every loss equal (0.0) and grad norms within 1.5e-8.
+        # eps 1e-6 keeps the comparison about the layout rather than about Adam's amplification.
+        for name, extra in (("lora", {"peft.lora_rank": 4, "peft.lora_targets": "[q_proj,experts,gate]",
+                                      "train.adam_eps": 1e-6}),
                             ("prefetch, no reshard", {"parallel.fsdp_prefetch": 1,
                                                       "parallel.fsdp_reshard_after_forward": False})):
             layout = load_config(str(TINY_CONFIG), fsdp_overrides(train_prefix, valid_prefix, out_dir,
