@@ -40,7 +40,7 @@ def _layouts_worker(rank, world_size, train_prefix, valid_prefix, out_dir, layou
     """verify() for each (name, overrides) layout, one after the other over one process group."""
     from mymoe.config import load_config
     from mymoe.parallel import build_context, init_distributed, shutdown
-    from mymoe.verify import verify
+    from mymoe.equivalence import verify
 
     ctx = init_distributed(load_config(str(TINY_CONFIG), fsdp_overrides(train_prefix, valid_prefix, out_dir)))
     try:
@@ -95,9 +95,9 @@ def measured_state_bytes(trainer) -> dict:
 def _memory_and_features_worker(rank, world_size, train_prefix, valid_prefix, out_dir):
     from mymoe.config import load_config
     from mymoe.parallel import build_context, init_distributed, shutdown
-    from mymoe.plan import Layout, model_state_bytes, parameter_shapes
+    from mymoe.planner import Layout, model_state_bytes, parameter_shapes
     from mymoe.train.loop import Trainer
-    from mymoe.verify import verify
+    from mymoe.equivalence import verify
 
     config = load_config(str(TINY_CONFIG), fsdp_overrides(train_prefix, valid_prefix, out_dir,
                                                           {"train.gradient_accumulation_steps": 1}))

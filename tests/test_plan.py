@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from mymoe.config import Config, DataConfig, ModelConfig, MoEConfig, TrainConfig
-from mymoe.plan import Layout, parameter_shapes, parse_bytes, plan, predict
+from mymoe.planner import Layout, parameter_shapes, parse_bytes, plan, predict
 
 SIZES = {  # (model, micro-batch, seq_len)
     "small": (dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
