@@ -13,24 +13,27 @@ from conftest import REPO, make_dataset, tiny_config, train_in_process, write_da
 from mymoe.config import load_config
 from mymoe.convert.consolidate import consolidate
 from mymoe.convert.hf import export_hf
+from mymoe.data.indexed import IndexedTokens
 from mymoe.evaluate.__main__ import main
 from mymoe.evaluate.run import evaluate
 from mymoe.load import load_model
+from mymoe.tokenizer import load_tokenizer
 
 DESIGN = REPO / "configs" / "mymoe-design.yaml"
 
 
-def trained(tmp_path, **moe):
+def trained(tmp_path, model=None, **moe):
     """(trainer after 3 steps, its checkpoints folder, a validation prefix of 62 samples of 16 tokens)."""
     valid = str(tmp_path / "valid")
     write_dataset(valid, num_tokens=1000, seed=5)
-    config = tiny_config(tmp_path, max_steps=3, moe={"bias_update_rate": 0.0, **moe}, train={"eval_steps": 3})
+    config = tiny_config(tmp_path, max_steps=3, model=model, moe={"bias_update_rate": 0.0, **moe},
+                         train={"eval_steps": 3})
     config.data.valid_prefixes = [valid]
     trainer, _, _ = train_in_process(tmp_path, 3, save_at=(3,), config=config)
     return trainer, tmp_path / "run" / "checkpoints", valid
 
 
-def test_perplexity_is_the_trainers_evaluation_of_the_same_batches(tmp_path):
+def test_perplexity_is_the_trainers_evaluation_of_the_same_batches(tmp_path, tokenizer_model):
     # a capacity at evaluation drops tokens, so the loss depends on the batches as well as on the weights
     trainer, checkpoints, valid = trained(tmp_path, capacity_factor=1.0, eval_capacity_factor=1.0)
     trainer_loss = trainer.evaluate()
@@ -41,10 +44,13 @@ def test_perplexity_is_the_trainers_evaluation_of_the_same_batches(tmp_path):
     assert (result["batches"], result["tokens"]) == (3, 3 * 4 * 16)
     assert result["perplexity"] == pytest.approx(math.exp(trainer_loss), rel=1e-6)
     assert result["loss"] == pytest.approx(trainer_loss, rel=1e-6, abs=1e-7)
+    with pytest.raises(SystemExit, match="has 400 pieces but the model's vocabulary has 64"):
+        main(["--checkpoint", str(checkpoints), "--data", valid, "--tokenizer", tokenizer_model])
 
 
-def test_every_layout_gives_the_same_numbers_and_every_sample_is_scored_once(tmp_path, capsys):
-    _, checkpoints, valid = trained(tmp_path)  # dropless, so a Hugging Face export computes the same
+def test_every_layout_gives_the_same_numbers_and_every_sample_is_scored_once(tmp_path, capsys, tokenizer_model):
+    # dropless, so a Hugging Face export computes the same; a vocabulary that holds the tokenizer's 400 pieces
+    _, checkpoints, valid = trained(tmp_path, model={"vocab_size": 512})
     consolidate(checkpoints, tmp_path / "model.safetensors")
     export_hf(load_model(checkpoints)[0], tmp_path / "hf")
     layouts = [checkpoints, checkpoints / "step_00000003", tmp_path / "model.safetensors", tmp_path / "hf"]
@@ -53,7 +59,7 @@ def test_every_layout_gives_the_same_numbers_and_every_sample_is_scored_once(tmp
     runs = []
     for layout in layouts:
         main(["--checkpoint", str(layout), "--data", valid, other + ".bin", "--seq-len", "16", "--batch-size", "4",
-              "--no-progress"])
+              "--tokenizer", tokenizer_model, "--no-progress"])
         lines = capsys.readouterr().out.strip().splitlines()
         assert lines[0].startswith(f"evaluating {layout}") and lines[1].startswith(f"{valid}: loss ")
         runs.append(json.loads(lines[-1]))
@@ -61,10 +67,15 @@ def test_every_layout_gives_the_same_numbers_and_every_sample_is_scored_once(tmp
     for run in runs[1:]:
         for mine, theirs in zip(run["datasets"] + [run["overall"]], first["datasets"] + [first["overall"]]):
             assert mine["perplexity"] == pytest.approx(theirs["perplexity"], rel=1e-5)
+            assert mine["bits_per_byte"] == pytest.approx(theirs["bits_per_byte"], rel=1e-5)
     valid_result, other_result = first["datasets"]
     # 999 // 16 = 62 samples: 15 batches of 4 and one of 2, every sample once; the second prefix is scored apart
     assert (valid_result["data"], valid_result["batches"], valid_result["tokens"]) == (valid, 16, 62 * 16)
     assert (other_result["data"], other_result["tokens"]) == (other, 599 // 16 * 16)
+    # bits per byte: the nats of the scored tokens over the bytes of their text (tokens 1 .. 62 * 16 of the stream)
+    text = load_tokenizer(tokenizer_model).decode(IndexedTokens(valid).tokens[1:62 * 16 + 1].tolist())
+    assert valid_result["bits_per_byte"] == pytest.approx(
+        valid_result["loss"] * valid_result["tokens"] / math.log(2) / len(text.encode("utf-8")), rel=1e-12)
     overall = first["overall"]
     weighted = (valid_result["loss"] * valid_result["tokens"] + other_result["loss"] * other_result["tokens"]) \
         / (valid_result["tokens"] + other_result["tokens"])

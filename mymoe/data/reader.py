@@ -163,6 +163,10 @@ class FileOrderBatches:
         if rest:
             yield inputs_and_labels([self.reader._window(0, sample_index) for sample_index in rest])
 
+    def label_tokens(self, samples: int) -> np.ndarray:
+        """The labels of the first `samples` samples, in order: one slice of the stream, which they tile."""
+        return self.reader.datasets[0].tokens[1 : samples * self.reader.seq_len + 1]
+
 
 def inputs_and_labels(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows of seq_len + 1 tokens -> (input_ids, labels), LongTensor [B, seq_len] each."""

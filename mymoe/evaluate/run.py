@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import Optional
 
@@ -45,14 +45,14 @@ def evaluate(checkpoint: str, prefixes: list[str], step: Optional[int] = None, s
     for prefix in prefixes:
         batches = FileOrderBatches(prefix, seq_len, batch_size)
         count = min(len(batches), max_batches or len(batches))
-        byte_counter = [0]
-        scored = islice(batches, count)
-        if text is not None:
-            scored = counting_bytes(scored, text, byte_counter)
-        summed = score(model, scored, config, device, count, prefix, progress)
+        summed = score(model, islice(batches, count), config, device, count, prefix, progress)
         overall.add(summed)
-        overall_bytes += byte_counter[0]
-        result = summary(summed, byte_counter[0] if text is not None else None)
+        text_bytes = None
+        if text is not None:  # the text whose tokens were scored, decoded in one piece
+            scored = batches.label_tokens(summed.tokens // seq_len).tolist()
+            text_bytes = len(text.decode(scored).encode("utf-8"))
+            overall_bytes += text_bytes
+        result = summary(summed, text_bytes)
         results.append({"data": prefix, **result})
         bits = f", {result['bits_per_byte']:.4f} bits per byte" if text is not None else ""
         announce(f"{prefix}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}{bits} over "
@@ -79,14 +79,6 @@ def summary(summed: LossSum, text_bytes: Optional[int]) -> dict:
     if text_bytes is not None:
         result["bits_per_byte"] = summed.nats / math.log(2) / max(text_bytes, 1)
     return result
-
-
-def counting_bytes(batches: Iterable, tokenizer, counter: list[int]) -> Iterator:
-    """The batches unchanged; counter[0] gains the UTF-8 bytes of the text each one's labels decode to (the
-    labels of file-order samples tile the token stream, so this is the text that was scored)."""
-    for input_ids, labels in batches:
-        counter[0] += len(tokenizer.decode(labels.flatten().tolist()).encode("utf-8"))
-        yield input_ids, labels
 
 
 def check_positions(model_config, seq_len: int) -> None:
