@@ -8,10 +8,10 @@
     init_from(model, config, path)                                 # fine-tuning: the weights, same architecture
 
 This sits above checkpoint/ (which stores and reads tensors, and builds no model) and convert/ (which
-knows each format); the trainer's ``train.init_from``, ``mymoe.generate`` and ``mymoe-convert`` use it.
-A Hugging Face folder is read into memory, never through a temporary file. A .pt file is read with
-``torch.load(weights_only=True)``: tensors, numbers, strings and containers only, so a file that would run
-code while unpickling is refused rather than trusted.
+knows each format); the trainer's ``train.init_from``, ``mymoe.generate``, ``mymoe-evaluate`` and
+``mymoe-convert`` use it. A Hugging Face folder is read into memory, never through a temporary file. A .pt
+file is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only, so a file
+that would run code while unpickling is refused rather than trusted.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["mymoe.train", "mymoe.generate", "mymoe.convert", "mymoe.plan", "mymoe.verify", "mymoe.train.heatmap",
+COMMANDS = ["mymoe.train", "mymoe.evaluate", "mymoe.generate", "mymoe.convert", "mymoe.plan", "mymoe.verify", "mymoe.train.heatmap",
             "data_tools"]
 PROBE = """
 import runpy, sys

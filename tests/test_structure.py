@@ -28,8 +28,8 @@ LAYERS = [
     ["mymoe.checkpoint"],  # storage: sharded tensors, manifests, checksums; builds no model
     ["mymoe.convert"],  # formats: consolidated file, resharding, Hugging Face, Megatron names
     ["mymoe.load"],  # any source -> a whole model; what every command loads through
-    ["mymoe.train", "mymoe.generate", "mymoe.inference", "mymoe.convert.cli", "mymoe.convert.commands",
-     "mymoe.convert.__main__", "mymoe.plan", "mymoe.planner", "mymoe.verify",
+    ["mymoe.train", "mymoe.evaluate", "mymoe.generate", "mymoe.inference", "mymoe.convert.cli",
+     "mymoe.convert.commands", "mymoe.convert.__main__", "mymoe.plan", "mymoe.planner", "mymoe.verify",
      "mymoe.equivalence",  # the commands
      "data_tools"],
     ["data_tools.cli", "data_tools.__main__"],  # data_tools' command line over its commands

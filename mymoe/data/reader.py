@@ -14,7 +14,7 @@ of its samples seeded by (seed, prefix index, epoch). So the whole order is a fu
 and two counters, which is all `state_dict()` has to remember.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -78,8 +78,7 @@ class PackedTokenReader:
             dataset_index, sample_index = self._advance()
             if first_mine <= position < first_mine + self.micro_batch_size:
                 windows.append(self._window(dataset_index, sample_index))
-        batch = torch.from_numpy(np.stack(windows))  # [B, seq_len + 1]
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        return inputs_and_labels(windows)
 
     def state_dict(self) -> dict:
         return {
@@ -141,6 +140,38 @@ class PackedTokenReader:
         start = sample_index * self.seq_len
         tokens = self.datasets[dataset_index].tokens[start : start + self.seq_len + 1]
         return tokens.astype(np.int64)
+
+
+class FileOrderBatches:
+    """Every sample of one prefix once, in file order, batch_size at a time; the last batch holds the rest.
+    File order is how the held-out split is read (shuffle=False), so the first eval_steps batches of a
+    prefix are the trainer's evaluation batches when it is the only validation prefix."""
+
+    def __init__(self, prefix: str, seq_len: int, batch_size: int):
+        self.reader = PackedTokenReader([prefix], None, seq_len, batch_size, shuffle=False)
+        self.num_samples = self.reader.num_samples[0]
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        full_batches = self.num_samples // self.batch_size
+        for _ in range(full_batches):
+            yield self.reader.next_batch()
+        rest = range(full_batches * self.batch_size, self.num_samples)
+        if rest:
+            yield inputs_and_labels([self.reader._window(0, sample_index) for sample_index in rest])
+
+    def label_tokens(self, samples: int) -> np.ndarray:
+        """The labels of the first `samples` samples, in order: one slice of the stream, which they tile."""
+        return self.reader.datasets[0].tokens[1 : samples * self.reader.seq_len + 1]
+
+
+def inputs_and_labels(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of seq_len + 1 tokens -> (input_ids, labels), LongTensor [B, seq_len] each."""
+    batch = torch.from_numpy(np.stack(windows))  # [B, seq_len + 1]
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
 
 def build_train_reader(

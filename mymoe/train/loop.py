@@ -30,6 +30,7 @@ from mymoe.parallel.collectives import all_reduce
 from mymoe.parallel.fsdp import apply_fsdp, set_gradient_sync
 from mymoe.peft import apply_peft
 from mymoe.train.deepspeed_engine import ZeroOptimizerView, initialize_deepspeed
+from mymoe.train.evaluation import sum_lm_loss
 from mymoe.train.guard import NonFiniteGuard
 from mymoe.train.lock import out_dir_lock
 from mymoe.train.metrics import MetricsLogger, peak_flops_per_second
@@ -221,25 +222,18 @@ class Trainer:
             layer.update_expert_bias(load)
         return loads.cpu().tolist()
 
-    @torch.no_grad()
     def evaluate(self, stop: Optional[GracefulStop] = None) -> Optional[float]:
         """Mean lm loss over the first eval_steps batches of the held-out split (the same ones every time);
         None when there is no such split, or when a stop was requested (asked between batches)."""
         valid_reader = build_reader(self.config, self.ctx, "valid")
         if valid_reader is None:
             return None
-        self.model.eval()
-        total = 0.0
-        for _ in range(self.config.train.eval_steps):
-            if stop is not None and stop.requested():
-                self.model.train()
-                return None
-            input_ids, labels = valid_reader.next_batch()
-            with autocast_context(self.config, self.ctx.device):
-                out = self.model(input_ids.to(self.ctx.device), labels=labels.to(self.ctx.device))
-            total += float(out.lm_loss)
-        self.model.train()
-        return world_mean([total / self.config.train.eval_steps], self.ctx, "evaluation loss")[0]
+        batches = (valid_reader.next_batch() for _ in range(self.config.train.eval_steps))
+        summed = sum_lm_loss(self.model, batches, self.config, self.ctx.device,
+                             stop.requested if stop is not None else None)
+        if summed is None:
+            return None
+        return world_mean([summed.loss], self.ctx, "evaluation loss")[0]
 
     def finished(self) -> bool:
         return self.step >= self.total_steps
