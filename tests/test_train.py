@@ -118,7 +118,7 @@ def test_expert_loads_of_every_layer_are_summed_in_one_collective(dataset, tmp_p
     loads = trainer.update_expert_biases()
     assert calls == [("all_reduce (expert loads of every MoE layer, world)",
                       torch.Size([len(layers), layers[0].num_experts]))]
-    assert len(layers) > 1 and loads == [[1.0] * layers[0].num_experts] * len(layers)
+    assert len(layers) > 1 and loads.tolist() == [[1.0] * layers[0].num_experts] * len(layers)
 
 
 def test_seed_controls_the_run_and_gradient_checkpointing_changes_nothing(dataset, tmp_path):

@@ -1,8 +1,9 @@
 """The non-finite guard: a step whose loss or gradient norm is nan or inf changes nothing, and a run that
 keeps producing them stops, naming where the first nan or inf appeared.
 
-A healthy step pays nothing: the trainer already has the world-mean loss and the global gradient norm, and
-skipping is decided from those two numbers alike on every rank. Only when `train.max_nonfinite_steps`
+A healthy step pays nothing and waits for nothing: the trainer has the world-mean loss and the global
+gradient norm on the device, and `step_if_finite` undoes the update there when either is not finite, alike
+on every rank; the flags are read with the other metrics once per log interval. Only when `train.max_nonfinite_steps`
 steps in a row were skipped does the guard rerun the last micro-batch with forward hooks and gradient
 hooks to find the first module whose output (or parameter whose gradient) went non-finite, and stop the
 run with a TrainingError. The checkpoint manager refuses to save non-finite state besides
@@ -11,9 +12,11 @@ so the last good checkpoint is never pruned in favour of a broken one.
 """
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from mymoe.train.errors import TrainingError
 from mymoe.train.precision import autocast_context
@@ -75,13 +78,15 @@ class NonFiniteGuard:
         self.max_consecutive = max_consecutive
         self.skipped: list[int] = []  # the current streak of skipped steps
 
-    def observe(self, trainer, metrics: dict, logger) -> None:
-        """After each step: warn about a skipped one, raise TrainingError once too many came in a row."""
-        if not metrics.get("skipped"):
+    def observe(self, trainer, metrics, logger, step: Optional[int] = None) -> None:
+        """After each step (`step`, default the trainer's): warn about a skipped one, raise TrainingError once
+        too many came in a row."""
+        step = trainer.step if step is None else step
+        if not metrics["skipped"]:
             self.skipped = []
             return
-        self.skipped.append(trainer.step)
-        logger.write(f"WARNING step {trainer.step}: loss {metrics['loss']} / gradient norm {metrics['grad_norm']} "
+        self.skipped.append(step)
+        logger.write(f"WARNING step {step}: loss {metrics['loss']} / gradient norm {metrics['grad_norm']} "
                      f"is not finite; the step was skipped (no optimizer update), {len(self.skipped)} of "
                      f"train.max_nonfinite_steps={self.max_consecutive} in a row")
         if len(self.skipped) < self.max_consecutive:
@@ -104,3 +109,36 @@ class NonFiniteGuard:
         everywhere = [None] * ctx.world_size
         dist.all_gather_object(everywhere, where)
         return "; ".join(f"rank {rank}: {found}" for rank, found in enumerate(everywhere))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (DTensor) tensor, or the tensor itself; in place edits reach the whole."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+@torch.no_grad()
+def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """optimizer.step(), undone on the device where `finite` (a 0-d bool tensor) is False.
+
+    The skip never waits on the host: parameters and optimizer state are copied before the step and put
+    back with torch.where after it, so a non-finite step leaves both unchanged (a state entry the step
+    created goes back to zero, AdamW's initial value). The copies cost one parameter-sized buffer per
+    state tensor for the duration of the step.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+    def tensors() -> dict:
+        found = {("param", id(p)): _local(p) for p in params}
+        for p in params:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    found[(key, id(p))] = _local(value)
+        return found
+
+    before = {key: tensor.clone() for key, tensor in tensors().items()}
+    optimizer.step()
+    for key, tensor in tensors().items():
+        kept = before.get(key)
+        if kept is None:
+            kept = torch.zeros_like(tensor)
+        tensor.copy_(torch.where(finite.to(tensor.device), tensor, kept))

@@ -31,9 +31,9 @@ from mymoe.parallel.fsdp import apply_fsdp, set_gradient_sync
 from mymoe.peft import apply_peft
 from mymoe.train.deepspeed_engine import ZeroOptimizerView, initialize_deepspeed
 from mymoe.train.evaluation import sum_lm_loss
-from mymoe.train.guard import NonFiniteGuard
+from mymoe.train.guard import NonFiniteGuard, step_if_finite
 from mymoe.train.lock import out_dir_lock
-from mymoe.train.metrics import MetricsLogger, peak_flops_per_second
+from mymoe.train.metrics import MetricsLogger, StepMetrics, peak_flops_per_second
 from mymoe.train.optim import Schedule, aux_loss_scale, total_steps
 from mymoe.train.precision import autocast_context
 from mymoe.train.preflight import check_inputs
@@ -49,13 +49,25 @@ class TrainResult:
     out_dir: str = ""
 
 
-def world_mean(values: list[float], ctx: ParallelContext, what: str) -> list[float]:
-    """Mean over all ranks of each value, in one collective."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+def world_mean(values: torch.Tensor, ctx: ParallelContext, what: str) -> torch.Tensor:
+    """Mean over all ranks of each value, in one collective, left on the device (float64)."""
+    tensor = values.to(ctx.device, torch.float64, copy=True)
     if ctx.is_distributed:
         all_reduce(tensor, f"all_reduce ({what}, world)", ctx.timeout_seconds)
         tensor /= ctx.world_size
-    return tensor.tolist()
+    return tensor
+
+
+def micro_batch_metrics(loss: torch.Tensor, out) -> torch.Tensor:
+    """float64 [loss, lm_loss, aux_loss, z_loss, load_balancing_loss, dropped per layer...] of one micro-batch,
+    the layers' parts summed, all on the device."""
+    stats = out.router_stats
+    head = torch.stack([loss.detach(), out.lm_loss.detach(), out.aux_loss.detach()]).double()
+    if not stats:
+        return torch.cat([head, head.new_zeros(2)])
+    parts = torch.stack([torch.stack([s["z_loss"], s["load_balancing_loss"]]) for s in stats]).double()  # [layers, 2]
+    dropped = torch.stack([s["dropped_fraction"] for s in stats]).double()
+    return torch.cat([head, parts.sum(0), dropped])
 
 
 def check_data(config: Config) -> None:
@@ -152,8 +164,10 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
 
     # --- one step ------------------------------------------------------------------------------------
-    def train_step(self) -> dict:
-        """One optimizer step over gradient_accumulation_steps micro-batches; returns world-mean metrics."""
+    def train_step(self) -> StepMetrics:
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns its world-mean metrics,
+        still on the device: the step itself never waits on the host (the native path; DeepSpeed's engine
+        reads its gradient norm itself)."""
         config, ctx = self.config, self.ctx
         accumulation = config.train.gradient_accumulation_steps
         lr = self.schedule.apply(self.step)
@@ -161,7 +175,7 @@ class Trainer:
         self.model.train()
         if self.engine is None:  # where a stop deadline may abandon this step (mymoe/train/stop.py)
             self.resume_point = (self.train_reader.state_dict(), torch.get_rng_state())
-        sums = None  # [loss, lm_loss, aux_loss, z_loss, load_balancing_loss, dropped per layer...]
+        sums = None  # float64 [loss, lm_loss, aux_loss, z_loss, load_balancing_loss, dropped per layer...]
         for micro in range(accumulation):
             set_gradient_sync(self.model, micro == accumulation - 1)  # FSDP: one reduce-scatter per step
             input_ids, labels = self.train_reader.next_batch()
@@ -174,31 +188,25 @@ class Trainer:
                 self.engine.step()  # a no-op until the last micro-batch of the step
             else:
                 (loss / accumulation).backward()
-            stats = out.router_stats
-            micro = [float(loss.detach()), float(out.lm_loss.detach()), float(out.aux_loss.detach()),
-                     sum(float(s["z_loss"]) for s in stats), sum(float(s["load_balancing_loss"]) for s in stats)]
-            micro += [float(s["dropped_fraction"]) for s in stats]
-            sums = micro if sums is None else [a + b for a, b in zip(sums, micro)]
+            micro_values = micro_batch_metrics(loss, out)
+            sums = micro_values if sums is None else sums + micro_values
         self.resume_point = None
-        means = world_mean([value / accumulation for value in sums], ctx, "step losses and drop fractions")
-        skipped = False
+        means = world_mean(sums / accumulation, ctx, "step losses and drop fractions")
         if self.engine is not None:
-            grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+            grad_norm = torch.tensor(float(self.engine.get_global_grad_norm() or 0.0), device=ctx.device)
+            skipped = torch.zeros((), dtype=torch.bool, device=ctx.device)
         else:
             reduce_gradients(self.model, ctx)
-            grad_norm = float(clip_grad_norm_(self.model, config.train.grad_clip, ctx))
+            grad_norm = clip_grad_norm_(self.model, config.train.grad_clip, ctx)
             # both numbers are global, so every rank skips alike (mymoe/train/guard.py)
-            skipped = not (math.isfinite(means[0]) and math.isfinite(grad_norm))
-            if not skipped:
-                self.optimizer.step()
+            finite = torch.isfinite(means[0]) & torch.isfinite(grad_norm)
+            step_if_finite(self.optimizer, finite)
+            skipped = ~finite
             self.optimizer.zero_grad(set_to_none=True)
         expert_loads = self.update_expert_biases()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        loss, lm_loss, aux_loss, z_loss, balance_loss = means[:5]
-        return {"skipped": skipped, "loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss,
-                "load_balancing_loss": balance_loss, "lr": lr, "aux_loss_scale": aux_scale, "grad_norm": grad_norm,
-                "expert_loads": expert_loads, "dropped": means[5:]}
+        return StepMetrics(means[:5], means[5:], grad_norm, skipped, expert_loads, lr, aux_scale)
 
     def abandon_step(self) -> None:
         """Undo a step stopped before its optimizer update: data position and RNG back at the step boundary."""
@@ -208,19 +216,19 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
         self.resume_point = None
 
-    def update_expert_biases(self) -> list[list[float]]:
-        """Sum every layer's load over all ranks in one collective, update the aux-loss-free biases, return
-        the loads for logging."""
+    def update_expert_biases(self) -> torch.Tensor:
+        """Sum every layer's load over all ranks in one collective, update the aux-loss-free biases on the
+        device, return the loads [layers, experts] for logging."""
         layers = list(self.model.iter_moe_layers())
         if not layers:
-            return []
+            return torch.zeros(0, 0, device=self.ctx.device)
         # [layers, experts], this rank's tokens
         loads = torch.stack([layer.pending_load().to(self.ctx.device, torch.float32) for layer in layers])
         if self.ctx.is_distributed:
             all_reduce(loads, "all_reduce (expert loads of every MoE layer, world)", self.ctx.timeout_seconds)
         for layer, load in zip(layers, loads):
             layer.update_expert_bias(load)
-        return loads.cpu().tolist()
+        return loads
 
     def evaluate(self, stop: Optional[GracefulStop] = None) -> Optional[float]:
         """Mean lm loss over the first eval_steps batches of the held-out split (the same ones every time);
@@ -233,7 +241,7 @@ class Trainer:
                              stop.requested if stop is not None else None)
         if summed is None:
             return None
-        return world_mean([summed.loss], self.ctx, "evaluation loss")[0]
+        return float(world_mean(torch.tensor([summed.loss]), self.ctx, "evaluation loss")[0])
 
     def finished(self) -> bool:
         return self.step >= self.total_steps
@@ -293,31 +301,32 @@ def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] 
 
 def train_steps(trainer: Trainer, checkpoints, logger, result: TrainResult, stop: GracefulStop,
                 flops_per_token: float, peak: float) -> None:
-    """Steps until the run is finished or a signal asks every rank to stop."""
+    """Steps until the run is finished or a signal asks every rank to stop.
+
+    A step's metrics stay on the device until a step that logs, evaluates or checkpoints (or the last):
+    then the steps since the last report are read in one copy, and logged and guarded in order.
+    """
     train_config = trainer.config.train
     guard = NonFiniteGuard(train_config.max_nonfinite_steps)
+    unread: list = []  # (step, StepMetrics) since the last report
+    since = time.perf_counter()  # when the first unread step began
     while not trainer.finished():
-        start = time.perf_counter()
         try:
             metrics = trainer.train_step()
         except StopNow as why:
             trainer.abandon_step()
+            report(trainer, unread, since, guard, logger, result, flops_per_token, peak)
             logger.write(f"{why}: the step in progress was abandoned; saving step {trainer.step} to resume from")
             return
-        tokens_per_second = trainer.tokens_per_step / (time.perf_counter() - start)
         step = trainer.step
-        result.losses.append(metrics["loss"])
-        logger.progress(step, metrics["loss"], tokens_per_second)
-        logger.observe_experts(step, metrics["expert_loads"])
-        if step % train_config.log_interval == 0 or trainer.finished():
-            scalars = {key: metrics[key] for key in ("loss", "lm_loss", "aux_loss", "z_loss", "load_balancing_loss",
-                                                     "lr", "aux_loss_scale", "grad_norm")}
-            scalars.update(tokens_per_second=tokens_per_second, tokens_seen=trainer.tokens_seen,
-                           mfu=flops_per_token * tokens_per_second / peak,
-                           dropped_fraction=sum(metrics["dropped"]) / max(len(metrics["dropped"]), 1))
-            logger.log(step, scalars, metrics["expert_loads"], metrics["dropped"])
-        guard.observe(trainer, metrics, logger)  # after the log, so the skipped steps are in it
-        if train_config.eval_interval and (step % train_config.eval_interval == 0 or trainer.finished()):
+        unread.append((step, metrics))
+        evaluating = train_config.eval_interval and (step % train_config.eval_interval == 0 or trainer.finished())
+        checkpointing = (train_config.checkpoint_interval and step % train_config.checkpoint_interval == 0
+                         and not trainer.finished())
+        if step % train_config.log_interval == 0 or trainer.finished() or evaluating or checkpointing:
+            report(trainer, unread, since, guard, logger, result, flops_per_token, peak)
+            unread = []
+        if evaluating:
             eval_loss = trainer.evaluate(stop)
             if eval_loss is not None:
                 result.eval_losses.append(eval_loss)
@@ -325,10 +334,35 @@ def train_steps(trainer: Trainer, checkpoints, logger, result: TrainResult, stop
                 logger.log(step, {"eval/loss": eval_loss, "eval/perplexity": perplexity})
                 logger.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity:.2f}")
         if stop.requested():  # the caller saves the last checkpoint
+            report(trainer, unread, since, guard, logger, result, flops_per_token, peak)
             logger.write(f"{stop.signal_name or 'a signal on another rank'}: stopping after step {step}, "
                          f"saving a checkpoint to resume from")
             return
-        if train_config.checkpoint_interval and step % train_config.checkpoint_interval == 0 \
-                and not trainer.finished():
+        if checkpointing:
             checkpoints.save(trainer)
+        if not unread:
+            since = time.perf_counter()
 
+
+def report(trainer: Trainer, unread: list, since: float, guard: NonFiniteGuard, logger, result: TrainResult,
+           flops_per_token: float, peak: float) -> None:
+    """Read the unread steps' metrics in one copy; record, log (at log_interval and the last step) and guard
+    each in order. tokens/s is the mean since the first of them began: a step that does not read the device
+    returns before its work is done, so one step's own time would mean little."""
+    if not unread:
+        return
+    StepMetrics.read_all([metrics for _, metrics in unread])
+    tokens_per_second = trainer.tokens_per_step * len(unread) / (time.perf_counter() - since)
+    log_interval = trainer.config.train.log_interval
+    logger.progress(unread[-1][0], unread[-1][1]["loss"], tokens_per_second)
+    for step, metrics in unread:
+        result.losses.append(metrics["loss"])
+        logger.observe_experts(step, metrics["expert_loads"])
+        if step % log_interval == 0 or step == trainer.total_steps:
+            scalars = {key: metrics[key] for key in ("loss", "lm_loss", "aux_loss", "z_loss", "load_balancing_loss",
+                                                     "lr", "aux_loss_scale", "grad_norm")}
+            scalars.update(tokens_per_second=tokens_per_second, tokens_seen=trainer.tokens_seen,
+                           mfu=flops_per_token * tokens_per_second / peak,
+                           dropped_fraction=sum(metrics["dropped"]) / max(len(metrics["dropped"]), 1))
+            logger.log(step, scalars, metrics["expert_loads"], metrics["dropped"])
+        guard.observe(trainer, metrics, logger, step)  # after the log, so the skipped steps are in it

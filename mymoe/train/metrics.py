@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +39,62 @@ def peak_flops_per_second(device: torch.device) -> float:
     for _ in range(repeats):
         a @ b
     return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+class StepMetrics(Mapping):
+    """One training step's metrics, kept on the device until a value is first asked for.
+
+    A step leaves them as tensors so that it never waits on the device; reading any key reads them all in
+    one device-to-host copy, and `read_all` reads the metrics of many steps (a log interval's) in one. The
+    keys: skipped, loss, lm_loss, aux_loss, z_loss, load_balancing_loss, lr, aux_loss_scale, grad_norm,
+    expert_loads [layer][expert] and dropped [layer].
+    """
+
+    LOSSES = ("loss", "lm_loss", "aux_loss", "z_loss", "load_balancing_loss")
+
+    def __init__(self, losses: torch.Tensor, dropped: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor,
+                 expert_loads: torch.Tensor, lr: float, aux_loss_scale: float):
+        # one float64 vector: [losses, dropped per layer, grad_norm, skipped, loads of every layer]
+        self.packed = torch.cat([losses.double(), dropped.double(), grad_norm.double().view(1),
+                                 skipped.double().view(1), expert_loads.double().flatten()])
+        self.num_layers = dropped.numel()
+        self.expert_loads_shape = tuple(expert_loads.shape)
+        self.host = {"lr": lr, "aux_loss_scale": aux_loss_scale}
+        self.values: Optional[dict] = None
+
+    @staticmethod
+    def read_all(steps: list["StepMetrics"]) -> None:
+        """Read every step's metrics not read yet, in one device-to-host copy."""
+        unread = [step for step in steps if step.values is None]
+        if unread:
+            for step, row in zip(unread, torch.stack([step.packed for step in unread]).tolist()):
+                step._fill(row)
+
+    def _fill(self, row: list[float]) -> None:
+        losses, layers = len(self.LOSSES), self.num_layers
+        values = dict(zip(self.LOSSES, row[:losses]), **self.host)
+        values["dropped"] = row[losses:losses + layers]
+        values["grad_norm"], skipped = row[losses + layers], row[losses + layers + 1]
+        values["skipped"] = skipped > 0
+        loads = row[losses + layers + 2:]
+        experts = self.expert_loads_shape[1] if len(self.expert_loads_shape) == 2 else 0
+        values["expert_loads"] = [loads[layer * experts:(layer + 1) * experts]
+                                  for layer in range(self.expert_loads_shape[0])]
+        self.values = values
+
+    def _read(self) -> dict:
+        if self.values is None:
+            self.read_all([self])
+        return self.values
+
+    def __getitem__(self, key: str):
+        return self._read()[key]
+
+    def __iter__(self):
+        return iter(self._read())
+
+    def __len__(self) -> int:
+        return len(self._read())
 
 
 class ExpertHealth:

@@ -79,6 +79,8 @@ class GracefulStop:
 
     def requested(self) -> bool:
         """Whether any rank saw a signal (collective: every rank calls it after every step)."""
+        if self.ctx.world_size == 1:  # nothing to agree on, so nothing to read from the device
+            return self.signal_name is not None
         flag = torch.tensor([1.0 if self.signal_name else 0.0], device=self.ctx.device)
         if self.ctx.world_size > 1:
             all_reduce(flag, "all_reduce (stop request after a step)", self.ctx.timeout_seconds, op="max")
