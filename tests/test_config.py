@@ -8,7 +8,7 @@ from mymoe.config import ConfigError, apply_overrides, config_from_dict, load_co
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["tiny", "mymoe-768", "mixtral-8x7b", "deepseek-v3-small"])
+@pytest.mark.parametrize("name", ["tiny", "mymoe-768", "mymoe-design", "mixtral-8x7b", "deepseek-v3-small"])
 def test_shipped_configs_load_and_validate(name):
     config = load_config(str(CONFIGS / f"{name}.yaml"))
     assert config.model.num_attention_heads % config.model.num_key_value_heads == 0
