@@ -8,6 +8,7 @@ model of >= 200M parameters by default. Loads read from the page cache if the fi
 (nothing here drops caches: other work shares the machine), so load figures are upper bounds.
 Prints each figure, the ratios, and a last line `RESULT key=value ...`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,13 +31,26 @@ WORLD_SIZE = 2
 
 
 def bench_config(args, expert_parallel_size: int):
-    return validate(config_from_dict({
-        "model": {"vocab_size": 32000, "hidden_size": args.hidden, "intermediate_size": 4 * args.hidden,
-                  "num_hidden_layers": args.layers, "num_attention_heads": 16,
-                  "moe": {"n_routed_experts": args.experts, "num_experts_per_tok": 2,
-                          "moe_intermediate_size": args.moe_intermediate}},
-        "parallel": {"expert_parallel_size": expert_parallel_size, "backend": "gloo"},
-        "train": {"keep_last": 1}}))
+    return validate(
+        config_from_dict(
+            {
+                "model": {
+                    "vocab_size": 32000,
+                    "hidden_size": args.hidden,
+                    "intermediate_size": 4 * args.hidden,
+                    "num_hidden_layers": args.layers,
+                    "num_attention_heads": 16,
+                    "moe": {
+                        "n_routed_experts": args.experts,
+                        "num_experts_per_tok": 2,
+                        "moe_intermediate_size": args.moe_intermediate,
+                    },
+                },
+                "parallel": {"expert_parallel_size": expert_parallel_size, "backend": "gloo"},
+                "train": {"keep_last": 1},
+            }
+        )
+    )
 
 
 class BenchState:
@@ -57,9 +71,14 @@ class BenchState:
         self.step, self.tokens_seen = 1, 0
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "train_reader": {"next_sample": 0},
-                "rng": {"cpu": torch.get_rng_state(), "cuda": None}}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "train_reader": {"next_sample": 0},
+            "rng": {"cpu": torch.get_rng_state(), "cuda": None},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
@@ -75,8 +94,9 @@ def state_bytes(state: BenchState) -> int:
 
 
 def sharded_rank(rank: int, args, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     import torch.distributed as dist
 
     from mymoe.checkpoint import CheckpointManager
@@ -86,8 +106,7 @@ def sharded_rank(rank: int, args, port: int, out_dir: str) -> None:
     ctx = init_distributed(config)
     try:
         state = BenchState(config, ctx)
-        manager = CheckpointManager(Path(out_dir) / "sharded", config, ctx, thread_count=args.threads,
-                                    verbose=False)
+        manager = CheckpointManager(Path(out_dir) / "sharded", config, ctx, thread_count=args.threads, verbose=False)
         dist.barrier()
         start = time.perf_counter()
         manager.save(state)
@@ -100,8 +119,9 @@ def sharded_rank(rank: int, args, port: int, out_dir: str) -> None:
         step_dir = manager.latest()  # collective
         if rank == 0:
             disk_bytes = sum(p.stat().st_size for p in step_dir.iterdir())
-            (Path(out_dir) / "sharded.json").write_text(json.dumps(
-                {"save": save_seconds, "load": load_seconds, "disk_bytes": disk_bytes}))
+            (Path(out_dir) / "sharded.json").write_text(
+                json.dumps({"save": save_seconds, "load": load_seconds, "disk_bytes": disk_bytes})
+            )
     finally:
         shutdown()
 
@@ -146,12 +166,17 @@ def run(args, root: Path) -> None:
     full = BenchState(config, ParallelContext())
     parameters = full.model.num_parameters()
     total_bytes = state_bytes(full)
-    print(f"model {parameters / 1e6:.0f}M parameters; checkpoint state (weights + AdamW moments) "
-          f"{total_bytes / 2**30:.2f} GiB; writing under {root}", flush=True)
+    print(
+        f"model {parameters / 1e6:.0f}M parameters; checkpoint state (weights + AdamW moments) "
+        f"{total_bytes / 2**30:.2f} GiB; writing under {root}",
+        flush=True,
+    )
 
     floor_seconds = disk_floor(root, total_bytes)
-    print(f"disk floor: numpy write + fsync {total_bytes / floor_seconds / 2**20:.0f} MiB/s ({floor_seconds:.2f} s)",
-          flush=True)
+    print(
+        f"disk floor: numpy write + fsync {total_bytes / floor_seconds / 2**20:.0f} MiB/s ({floor_seconds:.2f} s)",
+        flush=True,
+    )
 
     path = root / "full.pt"
     start = time.perf_counter()
@@ -165,8 +190,11 @@ def run(args, root: Path) -> None:
     torch_load_seconds = time.perf_counter() - start
     path.unlink()
     del full
-    print(f"torch.save, one process: {total_bytes / torch_save_seconds / 2**20:.0f} MiB/s ({torch_save_seconds:.2f} s); "
-          f"torch.load {torch_load_seconds:.2f} s", flush=True)
+    print(
+        f"torch.save, one process: {total_bytes / torch_save_seconds / 2**20:.0f} MiB/s ({torch_save_seconds:.2f} s); "
+        f"torch.load {torch_load_seconds:.2f} s",
+        flush=True,
+    )
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -175,22 +203,33 @@ def run(args, root: Path) -> None:
     sharded = json.loads((root / "sharded.json").read_text())
     save_throughput = sharded["disk_bytes"] / sharded["save"] / 2**20
     floor_throughput = total_bytes / floor_seconds / 2**20
-    print(f"sharded DCP save, {WORLD_SIZE} ranks EP={WORLD_SIZE} (crc32 + atomic commit included): "
-          f"{save_throughput:.0f} MiB/s ({sharded['save']:.2f} s, {sharded['disk_bytes'] / 2**30:.2f} GiB on disk); "
-          f"load {sharded['load']:.2f} s (checksums verified)", flush=True)
-    ratios = {"save_vs_floor": save_throughput / floor_throughput,
-              "save_vs_torch_save": torch_save_seconds / sharded["save"],
-              "load_vs_torch_load": torch_load_seconds / sharded["load"]}
-    print(f"sharded save throughput / disk floor = {ratios['save_vs_floor']:.2f} (target >= 0.7); "
-          f"speed-up over torch.save {ratios['save_vs_torch_save']:.2f}x, over torch.load "
-          f"{ratios['load_vs_torch_load']:.2f}x", flush=True)
+    print(
+        f"sharded DCP save, {WORLD_SIZE} ranks EP={WORLD_SIZE} (crc32 + atomic commit included): "
+        f"{save_throughput:.0f} MiB/s ({sharded['save']:.2f} s, {sharded['disk_bytes'] / 2**30:.2f} GiB on disk); "
+        f"load {sharded['load']:.2f} s (checksums verified)",
+        flush=True,
+    )
+    ratios = {
+        "save_vs_floor": save_throughput / floor_throughput,
+        "save_vs_torch_save": torch_save_seconds / sharded["save"],
+        "load_vs_torch_load": torch_load_seconds / sharded["load"],
+    }
+    print(
+        f"sharded save throughput / disk floor = {ratios['save_vs_floor']:.2f} (target >= 0.7); "
+        f"speed-up over torch.save {ratios['save_vs_torch_save']:.2f}x, over torch.load "
+        f"{ratios['load_vs_torch_load']:.2f}x",
+        flush=True,
+    )
     # the issue's keys first; the rest for whoever wants the whole picture
-    print(f"RESULT save_gb_per_s={sharded['disk_bytes'] / sharded['save'] / 1e9:.3f} "
-          f"load_gb_per_s={sharded['disk_bytes'] / sharded['load'] / 1e9:.3f} save_vs_disk={ratios['save_vs_floor']:.2f} "
-          f"params_m={parameters / 1e6:.0f} state_gib={total_bytes / 2**30:.2f} floor_mib_s={floor_throughput:.0f} "
-          f"torch_save_s={torch_save_seconds:.2f} torch_load_s={torch_load_seconds:.2f} "
-          f"save_vs_torch_save={ratios['save_vs_torch_save']:.2f} load_vs_torch_load={ratios['load_vs_torch_load']:.2f}",
-          flush=True)
+    print(
+        f"RESULT save_gb_per_s={sharded['disk_bytes'] / sharded['save'] / 1e9:.3f} "
+        f"load_gb_per_s={sharded['disk_bytes'] / sharded['load'] / 1e9:.3f} save_vs_disk={ratios['save_vs_floor']:.2f} "
+        f"params_m={parameters / 1e6:.0f} state_gib={total_bytes / 2**30:.2f} floor_mib_s={floor_throughput:.0f} "
+        f"torch_save_s={torch_save_seconds:.2f} torch_load_s={torch_load_seconds:.2f} "
+        f"save_vs_torch_save={ratios['save_vs_torch_save']:.2f} load_vs_torch_load={ratios['load_vs_torch_load']:.2f}",
+        flush=True,
+    )
+
 
 if __name__ == "__main__":
     main()

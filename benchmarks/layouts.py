@@ -12,6 +12,7 @@ each layout once, after a barrier, as the slowest rank saw it; the median repeat
 RESULT fsdp_tokens_per_s=<t> replicated_tokens_per_s=<t> fsdp_vs_replicated=<fsdp / replicated>
        fsdp_no_reshard_vs_replicated=<r>
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ LAYOUTS = ("replicated", "fsdp", "fsdp_no_reshard")
 
 
 def _worker(rank: int, world_size: int, port: int, model_config, repeats: int, queue) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
+    os.environ.update(
+        {"RANK": str(rank), "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -54,8 +56,10 @@ def _worker(rank: int, world_size: int, port: int, model_config, repeats: int, q
             models[name] = model
             optimizers[name] = build_optimizer(parameter_groups(model, train.weight_decay), train)
         generator = torch.Generator().manual_seed(rank)
-        batches = [torch.randint(0, model_config.vocab_size, (MICRO_BATCH_SIZE, SEQ_LEN + 1), generator=generator)
-                   for _ in range(repeats + 1)]
+        batches = [
+            torch.randint(0, model_config.vocab_size, (MICRO_BATCH_SIZE, SEQ_LEN + 1), generator=generator)
+            for _ in range(repeats + 1)
+        ]
         times = {name: [] for name in LAYOUTS}
         for repeat, batch in enumerate(batches):
             for name in LAYOUTS:
@@ -72,8 +76,11 @@ def _worker(rank: int, world_size: int, port: int, model_config, repeats: int, q
                 if repeat > 0:  # the warm-up pays first-call allocations and AdamW's state creation
                     times[name].append(float(elapsed))
             if rank == 0:
-                print(f"  {'warm-up' if repeat == 0 else f'repeat {repeat}/{repeats}':12s} "
-                      + "  ".join(f"{name} {times[name][-1]:.2f} s" if repeat else name for name in LAYOUTS), flush=True)
+                print(
+                    f"  {'warm-up' if repeat == 0 else f'repeat {repeat}/{repeats}':12s} "
+                    + "  ".join(f"{name} {times[name][-1]:.2f} s" if repeat else name for name in LAYOUTS),
+                    flush=True,
+                )
         if rank == 0:
             queue.put({name: statistics.median(values) for name, values in times.items()})
     finally:
@@ -87,8 +94,10 @@ def compare(model_config, world_size: int = 2, repeats: int = 5) -> dict:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     port = free_port()
-    processes = [context.Process(target=_worker, args=(rank, world_size, port, model_config, repeats, queue))
-                 for rank in range(world_size)]
+    processes = [
+        context.Process(target=_worker, args=(rank, world_size, port, model_config, repeats, queue))
+        for rank in range(world_size)
+    ]
     for process in processes:
         process.start()
     step_time = queue.get(timeout=1800)
@@ -97,9 +106,12 @@ def compare(model_config, world_size: int = 2, repeats: int = 5) -> dict:
     tokens = world_size * MICRO_BATCH_SIZE * SEQ_LEN
     for name, seconds in step_time.items():
         print(f"  {name:10s} {tokens / seconds:8.0f} tokens/s   {seconds:6.3f} s/step   (world {world_size})")
-    return {"fsdp_tokens_per_s": tokens / step_time["fsdp"], "replicated_tokens_per_s": tokens / step_time["replicated"],
-            "fsdp_vs_replicated": step_time["replicated"] / step_time["fsdp"],
-            "fsdp_no_reshard_vs_replicated": step_time["replicated"] / step_time["fsdp_no_reshard"]}
+    return {
+        "fsdp_tokens_per_s": tokens / step_time["fsdp"],
+        "replicated_tokens_per_s": tokens / step_time["replicated"],
+        "fsdp_vs_replicated": step_time["replicated"] / step_time["fsdp"],
+        "fsdp_no_reshard_vs_replicated": step_time["replicated"] / step_time["fsdp_no_reshard"],
+    }
 
 
 def main(argv=None) -> None:
@@ -111,12 +123,19 @@ def main(argv=None) -> None:
     from train import model_config
 
     config = model_config(args.layers)
-    print(f"training step, FSDP against replicated data parallelism over {args.world} gloo ranks of one thread: "
-          f"{args.layers} layers, hidden {config.hidden_size}, {config.moe.n_routed_experts} experts; micro-batch "
-          f"{MICRO_BATCH_SIZE} x {SEQ_LEN} per rank, fp32; 1 warm-up + {args.repeats} interleaved repeats, median")
+    print(
+        f"training step, FSDP against replicated data parallelism over {args.world} gloo ranks of one thread: "
+        f"{args.layers} layers, hidden {config.hidden_size}, {config.moe.n_routed_experts} experts; micro-batch "
+        f"{MICRO_BATCH_SIZE} x {SEQ_LEN} per rank, fp32; 1 warm-up + {args.repeats} interleaved repeats, median"
+    )
     result = compare(config, args.world, args.repeats)
-    print("RESULT " + " ".join(f"{key}={value:.0f}" if key.endswith("tokens_per_s") else f"{key}={value:.3f}"
-                               for key, value in result.items()))
+    print(
+        "RESULT "
+        + " ".join(
+            f"{key}={value:.0f}" if key.endswith("tokens_per_s") else f"{key}={value:.3f}"
+            for key, value in result.items()
+        )
+    )
 
 
 if __name__ == "__main__":

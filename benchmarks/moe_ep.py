@@ -12,6 +12,7 @@ Prints global tokens/s for each layer and workload, the share of our layer's tim
 all-to-all calls (waiting there for a slower peer included), and ends with one line:
     RESULT coarse_vs_deepspeed=<r> fine_vs_deepspeed=<r> a2a_share=<fraction>
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,12 +65,17 @@ class AllToAllClock:
 
 
 def build_ours(workload: Workload, ctx, dispatcher_name: str) -> MoELayer:
-    moe = MoEConfig(n_routed_experts=workload.num_experts, num_experts_per_tok=workload.top_k,
-                    moe_intermediate_size=workload.ffn_size, router_aux_loss_coef=0.01)
+    moe = MoEConfig(
+        n_routed_experts=workload.num_experts,
+        num_experts_per_tok=workload.top_k,
+        moe_intermediate_size=workload.ffn_size,
+        router_aux_loss_coef=0.01,
+    )
     torch.manual_seed(0)  # same full-size init on every rank, then each keeps its slice
     layer = MoELayer(workload.hidden_size, moe)
-    dispatcher = DISPATCHERS[dispatcher_name](ctx.expert_parallel_group, workload.num_experts, name=workload.name,
-                                              timeout_seconds=ctx.timeout_seconds)
+    dispatcher = DISPATCHERS[dispatcher_name](
+        ctx.expert_parallel_group, workload.num_experts, name=workload.name, timeout_seconds=ctx.timeout_seconds
+    )
     layer.experts.shard(dispatcher.first_local_expert, dispatcher.num_local_experts)
     layer.set_dispatcher(dispatcher)
     return layer
@@ -78,9 +84,16 @@ def build_ours(workload: Workload, ctx, dispatcher_name: str) -> MoELayer:
 def build_deepspeed(workload: Workload, ours: MoELayer, expert_parallel_size: int):
     from deepspeed.moe.layer import MoE
 
-    layer = MoE(workload.hidden_size, SwiGLU(workload.hidden_size, workload.ffn_size), workload.num_experts,
-                ep_size=expert_parallel_size, k=workload.top_k, drop_tokens=False, use_rts=False,
-                top2_2nd_expert_sampling=False)
+    layer = MoE(
+        workload.hidden_size,
+        SwiGLU(workload.hidden_size, workload.ffn_size),
+        workload.num_experts,
+        ep_size=expert_parallel_size,
+        k=workload.top_k,
+        drop_tokens=False,
+        use_rts=False,
+        top2_2nd_expert_sampling=False,
+    )
     layer.set_deepspeed_parallelism()  # deepspeed.initialize would do this; it makes the ep groups
     with torch.no_grad():  # our weights, so both route alike and do the same expert work
         layer.deepspeed_moe.gate.wg.weight.copy_(ours.gate.weight)
@@ -149,9 +162,11 @@ def main() -> None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     ctx = build_context(world_size, device=torch.device("cpu"), timeout_seconds=600)
     say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"MoE layer forward+backward, {world_size} ranks, EP={world_size}, 1 thread each, dispatcher "
+    say(
+        f"MoE layer forward+backward, {world_size} ranks, EP={world_size}, 1 thread each, dispatcher "
         f"{args.dispatcher} vs DeepSpeed MoE (drop_tokens=False), {args.warmup} warm-up + {args.repeats} timed "
-        f"repetitions, interleaved")
+        f"repetitions, interleaved"
+    )
 
     layers, inputs = {}, {}
     for workload in WORKLOADS:
@@ -163,9 +178,11 @@ def main() -> None:
         upstream = torch.randn(workload.tokens_per_rank, workload.hidden_size, generator=generator)
         difference = (step_ours(ours, hidden, upstream) - step_deepspeed(theirs, hidden, upstream)).detach().abs().max()
         dist.all_reduce(difference, op=dist.ReduceOp.MAX)
-        say(f"  {workload.name}: outputs of the two layers differ by at most {float(difference):.2e}; "
+        say(
+            f"  {workload.name}: outputs of the two layers differ by at most {float(difference):.2e}; "
             f"expert rows per rank: ours {expert_rows_ours(ours, hidden, world_size)}, DeepSpeed "
-            f"{expert_rows_deepspeed(theirs, hidden, workload, world_size)} (every expert padded to the busiest)")
+            f"{expert_rows_deepspeed(theirs, hidden, workload, world_size)} (every expert padded to the busiest)"
+        )
         layers[workload.name], inputs[workload.name] = (ours, theirs), (hidden, upstream)
 
     clock = AllToAllClock()
@@ -185,8 +202,9 @@ def main() -> None:
                 seconds[workload.name, "deepspeed"].append(theirs_seconds)
                 dist.all_reduce(ours_a2a)
                 a2a_seconds += float(ours_a2a) / world_size
-        say(f"  repetition {repeat + 1}/{args.warmup + args.repeats}"
-            f"{' (warm-up)' if repeat < args.warmup else ''} done")
+        say(
+            f"  repetition {repeat + 1}/{args.warmup + args.repeats}{' (warm-up)' if repeat < args.warmup else ''} done"
+        )
 
     ratios = {}
     for workload in WORKLOADS:
@@ -194,13 +212,17 @@ def main() -> None:
         ours = statistics.median(seconds[workload.name, "ours"])
         theirs = statistics.median(seconds[workload.name, "deepspeed"])
         ratios[workload.name] = theirs / ours
-        say(f"  {workload.name:6s} ours {global_tokens / ours:9.0f} tok/s   deepspeed {global_tokens / theirs:9.0f} "
-            f"tok/s   ratio {ratios[workload.name]:.2f}")
+        say(
+            f"  {workload.name:6s} ours {global_tokens / ours:9.0f} tok/s   deepspeed {global_tokens / theirs:9.0f} "
+            f"tok/s   ratio {ratios[workload.name]:.2f}"
+        )
     ours_total = sum(sum(seconds[w.name, "ours"]) for w in WORKLOADS)
     a2a_share = a2a_seconds / ours_total
     say(f"  share of our layer's time inside all_to_all_single (waits for the peer included): {a2a_share:.3f}")
-    say(f"RESULT coarse_vs_deepspeed={ratios['coarse']:.2f} fine_vs_deepspeed={ratios['fine']:.2f} "
-        f"a2a_share={a2a_share:.3f}")
+    say(
+        f"RESULT coarse_vs_deepspeed={ratios['coarse']:.2f} fine_vs_deepspeed={ratios['fine']:.2f} "
+        f"a2a_share={a2a_share:.3f}"
+    )
     dist.destroy_process_group()
 
 

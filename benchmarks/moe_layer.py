@@ -14,6 +14,7 @@ Peak memory of one forward+backward comes from torch.profiler's memory timeline 
 parameters and gradients included). The last line reads
 RESULT coarse_vs_floor=... coarse_vs_deepspeed=... fine_vs_floor=... fine_vs_deepspeed=... fine_mem_vs_deepspeed=...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,14 @@ WORKLOADS = {
 
 
 def ours(w, capacity_factor=None):
-    moe = MoEConfig(n_routed_experts=w["experts"], num_experts_per_tok=w["top_k"], moe_intermediate_size=w["ffn"],
-                    capacity_factor=capacity_factor, min_capacity=0, router_aux_loss_coef=0.01)
+    moe = MoEConfig(
+        n_routed_experts=w["experts"],
+        num_experts_per_tok=w["top_k"],
+        moe_intermediate_size=w["ffn"],
+        capacity_factor=capacity_factor,
+        min_capacity=0,
+        router_aux_loss_coef=0.01,
+    )
     layer = MoELayer(w["hidden"], moe).train()
 
     def step(x):
@@ -55,9 +62,17 @@ def deepspeed_layer(w, capacity_factor=None):
     from deepspeed.moe.layer import MoE
 
     drop = capacity_factor is not None
-    layer = MoE(w["hidden"], SwiGLU(w["hidden"], w["ffn"]), num_experts=w["experts"], ep_size=1, k=w["top_k"],
-                capacity_factor=capacity_factor or 1.0, eval_capacity_factor=capacity_factor or 1.0, min_capacity=0,
-                drop_tokens=drop).train()
+    layer = MoE(
+        w["hidden"],
+        SwiGLU(w["hidden"], w["ffn"]),
+        num_experts=w["experts"],
+        ep_size=1,
+        k=w["top_k"],
+        capacity_factor=capacity_factor or 1.0,
+        eval_capacity_factor=capacity_factor or 1.0,
+        min_capacity=0,
+        drop_tokens=drop,
+    ).train()
 
     def step(x):
         out, aux, _ = layer(x.unsqueeze(0))
@@ -75,7 +90,7 @@ def naive(w):
         probs = router(x).softmax(-1)
         top = probs.topk(w["top_k"], dim=-1)
         weights = torch.zeros_like(probs).scatter(1, top.indices, top.values / top.values.sum(-1, keepdim=True))
-        out = sum(weights[:, e:e + 1] * expert(x) for e, expert in enumerate(experts))
+        out = sum(weights[:, e : e + 1] * expert(x) for e, expert in enumerate(experts))
         out.sum().backward()
 
     return nn.ModuleList([router, experts]), step
@@ -121,8 +136,9 @@ def peak_memory_bytes(candidate, x) -> int:
     x.grad = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                     with_stack=True) as prof:
+        with profile(
+            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+        ) as prof:
             step(x)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "timeline.json")
@@ -158,20 +174,26 @@ def main(argv=None) -> None:
                         continue
                     times[key].append(time_once(candidate, x))
             tokens_per_second = {key: w["tokens"] / statistics.median(t) for key, t in times.items()}
-            print(f"\n{name}: {w['tokens']} tokens, hidden {w['hidden']}, ffn {w['ffn']}, {w['experts']} experts, "
-                  f"top-{w['top_k']}, fp32, {args.threads} threads, median of {args.repeats} (naive "
-                  f"{args.naive_repeats})")
+            print(
+                f"\n{name}: {w['tokens']} tokens, hidden {w['hidden']}, ffn {w['ffn']}, {w['experts']} experts, "
+                f"top-{w['top_k']}, fp32, {args.threads} threads, median of {args.repeats} (naive "
+                f"{args.naive_repeats})"
+            )
             for key, rate in tokens_per_second.items():
                 print(f"  {key:13s} {rate:10.0f} tokens/s   {rate / tokens_per_second['floor']:5.2f} of floor")
             result[f"{name}_vs_floor"] = tokens_per_second["ours"] / tokens_per_second["floor"]
             if with_deepspeed:
                 result[f"{name}_vs_deepspeed"] = tokens_per_second["ours"] / tokens_per_second["deepspeed"]
-                print(f"  ours / deepspeed: dropless {result[f'{name}_vs_deepspeed']:.2f}x, capacity 1.25 "
-                      f"{tokens_per_second['ours_cap1.25'] / tokens_per_second['ds_cap1.25']:.2f}x")
+                print(
+                    f"  ours / deepspeed: dropless {result[f'{name}_vs_deepspeed']:.2f}x, capacity 1.25 "
+                    f"{tokens_per_second['ours_cap1.25'] / tokens_per_second['ds_cap1.25']:.2f}x"
+                )
                 if name == "fine":
                     memory = {key: peak_memory_bytes(built[key], x) for key in ("ours", "deepspeed")}
-                    print(f"  peak memory of forward+backward: ours {memory['ours'] / 2**20:.0f} MiB, deepspeed "
-                          f"{memory['deepspeed'] / 2**20:.0f} MiB")
+                    print(
+                        f"  peak memory of forward+backward: ours {memory['ours'] / 2**20:.0f} MiB, deepspeed "
+                        f"{memory['deepspeed'] / 2**20:.0f} MiB"
+                    )
                     result["fine_mem_vs_deepspeed"] = memory["ours"] / memory["deepspeed"]
     finally:
         import torch.distributed as dist

@@ -1,4 +1,5 @@
 """What the benchmarks share: how each must be launched, and DeepSpeed's MoE, their peer, in one process."""
+
 from __future__ import annotations
 
 import os

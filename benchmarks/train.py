@@ -18,6 +18,7 @@ RESULT tokens_per_s=<ours> vs_deepspeed_moe=<ours / deepspeed tokens/s> vs_dense
        fsdp_tokens_per_s=<world 2> replicated_tokens_per_s=<world 2> fsdp_vs_replicated=<fsdp / replicated>
        fsdp_no_reshard_vs_replicated=<the same, blocks kept gathered from forward to backward>
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,10 +42,22 @@ SEQ_LEN = 256
 
 
 def model_config(layers: int) -> ModelConfig:
-    moe = MoEConfig(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=1024, n_shared_experts=0,
-                    router_aux_loss_coef=0.01)
-    return ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=layers,
-                       num_attention_heads=8, max_position_embeddings=SEQ_LEN, moe=moe)
+    moe = MoEConfig(
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=1024,
+        n_shared_experts=0,
+        router_aux_loss_coef=0.01,
+    )
+    return ModelConfig(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        max_position_embeddings=SEQ_LEN,
+        moe=moe,
+    )
 
 
 @dataclass
@@ -66,23 +79,36 @@ class DeepSpeedFFN(nn.Module):
         self.aux_loss_coef = moe.router_aux_loss_coef
         # drop_tokens=False pads every expert to the busiest one's count: DeepSpeed's dropless mode.
         # top2_2nd_expert_sampling adds Gumbel noise to the second choice; ours routes without noise
-        self.moe = MoE(config.hidden_size, SwiGLU(config.hidden_size, moe.moe_intermediate_size),
-                       num_experts=moe.n_routed_experts, ep_size=1, k=moe.num_experts_per_tok, capacity_factor=1.0,
-                       eval_capacity_factor=1.0, min_capacity=0, noisy_gate_policy=None, drop_tokens=False,
-                       top2_2nd_expert_sampling=False)
+        self.moe = MoE(
+            config.hidden_size,
+            SwiGLU(config.hidden_size, moe.moe_intermediate_size),
+            num_experts=moe.n_routed_experts,
+            ep_size=1,
+            k=moe.num_experts_per_tok,
+            capacity_factor=1.0,
+            eval_capacity_factor=1.0,
+            min_capacity=0,
+            noisy_gate_policy=None,
+            drop_tokens=False,
+            top2_2nd_expert_sampling=False,
+        )
 
     def forward(self, hidden: torch.Tensor):
         output, load_balancing_loss, tokens_per_expert = self.moe(hidden)
-        return output, DeepSpeedAux(self.aux_loss_coef * load_balancing_loss,
-                                    {"tokens_per_expert": tokens_per_expert,
-                                     "load_balancing_loss": load_balancing_loss.detach()})
+        return output, DeepSpeedAux(
+            self.aux_loss_coef * load_balancing_loss,
+            {"tokens_per_expert": tokens_per_expert, "load_balancing_loss": load_balancing_loss.detach()},
+        )
 
 
 def build(name: str, config: ModelConfig) -> MoECausalLM:
     torch.manual_seed(0)
     if name == "dense":
-        config = dataclasses.replace(config, first_k_dense_replace=config.num_hidden_layers,
-                                     intermediate_size=config.moe.num_experts_per_tok * config.moe.moe_intermediate_size)
+        config = dataclasses.replace(
+            config,
+            first_k_dense_replace=config.num_hidden_layers,
+            intermediate_size=config.moe.num_experts_per_tok * config.moe.moe_intermediate_size,
+        )
     model = MoECausalLM(config)
     if name == "deepspeed":
         for block in model.model.layers:
@@ -123,29 +149,37 @@ def main(argv=None) -> None:
     try:
         names = ["ours"] + (["deepspeed"] if with_deepspeed else []) + ["dense"]
         candidates = {name: Candidate(build(name, config)) for name in names}
-        print(f"training step (forward, backward, AdamW) of {', '.join(names)}: {args.layers} layers, hidden "
-              f"{config.hidden_size}, vocab {config.vocab_size}, {config.moe.n_routed_experts} experts of "
-              f"{config.moe.moe_intermediate_size}, top-{config.moe.num_experts_per_tok}, dense FFN "
-              f"{config.moe.num_experts_per_tok * config.moe.moe_intermediate_size}; micro-batch "
-              f"{MICRO_BATCH_SIZE} x {SEQ_LEN} = {tokens} tokens, fp32, {args.threads} threads; 1 warm-up + "
-              f"{args.repeats} interleaved repeats, median")
+        print(
+            f"training step (forward, backward, AdamW) of {', '.join(names)}: {args.layers} layers, hidden "
+            f"{config.hidden_size}, vocab {config.vocab_size}, {config.moe.n_routed_experts} experts of "
+            f"{config.moe.moe_intermediate_size}, top-{config.moe.num_experts_per_tok}, dense FFN "
+            f"{config.moe.num_experts_per_tok * config.moe.moe_intermediate_size}; micro-batch "
+            f"{MICRO_BATCH_SIZE} x {SEQ_LEN} = {tokens} tokens, fp32, {args.threads} threads; 1 warm-up + "
+            f"{args.repeats} interleaved repeats, median"
+        )
         generator = torch.Generator().manual_seed(0)
-        batches = [torch.randint(0, config.vocab_size, (MICRO_BATCH_SIZE, SEQ_LEN + 1), generator=generator)
-                   for _ in range(args.repeats + 1)]
+        batches = [
+            torch.randint(0, config.vocab_size, (MICRO_BATCH_SIZE, SEQ_LEN + 1), generator=generator)
+            for _ in range(args.repeats + 1)
+        ]
         times = {name: [] for name in names}
         for repeat, batch in enumerate(batches):
             input_ids, labels = batch[:, :-1], batch[:, 1:]
             step_times = {name: candidate.time_step(input_ids, labels) for name, candidate in candidates.items()}
             label = "warm-up" if repeat == 0 else f"repeat {repeat}/{args.repeats}"
-            print(f"  {label:12s} " + "  ".join(f"{name} {seconds:.2f} s" for name, seconds in step_times.items()),
-                  flush=True)
+            print(
+                f"  {label:12s} " + "  ".join(f"{name} {seconds:.2f} s" for name, seconds in step_times.items()),
+                flush=True,
+            )
             if repeat > 0:  # the warm-up pays first-call allocations and AdamW's state creation
                 for name, seconds in step_times.items():
                     times[name].append(seconds)
         step_time = {name: statistics.median(t) for name, t in times.items()}
         for name, seconds in step_time.items():
-            print(f"  {name:10s} {tokens / seconds:8.0f} tokens/s   {seconds:6.3f} s/step   "
-                  f"{seconds / step_time['ours']:5.2f}x ours' step time")
+            print(
+                f"  {name:10s} {tokens / seconds:8.0f} tokens/s   {seconds:6.3f} s/step   "
+                f"{seconds / step_time['ours']:5.2f}x ours' step time"
+            )
         result["tokens_per_s"] = tokens / step_time["ours"]
         if with_deepspeed:
             result["vs_deepspeed_moe"] = step_time["deepspeed"] / step_time["ours"]
@@ -160,8 +194,13 @@ def main(argv=None) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    print("RESULT " + " ".join(f"{key}={value:.0f}" if key.endswith("tokens_per_s") else f"{key}={value:.3f}"
-                               for key, value in result.items()))
+    print(
+        "RESULT "
+        + " ".join(
+            f"{key}={value:.0f}" if key.endswith("tokens_per_s") else f"{key}={value:.3f}"
+            for key, value in result.items()
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,7 @@ def builtin_files(spec: str) -> list[str]:
     name = spec[len(BUILTIN_PREFIX) :]
     if name not in BUILTIN_NAMES:
         raise DataError(
-            f"unknown builtin corpus {spec!r}; known: "
-            + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)
+            f"unknown builtin corpus {spec!r}; known: " + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)
         )
     root = sysconfig.get_paths()["stdlib"]
     files = []

@@ -57,8 +57,7 @@ class CorpusReport:
             self.examples.append(f"{where}: {what}")
 
     def add(self, other: "CorpusReport") -> None:
-        for name in ("bytes_read", "invalid_utf8", "malformed_json", "missing_key", "empty",
-                     "no_tokens"):
+        for name in ("bytes_read", "invalid_utf8", "malformed_json", "missing_key", "empty", "no_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.examples.extend(other.examples[: MAX_EXAMPLES - len(self.examples)])
 
@@ -106,17 +105,14 @@ def _expand(spec: str) -> list[str]:
         return sorted(found)
     if os.path.isfile(spec):
         if not _suffix(spec):
-            raise DataError(
-                f"input {spec} is not one of {', '.join(SUFFIXES)}; rename it or convert it"
-            )
+            raise DataError(f"input {spec} is not one of {', '.join(SUFFIXES)}; rename it or convert it")
         return [spec]
     if glob.has_magic(spec):
         matches = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
         supported = [p for p in matches if _suffix(p)]
         if not supported:
             raise DataError(
-                f"glob {spec!r} matches {len(matches)} files and none is "
-                f"{', '.join(SUFFIXES)}; check the pattern"
+                f"glob {spec!r} matches {len(matches)} files and none is {', '.join(SUFFIXES)}; check the pattern"
             )
         return supported
     raise DataError(f"input {spec} does not exist (not a file, directory, glob or builtin:stdlib)")
@@ -160,8 +156,9 @@ def _read_jsonl(path, report, json_key, strict):
     except (OSError, EOFError, zlib.error) as error:
         if not path.endswith(".gz"):
             raise
-        raise DataError(f"{path} is not a readable gzip file ({error}): it is corrupt or cut short; "
-                        f"re-download or re-compress it") from None
+        raise DataError(
+            f"{path} is not a readable gzip file ({error}): it is corrupt or cut short; re-download or re-compress it"
+        ) from None
 
 
 def _read_jsonl_lines(path, report, json_key, strict):
@@ -234,15 +231,11 @@ def _read_txt(path, report, txt_unit):
     yield from (piece for piece in pieces if piece.strip())
 
 
-def cap_documents(
-    documents: Iterator[str], max_docs: int | None, max_bytes: int | None
-) -> Iterator[str]:
+def cap_documents(documents: Iterator[str], max_docs: int | None, max_bytes: int | None) -> Iterator[str]:
     """Stop after `max_docs` documents or once `max_bytes` of text (UTF-8) have been passed on."""
     count = text_bytes = 0
     for text in documents:
-        if (max_docs is not None and count >= max_docs) or (
-            max_bytes is not None and text_bytes >= max_bytes
-        ):
+        if (max_docs is not None and count >= max_docs) or (max_bytes is not None and text_bytes >= max_bytes):
             return
         count += 1
         text_bytes += len(text.encode("utf-8"))

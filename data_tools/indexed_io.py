@@ -43,10 +43,7 @@ def check_output_free(prefixes: list[str], overwrite: bool) -> None:
     for prefix in prefixes:
         for path in pair_paths(prefix):
             if os.path.exists(path) and not overwrite:
-                raise DataError(
-                    f"{path} already exists; pass --overwrite to replace it, or choose another "
-                    f"--output"
-                )
+                raise DataError(f"{path} already exists; pass --overwrite to replace it, or choose another --output")
             if os.path.isdir(path):
                 raise DataError(f"{path} is a directory; choose another --output")
         folder = os.path.dirname(os.path.abspath(prefix))

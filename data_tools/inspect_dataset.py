@@ -18,8 +18,9 @@ SCAN_TOKENS = 1 << 26  # tokens per step of the id range scan (128 MB of uint16)
 BAR_WIDTH = 40
 
 
-def inspect_dataset(prefix: str, tokenizer_path: str | None = None, samples: int = 2,
-                    max_chars: int = 400, progress: bool = True) -> list[str]:
+def inspect_dataset(
+    prefix: str, tokenizer_path: str | None = None, samples: int = 2, max_chars: int = 400, progress: bool = True
+) -> list[str]:
     """The report, as lines."""
     try:
         data = IndexedTokens(prefix)
@@ -81,9 +82,7 @@ def _check_and_decode(data, tokenizer_path, high, samples, max_chars) -> list[st
         )
     ends = np.cumsum(data.document_lengths()) - 1
     ending_with_eod = int(np.count_nonzero(data.tokens[ends] == eod))
-    lines.append(
-        f"documents ending with EOD (id {eod}): {ending_with_eod:,} of {data.num_documents:,}"
-    )
+    lines.append(f"documents ending with EOD (id {eod}): {ending_with_eod:,} of {data.num_documents:,}")
     # Evenly spaced documents: the first and the last, and some between.
     picks = np.linspace(0, data.num_documents - 1, min(samples, data.num_documents))
     for index in picks.round().astype(int).tolist():

@@ -57,8 +57,9 @@ def resolve_shards(specs: list[str]) -> list[str]:
     return prefixes
 
 
-def merge(shard_specs: list[str], output: str, overwrite: bool = False, progress: bool = True,
-          announce=print) -> MergeResult:
+def merge(
+    shard_specs: list[str], output: str, overwrite: bool = False, progress: bool = True, announce=print
+) -> MergeResult:
     started = time.perf_counter()
     prefixes = resolve_shards(shard_specs)
     shards = []
@@ -95,5 +96,4 @@ def merge(shard_specs: list[str], output: str, overwrite: bool = False, progress
         publish_pair(staged, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return MergeResult(output, len(prefixes), documents, tokens, dtype.name,
-                       time.perf_counter() - started)
+    return MergeResult(output, len(prefixes), documents, tokens, dtype.name, time.perf_counter() - started)

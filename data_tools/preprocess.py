@@ -95,8 +95,10 @@ class Plan:
             split = f", split {o.split:g} train"
         elif o.valid_docs is not None:
             split = f", {o.valid_docs:,} validation documents"
-        caps = [f"{o.max_docs:,} documents" if o.max_docs else "",
-                f"{o.max_bytes / 1e6:,.1f} MB of text" if o.max_bytes else ""]
+        caps = [
+            f"{o.max_docs:,} documents" if o.max_docs else "",
+            f"{o.max_bytes / 1e6:,.1f} MB of text" if o.max_bytes else "",
+        ]
         cap = " (at most " + " and ".join(c for c in caps if c) + ")" if any(caps) else ""
         return (
             f"preprocess: {count_of(len(self.sources), 'file')} "
@@ -193,18 +195,17 @@ def _run_local(plan: Plan) -> PreprocessResult:
     return result
 
 
-def tokenize_into(
-    plan: Plan, sources: list[Source], prefix: str, report: CorpusReport, progress: bool
-) -> None:
+def tokenize_into(plan: Plan, sources: list[Source], prefix: str, report: CorpusReport, progress: bool) -> None:
     """Tokenize `sources` into the pair `prefix` (documents in input order)."""
     o = plan.options
-    texts = cap_documents(
-        read_documents(sources, report, o.json_key, o.txt_unit, o.strict), o.max_docs, o.max_bytes
-    )
+    texts = cap_documents(read_documents(sources, report, o.json_key, o.txt_unit, o.strict), o.max_docs, o.max_bytes)
     bin_path, idx_path = pair_paths(prefix)
     builder = IndexedWriter(bin_path, dtype=plan.dtype)
     bar = tqdm(
-        total=sum(s.size for s in sources), unit="B", unit_scale=True, desc="tokenizing",
+        total=sum(s.size for s in sources),
+        unit="B",
+        unit_scale=True,
+        desc="tokenizing",
         disable=not progress,
     )
     with bar:
@@ -267,9 +268,7 @@ def finish(plan: Plan, staging: str, everything: str, report: CorpusReport) -> P
     else:
         staged = [os.path.join(staging, "train"), os.path.join(staging, "valid")]
         valid_count = validation_count(data.num_documents, o.split, o.valid_docs)
-        documents, tokens = split_pair(
-            data, valid_count, staged[0], staged[1], plan.dtype, o.progress
-        )
+        documents, tokens = split_pair(data, valid_count, staged[0], staged[1], plan.dtype, o.progress)
     del data  # release the memory maps before the files move
     for staged_prefix, final_prefix in zip(staged, plan.outputs):
         publish_pair(staged_prefix, final_prefix)

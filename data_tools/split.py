@@ -23,10 +23,7 @@ def validation_count(total: int, split: float | None, valid_docs: int | None) ->
         count = max(1, round(total * (1 - split)))
         fix = "raise --split or add documents"
     if count >= total:
-        raise DataError(
-            f"{count:,} validation documents out of {total:,} written leaves none for training; "
-            f"{fix}"
-        )
+        raise DataError(f"{count:,} validation documents out of {total:,} written leaves none for training; {fix}")
     return count
 
 
@@ -36,8 +33,9 @@ def validation_mask(total: int, valid_count: int) -> np.ndarray:
     return (j + 1) * valid_count // total > j * valid_count // total
 
 
-def split_pair(data, valid_count: int, train_prefix: str, valid_prefix: str,
-               dtype, progress: bool) -> tuple[list[int], list[int]]:
+def split_pair(
+    data, valid_count: int, train_prefix: str, valid_prefix: str, dtype, progress: bool
+) -> tuple[list[int], list[int]]:
     """Write `data` (an IndexedTokens) as two pairs; ([train, valid] documents, [.., ..] tokens)."""
     total = data.num_documents
     lengths = data.document_lengths()
@@ -45,9 +43,7 @@ def split_pair(data, valid_count: int, train_prefix: str, valid_prefix: str,
     is_valid = validation_mask(total, valid_count)
     builders = [IndexedWriter(pair_paths(p)[0], dtype=dtype) for p in (train_prefix, valid_prefix)]
     rows = zip(starts.tolist(), lengths.tolist(), is_valid.tolist())
-    for start, length, valid in tqdm(
-        rows, total=total, desc="splitting", unit="doc", disable=not progress
-    ):
+    for start, length, valid in tqdm(rows, total=total, desc="splitting", unit="doc", disable=not progress):
         builders[valid].add_document(data.tokens[start : start + length], [length])
     for builder, prefix in zip(builders, (train_prefix, valid_prefix)):
         builder.finalize(pair_paths(prefix)[1])

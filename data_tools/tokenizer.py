@@ -102,9 +102,7 @@ def check_tokenizer_options(options: TokenizerOptions) -> None:
     if options.model_type not in MODEL_TYPES:
         raise DataError(f"--model-type {options.model_type!r} is not one of {MODEL_TYPES}")
     if options.normalization not in NORMALIZATIONS:
-        raise DataError(
-            f"--normalization {options.normalization!r} is not one of {NORMALIZATIONS}"
-        )
+        raise DataError(f"--normalization {options.normalization!r} is not one of {NORMALIZATIONS}")
     specials = options.special_tokens
     if any(not token for token in specials):
         raise DataError(f"--special-tokens {specials} holds an empty token; remove it")
@@ -112,9 +110,7 @@ def check_tokenizer_options(options: TokenizerOptions) -> None:
         raise DataError(f"--special-tokens {specials} repeats a token; list each once")
     clashes = sorted(set(specials) & set(RESERVED_PIECES))
     if clashes:
-        raise DataError(
-            f"--special-tokens {clashes} are already in every vocabulary (ids 0-2); drop them"
-        )
+        raise DataError(f"--special-tokens {clashes} are already in every vocabulary (ids 0-2); drop them")
     fixed = len(RESERVED_PIECES) + len(specials) + (256 if options.byte_fallback else 0)
     if options.vocab_size <= fixed:
         raise DataError(
@@ -139,9 +135,7 @@ def check_tokenizer_options(options: TokenizerOptions) -> None:
         return
     for path in (options.output + ".model", options.output + ".vocab"):
         if os.path.exists(path) and not options.overwrite:
-            raise DataError(
-                f"{path} already exists; pass --overwrite to replace it, or choose another --output"
-            )
+            raise DataError(f"{path} already exists; pass --overwrite to replace it, or choose another --output")
 
 
 def train_tokenizer(options: TokenizerOptions, sources: list[Source]) -> TokenizerResult:
@@ -156,9 +150,7 @@ def train_tokenizer(options: TokenizerOptions, sources: list[Source]) -> Tokeniz
         options.max_bytes,
     )
     total_bytes = sum(source.size for source in sources)
-    bar = tqdm(
-        total=total_bytes, unit="B", unit_scale=True, desc="reading", disable=not options.progress
-    )
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="reading", disable=not options.progress)
     lines = _lines(documents, counts, report, bar)
     # SentencePiece reports an empty input with an obscure message; look ahead for one line.
     first = next(lines, None)

@@ -6,4 +6,5 @@ upcycle.py, optim.py (AdamW groups); parallel/ (ranks, process groups, all-to-al
 reduction); checkpoint/ (sharded storage); convert/ (file formats); load.py (any source -> a model);
 the commands: train/, evaluate/, generate.py (its work in inference.py), convert/cli.py, plan.py, verify.py.
 """
+
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ dotted names (``--model.num_hidden_layers=4``, ``--train.lr 3e-4``). MoE fields 
 under ``model`` as Hugging Face configs do (``--model.n_routed_experts=16`` lands in ``model.moe``).
 Every check of a bad value lives in ``validate`` and runs before anything is built, on every rank alike.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -299,8 +300,9 @@ def _coerce(value: Any, tp, where: str):
             raise ConfigError(f"{where}={value!r} must be {'an integer' if tp is int else 'a number'}") from None
     if tp is str or typing.get_origin(tp) is Literal:  # a Literal's values are checked by validate
         if isinstance(value, (list, dict)):
-            raise ConfigError(f"{where}={value!r} must be a single value (a path or a name), not a "
-                              f"{type(value).__name__}")
+            raise ConfigError(
+                f"{where}={value!r} must be a single value (a path or a name), not a {type(value).__name__}"
+            )
         return str(value)
     if tp in (list, dict) or typing.get_origin(tp) in (list, dict):
         if isinstance(value, str):
@@ -327,8 +329,10 @@ def _build(cls, values: dict, where: str):
     for key, value in values.items():
         if key in nested:
             if not isinstance(value or {}, dict):
-                raise ConfigError(f"{where}.{key}={value!r}: '{key}' is a section, so it takes keys and values "
-                                  f"(e.g. {key}: {{{next(iter(_field_types(nested[key])))}: ...}}), not a single value")
+                raise ConfigError(
+                    f"{where}.{key}={value!r}: '{key}' is a section, so it takes keys and values "
+                    f"(e.g. {key}: {{{next(iter(_field_types(nested[key])))}: ...}}), not a single value"
+                )
             nested_values[key].update(value or {})
         elif key in types:
             kwargs[key] = _coerce(value, types[key], f"{where}.{key}")
@@ -405,8 +409,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             where = getattr(error, "problem_mark", None)
             at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
             problem = getattr(error, "problem", None) or type(error).__name__
-            raise ConfigError(f"{path} is not a YAML config{at} ({problem}): fix the file, or start from one in "
-                              f"configs/") from None
+            raise ConfigError(
+                f"{path} is not a YAML config{at} ({problem}): fix the file, or start from one in configs/"
+            ) from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping with sections {', '.join(SECTIONS)}")
     config = config_from_dict(apply_overrides(values, overrides or []))
@@ -439,8 +444,9 @@ def check_choices(section, where: str) -> None:
         value = getattr(section, name)
         if allowed is not None and value not in allowed and not (value is None and _unwrap_optional(tp)[1]):
             options = _one_of(allowed)
-            raise ConfigError(f"{where}.{name}={value!r} must be " + ("null, " if _unwrap_optional(tp)[1] else "")
-                              + options)
+            raise ConfigError(
+                f"{where}.{name}={value!r} must be " + ("null, " if _unwrap_optional(tp)[1] else "") + options
+            )
 
 
 def _check_positive(where: str, section, names: tuple) -> None:
@@ -458,94 +464,153 @@ def _check_non_negative(where: str, section, names: tuple) -> None:
 
 
 def validate_model(m: ModelConfig) -> None:
-    _check_positive("model", m, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                 "num_key_value_heads", "max_position_embeddings"))
+    _check_positive(
+        "model",
+        m,
+        (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ),
+    )
     check_choices(m, "model")
     # an explicit head_dim (Qwen3, GPT-OSS) decouples the heads' width from hidden_size
     if m.hidden_size % m.num_attention_heads and m.head_dim == m.hidden_size // m.num_attention_heads:
         raise ConfigError(
             f"model.num_attention_heads={m.num_attention_heads} must divide model.hidden_size={m.hidden_size} "
             f"(try one of {_divisors(m.hidden_size) if m.hidden_size <= 4096 else 'its divisors'}, or set "
-            f"model.head_dim)")
+            f"model.head_dim)"
+        )
     if m.num_attention_heads % m.num_key_value_heads:
         raise ConfigError(
             f"model.num_key_value_heads={m.num_key_value_heads} must divide model.num_attention_heads="
-            f"{m.num_attention_heads} (try {_divisors(m.num_attention_heads)})")
+            f"{m.num_attention_heads} (try {_divisors(m.num_attention_heads)})"
+        )
     if m.clip_qkv is not None and m.clip_qkv <= 0:
         raise ConfigError(f"model.clip_qkv={m.clip_qkv} must be positive (or null for no clamping)")
     for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
         if getattr(m, name) <= 0:
             raise ConfigError(f"model.{name}={getattr(m, name)} must be positive (1.0: no scaling)")
     if m.attention_multiplier is not None and m.attention_multiplier <= 0:
-        raise ConfigError(f"model.attention_multiplier={m.attention_multiplier} must be positive (or null for "
-                          f"1 / sqrt(head_dim))")
-    scaled = [name for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling") if getattr(m, name) != 1]
+        raise ConfigError(
+            f"model.attention_multiplier={m.attention_multiplier} must be positive (or null for 1 / sqrt(head_dim))"
+        )
+    scaled = [
+        name for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling") if getattr(m, name) != 1
+    ]
     if scaled and m.num_nextn_predict_layers:
-        raise ConfigError(f"model.{scaled[0]}={getattr(m, scaled[0])} with num_nextn_predict_layers: the multi-token "
-                          f"prediction head does not apply Granite's scalings; use one or the other")
+        raise ConfigError(
+            f"model.{scaled[0]}={getattr(m, scaled[0])} with num_nextn_predict_layers: the multi-token "
+            f"prediction head does not apply Granite's scalings; use one or the other"
+        )
     if m.sliding_window is not None and m.sliding_window <= 0:
         raise ConfigError(f"model.sliding_window={m.sliding_window} must be a positive number of positions (or null)")
     if m.layer_types is not None:
         bad = [kind for kind in m.layer_types if kind not in ("full_attention", "sliding_attention")]
         if bad or len(m.layer_types) != m.num_hidden_layers:
-            raise ConfigError(f"model.layer_types={m.layer_types} must list 'full_attention' or 'sliding_attention' "
-                              f"for each of the {m.num_hidden_layers} layers")
+            raise ConfigError(
+                f"model.layer_types={m.layer_types} must list 'full_attention' or 'sliding_attention' "
+                f"for each of the {m.num_hidden_layers} layers"
+            )
         if "sliding_attention" in m.layer_types and m.sliding_window is None:
-            raise ConfigError("model.layer_types has sliding_attention layers but model.sliding_window is null: "
-                              "set the window")
-    gqa_options = [name for name in ("attention_bias", "qkv_bias", "qk_norm", "clip_qkv", "attention_multiplier",
-                                     "attention_sinks", "sliding_window") if getattr(m, name)]
+            raise ConfigError(
+                "model.layer_types has sliding_attention layers but model.sliding_window is null: set the window"
+            )
+    gqa_options = [
+        name
+        for name in (
+            "attention_bias",
+            "qkv_bias",
+            "qk_norm",
+            "clip_qkv",
+            "attention_multiplier",
+            "attention_sinks",
+            "sliding_window",
+        )
+        if getattr(m, name)
+    ]
     if m.attention_type == "mla" and gqa_options:
-        raise ConfigError(f"model.{gqa_options[0]}={getattr(m, gqa_options[0])!r} is an option of grouped-query "
-                          f"attention: set it to its default (false or null) with attention_type=mla")
+        raise ConfigError(
+            f"model.{gqa_options[0]}={getattr(m, gqa_options[0])!r} is an option of grouped-query "
+            f"attention: set it to its default (false or null) with attention_type=mla"
+        )
     if m.attention_type == "mla":
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if getattr(m, name) <= 0:
                 raise ConfigError(f"model.{name}={getattr(m, name)} must be a positive integer for attention_type=mla")
         if m.q_lora_rank is not None and m.q_lora_rank <= 0:
-            raise ConfigError(f"model.q_lora_rank={m.q_lora_rank} must be positive, or null for a direct query projection")
+            raise ConfigError(
+                f"model.q_lora_rank={m.q_lora_rank} must be positive, or null for a direct query projection"
+            )
     if m.num_nextn_predict_layers not in (0, 1):
-        raise ConfigError(f"model.num_nextn_predict_layers={m.num_nextn_predict_layers}: only 0 or 1 "
-                          f"multi-token prediction module is supported")
+        raise ConfigError(
+            f"model.num_nextn_predict_layers={m.num_nextn_predict_layers}: only 0 or 1 "
+            f"multi-token prediction module is supported"
+        )
     _check_non_negative("model", m, ("mtp_loss_weight",))
     if m.rope_head_dim % 2:
         name = "qk_rope_head_dim" if m.attention_type == "mla" else "head_dim"
         raise ConfigError(f"model.{name}={m.rope_head_dim} must be even for rotary embeddings")
     if not 0 <= m.first_k_dense_replace <= m.num_hidden_layers:
-        raise ConfigError(f"model.first_k_dense_replace={m.first_k_dense_replace} must be between 0 and "
-                          f"model.num_hidden_layers={m.num_hidden_layers}")
+        raise ConfigError(
+            f"model.first_k_dense_replace={m.first_k_dense_replace} must be between 0 and "
+            f"model.num_hidden_layers={m.num_hidden_layers}"
+        )
     if m.rope_scaling is not None:
         validate_rope_scaling(m.rope_scaling)
     validate_moe(m.moe)
 
 
 def validate_moe(moe: MoEConfig) -> None:
-    _check_positive("model.moe", moe, ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group",
-                                       "topk_group"))
+    _check_positive(
+        "model.moe", moe, ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group")
+    )
     check_choices(moe, "model.moe")
     if moe.swiglu_limit <= 0:
         raise ConfigError(f"model.moe.swiglu_limit={moe.swiglu_limit} must be positive")
     if moe.num_experts_per_tok > moe.n_routed_experts:
-        raise ConfigError(f"model.moe.num_experts_per_tok={moe.num_experts_per_tok} is larger than "
-                          f"model.moe.n_routed_experts={moe.n_routed_experts}: lower top-k or add experts")
+        raise ConfigError(
+            f"model.moe.num_experts_per_tok={moe.num_experts_per_tok} is larger than "
+            f"model.moe.n_routed_experts={moe.n_routed_experts}: lower top-k or add experts"
+        )
     if moe.n_routed_experts % moe.n_group:
-        raise ConfigError(f"model.moe.n_group={moe.n_group} must divide model.moe.n_routed_experts="
-                          f"{moe.n_routed_experts} (try {_divisors(moe.n_routed_experts)})")
+        raise ConfigError(
+            f"model.moe.n_group={moe.n_group} must divide model.moe.n_routed_experts="
+            f"{moe.n_routed_experts} (try {_divisors(moe.n_routed_experts)})"
+        )
     if moe.topk_group > moe.n_group:
         raise ConfigError(f"model.moe.topk_group={moe.topk_group} is larger than model.moe.n_group={moe.n_group}")
     if moe.n_group > 1 and moe.topk_group * (moe.n_routed_experts // moe.n_group) < moe.num_experts_per_tok:
-        raise ConfigError(f"model.moe.topk_group={moe.topk_group} groups of {moe.n_routed_experts // moe.n_group} "
-                          f"experts hold fewer than num_experts_per_tok={moe.num_experts_per_tok}: raise topk_group")
+        raise ConfigError(
+            f"model.moe.topk_group={moe.topk_group} groups of {moe.n_routed_experts // moe.n_group} "
+            f"experts hold fewer than num_experts_per_tok={moe.num_experts_per_tok}: raise topk_group"
+        )
     for name in ("capacity_factor", "eval_capacity_factor"):
         value = getattr(moe, name)
         if value is not None and value <= 0:
             raise ConfigError(f"model.moe.{name}={value} must be positive (or null for dropless)")
-    _check_non_negative("model.moe", moe, ("min_capacity", "router_jitter_noise", "router_noise_std",
-                                           "router_aux_loss_coef", "seq_aux_loss_coef", "router_z_loss_coef",
-                                           "bias_update_rate", "n_shared_experts"))
+    _check_non_negative(
+        "model.moe",
+        moe,
+        (
+            "min_capacity",
+            "router_jitter_noise",
+            "router_noise_std",
+            "router_aux_loss_coef",
+            "seq_aux_loss_coef",
+            "router_z_loss_coef",
+            "bias_update_rate",
+            "n_shared_experts",
+        ),
+    )
     if moe.min_tokens_per_sequence_kept < 0:
-        raise ConfigError(f"model.moe.min_tokens_per_sequence_kept={moe.min_tokens_per_sequence_kept} must be "
-                          f">= 0 (0 protects no token)")
+        raise ConfigError(
+            f"model.moe.min_tokens_per_sequence_kept={moe.min_tokens_per_sequence_kept} must be "
+            f">= 0 (0 protects no token)"
+        )
 
 
 def validate_parallel(par: ParallelConfig, num_experts: int, world_size: Optional[int]) -> None:
@@ -554,24 +619,31 @@ def validate_parallel(par: ParallelConfig, num_experts: int, world_size: Optiona
     if par.timeout_seconds <= 0:
         raise ConfigError(f"parallel.timeout_seconds={par.timeout_seconds} must be positive")
     if num_experts % par.expert_parallel_size:
-        raise ConfigError(f"parallel.expert_parallel_size={par.expert_parallel_size} must divide "
-                          f"model.moe.n_routed_experts={num_experts} (try {_divisors(num_experts)})")
+        raise ConfigError(
+            f"parallel.expert_parallel_size={par.expert_parallel_size} must divide "
+            f"model.moe.n_routed_experts={num_experts} (try {_divisors(num_experts)})"
+        )
     if world_size is not None and world_size % par.expert_parallel_size:
-        raise ConfigError(f"parallel.expert_parallel_size={par.expert_parallel_size} must divide the world size "
-                          f"{world_size} (try {_divisors(world_size)}, or launch a multiple of it processes)")
+        raise ConfigError(
+            f"parallel.expert_parallel_size={par.expert_parallel_size} must divide the world size "
+            f"{world_size} (try {_divisors(world_size)}, or launch a multiple of it processes)"
+        )
     _validate_fsdp(par)
 
 
 def validate_peft(peft: PEFTConfig, attention_type: str) -> None:
     if peft.lora_rank < 0 or peft.prefix_length < 0:
-        raise ConfigError(f"peft.lora_rank={peft.lora_rank} and peft.prefix_length={peft.prefix_length} must be "
-                          f">= 0 (0 disables)")
+        raise ConfigError(
+            f"peft.lora_rank={peft.lora_rank} and peft.prefix_length={peft.prefix_length} must be >= 0 (0 disables)"
+        )
     unknown = [t for t in peft.lora_targets if t not in LORA_TARGETS]
     if peft.lora_rank and unknown:
         raise ConfigError(f"peft.lora_targets has unknown {unknown}: choose from {', '.join(LORA_TARGETS)}")
     if peft.prefix_length and attention_type != "gqa":
-        raise ConfigError("peft.prefix_length needs model.attention_type=gqa (prefix tuning of latent attention "
-                          "is not supported); use LoRA instead")
+        raise ConfigError(
+            "peft.prefix_length needs model.attention_type=gqa (prefix tuning of latent attention "
+            "is not supported); use LoRA instead"
+        )
 
 
 def validate_train(tr: TrainConfig) -> None:
@@ -582,8 +654,10 @@ def validate_train(tr: TrainConfig) -> None:
     if tr.log_interval <= 0:
         raise ConfigError(f"train.log_interval={tr.log_interval} must be a positive integer (1 logs every step)")
     if tr.eval_steps <= 0:
-        raise ConfigError(f"train.eval_steps={tr.eval_steps} must be a positive integer "
-                          f"(set train.eval_interval=0 to skip evaluation)")
+        raise ConfigError(
+            f"train.eval_steps={tr.eval_steps} must be a positive integer "
+            f"(set train.eval_interval=0 to skip evaluation)"
+        )
     if tr.eval_interval < 0 or tr.checkpoint_interval < 0:
         raise ConfigError("train.eval_interval and train.checkpoint_interval must be >= 0 (0: never / only at the end)")
     if tr.max_tokens is not None and tr.max_tokens <= 0:
@@ -595,8 +669,10 @@ def validate_train(tr: TrainConfig) -> None:
 def validate_data(data: DataConfig) -> None:
     _check_positive("data", data, ("seq_len",))
     if data.train_weights is not None and len(data.train_weights) != len(data.train_prefixes):
-        raise ConfigError(f"data.train_weights has {len(data.train_weights)} entries but data.train_prefixes "
-                          f"has {len(data.train_prefixes)}: give one weight per prefix")
+        raise ConfigError(
+            f"data.train_weights has {len(data.train_weights)} entries but data.train_prefixes "
+            f"has {len(data.train_prefixes)}: give one weight per prefix"
+        )
 
 
 def validate(config: Config, world_size: Optional[int] = None) -> Config:
@@ -676,8 +752,10 @@ def validate_rope_scaling(rope_scaling: dict) -> None:
         raise ConfigError(f"model.rope_scaling={rope_scaling!r} must be a mapping like {{type: yarn, factor: 4}}")
     kind = rope_scaling.get("type", rope_scaling.get("rope_type"))
     if kind not in ROPE_SCALING_TYPES:
-        raise ConfigError(f"model.rope_scaling.type={kind!r} is unknown: use one of {', '.join(ROPE_SCALING_TYPES)} "
-                          f"(or set rope_scaling: null for none)")
+        raise ConfigError(
+            f"model.rope_scaling.type={kind!r} is unknown: use one of {', '.join(ROPE_SCALING_TYPES)} "
+            f"(or set rope_scaling: null for none)"
+        )
     factor = rope_scaling.get("factor")
     if not isinstance(factor, (int, float)) or factor < 1:
         raise ConfigError(f"model.rope_scaling.factor={factor!r} must be a number >= 1")

@@ -11,6 +11,7 @@ all ranks is reported) and exits 1 above the tolerance.
 Router noise is switched off for the check: each rank draws its own, which one process cannot replay.
 The whole model must fit in one process (shrink it with overrides, e.g. --model.num_hidden_layers=2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,13 +89,20 @@ def build_reference(config: Config, init_from: Optional[str] = None) -> MoECausa
     if init_from is not None:
         load_initial_weights(model, config, init_from)
     if config.peft.enabled:
-        apply_peft(model, config.peft.lora_rank, config.peft.lora_alpha, config.peft.lora_targets,
-                   config.peft.prefix_length, seed=config.train.seed)
+        apply_peft(
+            model,
+            config.peft.lora_rank,
+            config.peft.lora_alpha,
+            config.peft.lora_targets,
+            config.peft.prefix_length,
+            seed=config.train.seed,
+        )
     return model
 
 
-def reference_step(model, optimizer, schedule, config: Config, step: int, batches: list[list[tuple]],
-                   device) -> tuple[float, float]:
+def reference_step(
+    model, optimizer, schedule, config: Config, step: int, batches: list[list[tuple]], device
+) -> tuple[float, float]:
     """One optimizer step of one process over every rank's slices; (mean loss, grad norm before clipping)."""
     train = config.train
     schedule.apply(step)
@@ -122,7 +130,7 @@ def reference_step(model, optimizer, schedule, config: Config, step: int, batche
 def held_part(reference: torch.Tensor, param: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
     """(the shard of param this rank holds, the same part of the reference's whole tensor)."""
     if rows is not None:  # expert parallelism: this rank's experts
-        reference = reference[rows.first:rows.first + rows.count]
+        reference = reference[rows.first : rows.first + rows.count]
     if isinstance(param, DTensor):  # FSDP: this rank's rows of them
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -150,10 +158,18 @@ def verify(config: Config, ctx: ParallelContext, steps: int = 3, broken: bool = 
         metrics = trainer.train_step()
         batches = gather_batches(trainer.train_reader.batches, ctx)
         trainer.train_reader.batches = []
-        reference_loss, reference_norm = reference_step(reference, optimizer, schedule, config, step, batches,
-                                                        ctx.device)
-        history.append({"step": step + 1, "loss": metrics["loss"], "reference_loss": reference_loss,
-                        "grad_norm": metrics["grad_norm"], "reference_grad_norm": reference_norm})
+        reference_loss, reference_norm = reference_step(
+            reference, optimizer, schedule, config, step, batches, ctx.device
+        )
+        history.append(
+            {
+                "step": step + 1,
+                "loss": metrics["loss"],
+                "reference_loss": reference_loss,
+                "grad_norm": metrics["grad_norm"],
+                "reference_grad_norm": reference_norm,
+            }
+        )
     reference_params = dict(reference.named_parameters())
     rows = expert_rows(trainer.model)
     worst, worst_name = 0.0, ""
@@ -162,17 +178,29 @@ def verify(config: Config, ctx: ParallelContext, steps: int = 3, broken: bool = 
         difference = (mine - expected).abs().max().item() if mine.numel() else 0.0
         if difference > worst:
             worst, worst_name = difference, name
-    differences = torch.tensor([worst, max(abs(h["loss"] - h["reference_loss"]) for h in history),
-                                max(abs(h["grad_norm"] - h["reference_grad_norm"]) for h in history)],
-                               dtype=torch.float64, device=ctx.device)
+    differences = torch.tensor(
+        [
+            worst,
+            max(abs(h["loss"] - h["reference_loss"]) for h in history),
+            max(abs(h["grad_norm"] - h["reference_grad_norm"]) for h in history),
+        ],
+        dtype=torch.float64,
+        device=ctx.device,
+    )
     if ctx.is_distributed:
         mine = differences.clone()
         dist.all_reduce(differences, op=dist.ReduceOp.MAX)
         names = [None] * ctx.world_size
         dist.all_gather_object(names, (float(mine[0]), worst_name))
         worst_name = max(names)[1]
-    return {"parameters": float(differences[0]), "parameter": worst_name, "loss": float(differences[1]),
-            "grad_norm": float(differences[2]), "history": history, "fully_sharded": is_fully_sharded(trainer.model)}
+    return {
+        "parameters": float(differences[0]),
+        "parameter": worst_name,
+        "loss": float(differences[1]),
+        "grad_norm": float(differences[2]),
+        "history": history,
+        "fully_sharded": is_fully_sharded(trainer.model),
+    }
 
 
 def layout_name(config: Config, ctx: ParallelContext) -> str:
@@ -196,8 +224,11 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
     ctx = init_distributed(config)
     try:
         if ctx.rank == 0:
-            print(f"verify: {args.steps} steps in the layout {layout_name(config, ctx)}, against one process on "
-                  f"the global batch (router noise off)", flush=True)
+            print(
+                f"verify: {args.steps} steps in the layout {layout_name(config, ctx)}, against one process on "
+                f"the global batch (router noise off)",
+                flush=True,
+            )
         result = verify(config, ctx, args.steps, broken=bool(os.environ.get(BREAK_VARIABLE)))
     finally:
         shutdown()
@@ -205,12 +236,19 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
     if ctx.rank != 0:  # every rank holds the same verdict
         sys.exit(1 if worst > args.tolerance else 0)
     for h in result["history"]:
-        print(f"  step {h['step']}: loss {h['loss']:.6f} vs {h['reference_loss']:.6f}, grad norm "
-              f"{h['grad_norm']:.6f} vs {h['reference_grad_norm']:.6f}")
-    print(f"largest differences: loss {result['loss']:.3g}, grad norm {result['grad_norm']:.3g}, parameters "
-          f"{result['parameters']:.3g} ({result['parameter'] or 'none'})")
+        print(
+            f"  step {h['step']}: loss {h['loss']:.6f} vs {h['reference_loss']:.6f}, grad norm "
+            f"{h['grad_norm']:.6f} vs {h['reference_grad_norm']:.6f}"
+        )
+    print(
+        f"largest differences: loss {result['loss']:.3g}, grad norm {result['grad_norm']:.3g}, parameters "
+        f"{result['parameters']:.3g} ({result['parameter'] or 'none'})"
+    )
     if worst > args.tolerance:
-        print(f"FAILED: {worst:.3g} is above the tolerance {args.tolerance:g}: this layout does not train like one "
-              f"process", flush=True)
+        print(
+            f"FAILED: {worst:.3g} is above the tolerance {args.tolerance:g}: this layout does not train like one "
+            f"process",
+            flush=True,
+        )
         sys.exit(1)
     print(f"OK: every difference is within {args.tolerance:g}", flush=True)

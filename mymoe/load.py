@@ -13,6 +13,7 @@ knows each format); the trainer's ``train.init_from``, ``mymoe.generate``, ``mym
 file is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only, so a file
 that would run code while unpickling is refused rather than trusted.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -33,15 +34,16 @@ UNKNOWN_LAYOUT = {"step": "?", "expert_parallel_size": "?"}  # a file or folder 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")  # torch.save files; anything else that is a file is consolidated
 
 
-def load_model(path: str | Path, step: Optional[int] = None,
-               verify: bool = True) -> tuple[MoECausalLM, Config, dict]:
+def load_model(path: str | Path, step: Optional[int] = None, verify: bool = True) -> tuple[MoECausalLM, Config, dict]:
     """(model with every expert, config, manifest or a stand-in with step and expert_parallel_size "?")
     from a checkpoints folder or step folder (`step`: that step instead of the latest; `verify`: check
     every file's crc32), a consolidated .safetensors file, a Hugging Face folder or a .pt state dict."""
     source = Path(path)
     if not source.exists():
-        raise CheckpointError(f"{source} does not exist: give a run's checkpoints folder, a consolidated "
-                              f".safetensors file, a Hugging Face folder or a .pt state dict")
+        raise CheckpointError(
+            f"{source} does not exist: give a run's checkpoints folder, a consolidated "
+            f".safetensors file, a Hugging Face folder or a .pt state dict"
+        )
     if source.is_file() and source.suffix in TORCH_SUFFIXES:
         model, config = state_dict_model(source)
         return model, config, dict(UNKNOWN_LAYOUT)
@@ -66,8 +68,11 @@ def init_from(model: MoECausalLM, config: Config, path: str | Path) -> None:
     source, source_config, _ = load_model(path)
     differences = architecture_differences(source_config.to_dict()["model"], config.to_dict()["model"])
     if differences:
-        raise CheckpointError(f"train.init_from={path} holds another architecture than this run:\n  "
-                              + "\n  ".join(differences) + "\nset the model section to the source's values")
+        raise CheckpointError(
+            f"train.init_from={path} holds another architecture than this run:\n  "
+            + "\n  ".join(differences)
+            + "\nset the model section to the source's values"
+        )
     model.load_state_dict(source.state_dict())
 
 
@@ -77,10 +82,14 @@ def read_torch_file(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        lines = [line.strip().rstrip(".") for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-        raise CheckpointError(f"{path} is refused: it holds pickled Python objects, not only tensors and plain "
-                              f"values, and unpickling them could run code ({lines[0] if lines else 'not a state dict'}); "
-                              f"save the weights with torch.save(model.state_dict(), path)") from None
+        lines = [
+            line.strip().rstrip(".") for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line
+        ]
+        raise CheckpointError(
+            f"{path} is refused: it holds pickled Python objects, not only tensors and plain "
+            f"values, and unpickling them could run code ({lines[0] if lines else 'not a state dict'}); "
+            f"save the weights with torch.save(model.state_dict(), path)"
+        ) from None
 
 
 def state_dict_model(path: Path) -> tuple[MoECausalLM, Config]:
@@ -91,16 +100,19 @@ def state_dict_model(path: Path) -> tuple[MoECausalLM, Config]:
     if isinstance(saved, dict) and "model_state_dict" in saved:
         state, values = saved["model_state_dict"], saved.get("config")
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict: save "
-                              f"torch.save(model.state_dict(), path)")
+        raise CheckpointError(
+            f"{path} holds a {type(state).__name__}, not a state dict: save torch.save(model.state_dict(), path)"
+        )
     if values is not None:
         config = validate(config_from_dict(values if "model" in values else {"model": values}))
     elif config_path_beside(path).is_file():
         config = load_config(str(config_path_beside(path)))
     else:
-        raise CheckpointError(f"{path} holds weights but not the architecture: put the run's config beside it as "
-                              f"{config_path_beside(path)}, or save {{'model_state_dict': model.state_dict(), "
-                              f"'config': config.to_dict()}}")
+        raise CheckpointError(
+            f"{path} holds weights but not the architecture: put the run's config beside it as "
+            f"{config_path_beside(path)}, or save {{'model_state_dict': model.state_dict(), "
+            f"'config': config.to_dict()}}"
+        )
     model = MoECausalLM(config.model)
     model.load_state_dict(state)
     return model, config
@@ -114,10 +126,13 @@ def save_vector_model(model: VectorMoE, path: str | Path) -> None:
 def load_vector_model(path: str | Path) -> VectorMoE:
     """A VectorMoE (the simple_moe model of ``mymoe.generate``) from a file save_vector_model wrote."""
     saved = read_torch_file(Path(path))
-    if not (isinstance(saved, dict) and {"model_state_dict", "config"} <= saved.keys()
-            and "in_features" in saved["config"]):
-        raise CheckpointError(f"{path} is not a vector model file: write one with mymoe.load.save_vector_model "
-                              f"(model_state_dict and config)")
+    if not (
+        isinstance(saved, dict) and {"model_state_dict", "config"} <= saved.keys() and "in_features" in saved["config"]
+    ):
+        raise CheckpointError(
+            f"{path} is not a vector model file: write one with mymoe.load.save_vector_model "
+            f"(model_state_dict and config)"
+        )
     model = VectorMoE.from_architecture(saved["config"])
     model.load_state_dict(saved["model_state_dict"])
     return model.eval()

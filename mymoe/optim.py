@@ -1,5 +1,6 @@
 """AdamW with the parameter groups a MoE needs: below both the trainer and the converters, which build
 the same optimizer so that parameter indices and hyperparameters of a checkpoint line up."""
+
 from __future__ import annotations
 
 import torch
@@ -24,9 +25,14 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         seen.add(id(param))
         decay = param.dim() >= 2 and "norm" not in name
         groups.setdefault((is_expert(param), decay), []).append(param)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
-             "name": f"{'expert' if expert else 'dense'}_{'decay' if decay else 'no_decay'}"}
-            for (expert, decay), params in sorted(groups.items())]
+    return [
+        {
+            "params": params,
+            "weight_decay": weight_decay if decay else 0.0,
+            "name": f"{'expert' if expert else 'dense'}_{'decay' if decay else 'no_decay'}",
+        }
+        for (expert, decay), params in sorted(groups.items())
+    ]
 
 
 def build_optimizer(param_groups: list[dict], train: TrainConfig) -> torch.optim.AdamW:
@@ -34,5 +40,11 @@ def build_optimizer(param_groups: list[dict], train: TrainConfig) -> torch.optim
     # counters live on the device (capturable), so neither the update nor a skipped step's undo
     # (train/guard.py) reads them on the host
     on_gpu = any(p.is_cuda for group in param_groups for p in group["params"])
-    return torch.optim.AdamW(param_groups, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
-                             eps=train.adam_eps, foreach=True, capturable=on_gpu)
+    return torch.optim.AdamW(
+        param_groups,
+        lr=train.lr,
+        betas=(train.adam_beta1, train.adam_beta2),
+        eps=train.adam_eps,
+        foreach=True,
+        capturable=on_gpu,
+    )

@@ -15,6 +15,7 @@ Targets name modules by the last part of their name: q_proj, k_proj, v_proj, o_p
 gate (the router), experts (w_gate, w_up and w_down of the routed experts), shared_experts (its three
 projections). ``apply_peft`` freezes every base parameter, so only adapters train.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,14 @@ from mymoe.model.moe.router import Router
 class LoRA(nn.Module):
     """The parametrization W -> W + scale * low-rank term, for a 2-D [out, in] or stacked 3-D [E, in, out] W."""
 
-    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, generator: torch.Generator,
-                 expert_rows: Optional[tuple] = None):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        rank: int,
+        alpha: float,
+        generator: torch.Generator,
+        expert_rows: Optional[tuple] = None,
+    ):
         super().__init__()
         self.scale = alpha / rank
         self.stacked = weight.dim() == 3
@@ -45,13 +52,14 @@ class LoRA(nn.Module):
             # adapters; expert_rows = (first, total) of the experts this module holds
             first, total = expert_rows or (0, experts)
             full = torch.empty(total, fan_in, rank).normal_(0, 1 / math.sqrt(fan_in), generator=generator)
-            self.lora_A = nn.Parameter(full[first:first + experts].to(weight))
+            self.lora_A = nn.Parameter(full[first : first + experts].to(weight))
             self.lora_B = nn.Parameter(weight.new_zeros(experts, rank, fan_out))
             mark_expert(self.lora_A), mark_expert(self.lora_B)  # reduced over expert-data-parallel ranks
         else:
             fan_out, fan_in = weight.shape
-            self.lora_A = nn.Parameter(torch.empty(rank, fan_in).normal_(0, 1 / math.sqrt(fan_in),
-                                                                         generator=generator).to(weight))
+            self.lora_A = nn.Parameter(
+                torch.empty(rank, fan_in).normal_(0, 1 / math.sqrt(fan_in), generator=generator).to(weight)
+            )
             self.lora_B = nn.Parameter(weight.new_zeros(fan_out, rank))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -88,8 +96,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: Iterable[str], 
         generator = torch.Generator().manual_seed(seed ^ zlib.crc32(f"{name}.{attribute}".encode()))
         weight = getattr(module, attribute)
         expert_rows = (module.first_expert, module.num_global_experts) if isinstance(module, GroupedExperts) else None
-        parametrize.register_parametrization(module, attribute, LoRA(weight.detach(), rank, alpha, generator,
-                                                                     expert_rows))
+        parametrize.register_parametrization(
+            module, attribute, LoRA(weight.detach(), rank, alpha, generator, expert_rows)
+        )
         count += 1
     if count == 0:
         raise ValueError(f"no weight matched the LoRA targets {sorted(set(targets))}")
@@ -101,9 +110,12 @@ class PrefixKV(nn.Module):
 
     def __init__(self, num_kv_heads: int, prefix_length: int, head_dim: int, generator: torch.Generator):
         super().__init__()
-        self.keys = nn.Parameter(torch.empty(num_kv_heads, prefix_length, head_dim).normal_(0, 0.02, generator=generator))
-        self.values = nn.Parameter(torch.empty(num_kv_heads, prefix_length, head_dim).normal_(0, 0.02,
-                                                                                            generator=generator))
+        self.keys = nn.Parameter(
+            torch.empty(num_kv_heads, prefix_length, head_dim).normal_(0, 0.02, generator=generator)
+        )
+        self.values = nn.Parameter(
+            torch.empty(num_kv_heads, prefix_length, head_dim).normal_(0, 0.02, generator=generator)
+        )
 
 
 def add_prefix(model: nn.Module, prefix_length: int, seed: int = 0) -> int:
@@ -115,11 +127,13 @@ def add_prefix(model: nn.Module, prefix_length: int, seed: int = 0) -> int:
         if isinstance(module, Attention):
             generator = torch.Generator().manual_seed(seed ^ zlib.crc32(name.encode()))
             module.prefix = PrefixKV(module.num_kv_heads, prefix_length, module.head_dim, generator).to(
-                module.q_proj.weight)
+                module.q_proj.weight
+            )
             count += 1
     if count == 0:
-        raise ValueError("prefix tuning needs grouped-query attention layers (model.attention_type=gqa); "
-                         "this model has none")
+        raise ValueError(
+            "prefix tuning needs grouped-query attention layers (model.attention_type=gqa); this model has none"
+        )
     return count
 
 
@@ -127,8 +141,14 @@ def is_adapter(name: str) -> bool:
     return ".lora_A" in name or ".lora_B" in name or ".prefix." in name
 
 
-def apply_peft(model: nn.Module, lora_rank: int = 0, lora_alpha: float = 16.0, lora_targets=("q_proj", "v_proj"),
-               prefix_length: int = 0, seed: int = 0) -> nn.Module:
+def apply_peft(
+    model: nn.Module,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    lora_targets=("q_proj", "v_proj"),
+    prefix_length: int = 0,
+    seed: int = 0,
+) -> nn.Module:
     """Add the configured adapters and freeze everything else; returns the model."""
     if lora_rank:
         add_lora(model, lora_rank, lora_alpha, lora_targets, seed)
@@ -164,11 +184,15 @@ def load_lora_state_dict(model: nn.Module, state: dict) -> None:
     own = {name: param for name, param in model.named_parameters() if is_adapter(name)}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"adapter names differ: missing {missing[:5]}, unexpected {unexpected[:5]}; attach the "
-                         f"same adapters (rank, targets, prefix length) before loading")
+        raise ValueError(
+            f"adapter names differ: missing {missing[:5]}, unexpected {unexpected[:5]}; attach the "
+            f"same adapters (rank, targets, prefix length) before loading"
+        )
     with torch.no_grad():
         for name, param in own.items():
             if param.shape != state[name].shape:
-                raise ValueError(f"adapter {name} has shape {tuple(state[name].shape)} in the file but "
-                                 f"{tuple(param.shape)} here: use the same LoRA rank and expert layout")
+                raise ValueError(
+                    f"adapter {name} has shape {tuple(state[name].shape)} in the file but "
+                    f"{tuple(param.shape)} here: use the same LoRA rank and expert layout"
+                )
             param.copy_(state[name])

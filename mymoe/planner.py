@@ -26,6 +26,7 @@ all-to-all adds the k rows each token sends (k*d) when EP > 1. The head keeps 3 
 (logits, log-softmax, their gradient at the start of backward). With activation checkpointing a block
 keeps only its input (d), and backward holds either the head's or one recomputed block's, not both.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,8 +70,10 @@ class Layout:
     micro_batch_size: int
 
     def describe(self) -> str:
-        return (f"EP {self.expert_parallel_size:<2} {'FSDP' if self.fsdp else 'repl'} "
-                f"{'AC' if self.activation_checkpointing else '--'} mb {self.micro_batch_size}")
+        return (
+            f"EP {self.expert_parallel_size:<2} {'FSDP' if self.fsdp else 'repl'} "
+            f"{'AC' if self.activation_checkpointing else '--'} mb {self.micro_batch_size}"
+        )
 
 
 @dataclass
@@ -98,8 +101,13 @@ def parameter_shapes(config: Config) -> list[ParamShape]:
     with torch.device("meta"), mock.patch.object(MoECausalLM, "reset_parameters", lambda self: None):
         model = MoECausalLM(config.model)
         if config.peft.enabled:
-            apply_peft(model, config.peft.lora_rank, config.peft.lora_alpha, config.peft.lora_targets,
-                       config.peft.prefix_length)
+            apply_peft(
+                model,
+                config.peft.lora_rank,
+                config.peft.lora_alpha,
+                config.peft.lora_targets,
+                config.peft.prefix_length,
+            )
     units = {}
     for index, block in enumerate(list(model.model.layers) + ([model.mtp] if model.mtp is not None else [])):
         for param in block.parameters():
@@ -109,8 +117,11 @@ def parameter_shapes(config: Config) -> list[ParamShape]:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        shapes.append(ParamShape(name, tuple(param.shape), getattr(param, "is_expert", False), units.get(id(param)),
-                                 param.requires_grad))
+        shapes.append(
+            ParamShape(
+                name, tuple(param.shape), getattr(param, "is_expert", False), units.get(id(param)), param.requires_grad
+            )
+        )
     return shapes
 
 
@@ -156,8 +167,13 @@ def activation_elements_per_token(config: Config, layout: Layout) -> tuple[float
         h, kv, hd = m.num_attention_heads, m.num_key_value_heads, m.head_dim
         attention = 4 * d + 3 * h * hd + 5 * kv * hd + h
     shared = moe.shared_expert_intermediate_size or moe.n_shared_experts * moe.moe_intermediate_size
-    moe_block = (2 * d + 3 * moe.n_routed_experts + 2 * moe.num_experts_per_tok * moe.moe_intermediate_size
-                 + 6 * shared + 3 * moe.num_experts_per_tok)
+    moe_block = (
+        2 * d
+        + 3 * moe.n_routed_experts
+        + 2 * moe.num_experts_per_tok * moe.moe_intermediate_size
+        + 6 * shared
+        + 3 * moe.num_experts_per_tok
+    )
     if layout.expert_parallel_size > 1:
         moe_block += moe.num_experts_per_tok * d
     dense_block = 2 * d + 4 * m.intermediate_size
@@ -174,8 +190,9 @@ def activation_dtype_bytes(config: Config, on_gpu: bool) -> int:
     return 2 if bf16 else FP32
 
 
-def predict(config: Config, shapes: list[ParamShape], layout: Layout, gpu_memory: Optional[int] = None,
-            on_gpu: bool = True) -> Prediction:
+def predict(
+    config: Config, shapes: list[ParamShape], layout: Layout, gpu_memory: Optional[int] = None, on_gpu: bool = True
+) -> Prediction:
     m, moe, train = config.model, config.model.moe, config.train
     tokens = layout.micro_batch_size * config.data.seq_len
     state = model_state_bytes(shapes, layout)
@@ -225,8 +242,13 @@ def predict(config: Config, shapes: list[ParamShape], layout: Layout, gpu_memory
 def candidate_layouts(config: Config, gpus: int, micro_batches: list[int]) -> list[Layout]:
     experts = config.model.moe.n_routed_experts
     sizes = [ep for ep in range(1, gpus + 1) if gpus % ep == 0 and experts % ep == 0]
-    return [Layout(gpus, ep, fsdp, ac, mb) for ep in sizes for fsdp in (False, True) for ac in (False, True)
-            for mb in micro_batches]
+    return [
+        Layout(gpus, ep, fsdp, ac, mb)
+        for ep in sizes
+        for fsdp in (False, True)
+        for ac in (False, True)
+        for mb in micro_batches
+    ]
 
 
 def relative_throughput(prediction: Prediction) -> float:
@@ -239,16 +261,20 @@ def relative_throughput(prediction: Prediction) -> float:
     return score
 
 
-def plan(config: Config, gpus: int, gpu_memory: int, micro_batches: list[int]) -> tuple[list[Prediction], Optional[Prediction]]:
+def plan(
+    config: Config, gpus: int, gpu_memory: int, micro_batches: list[int]
+) -> tuple[list[Prediction], Optional[Prediction]]:
     shapes = parameter_shapes(config)
-    predictions = [predict(config, shapes, layout, gpu_memory) for layout in candidate_layouts(config, gpus, micro_batches)]
+    predictions = [
+        predict(config, shapes, layout, gpu_memory) for layout in candidate_layouts(config, gpus, micro_batches)
+    ]
     fitting = [p for p in predictions if p.fits]
     best = max(fitting, key=lambda p: (relative_throughput(p), -p.peak)) if fitting else None
     return predictions, best
 
 
 def parse_bytes(text: str) -> int:
-    """"80GB" (decimal units) or "141GiB" (binary) -> bytes."""
+    """ "80GB" (decimal units) or "141GiB" (binary) -> bytes."""
     match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT])(i?)B\s*", text, re.IGNORECASE)
     if not match:
         raise ConfigError(f"--gpu-memory {text!r}: write a size such as 80GB or 141GiB")
@@ -260,11 +286,15 @@ CATEGORIES = ("parameters", "gradients", "optimizer", "gathered", "activations",
 
 
 def format_table(predictions: list[Prediction], best: Optional[Prediction]) -> str:
-    header = (f"{'layout':24s}" + "".join(f"{name:>12s}" for name in CATEGORIES)
-              + f"{'peak':>10s}{'a2a/step':>11s}  fits")
+    header = (
+        f"{'layout':24s}" + "".join(f"{name:>12s}" for name in CATEGORIES) + f"{'peak':>10s}{'a2a/step':>11s}  fits"
+    )
     lines = [header, "-" * len(header)]
     for p in predictions:
         mark = "  <- recommended" if p is best else ""
-        lines.append(f"{p.layout.describe():24s}" + "".join(f"{p.bytes[name] / GIB:11.2f}G" for name in CATEGORIES)
-                     + f"{p.peak / GIB:9.1f}G{p.alltoall_bytes_per_step / GIB:10.2f}G  {'yes' if p.fits else 'no '}{mark}")
+        lines.append(
+            f"{p.layout.describe():24s}"
+            + "".join(f"{p.bytes[name] / GIB:11.2f}G" for name in CATEGORIES)
+            + f"{p.peak / GIB:9.1f}G{p.alltoall_bytes_per_step / GIB:10.2f}G  {'yes' if p.fits else 'no '}{mark}"
+        )
     return "\n".join(lines)

@@ -15,6 +15,7 @@ special token with a usual end-of-text name (``</s>``, ``<|endoftext|>``, ...) i
 
 No torch here: the preprocess worker processes import this module and start in a fraction of a second.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,11 @@ from typing import Optional
 import numpy as np
 
 # special tokens taken for eos / bos / pad when no config file names them, in order of preference
-USUAL_NAMES = {"eos": ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|end|>"),
-               "bos": ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"),
-               "pad": ("<pad>", "<|pad|>", "<|padding|>")}
+USUAL_NAMES = {
+    "eos": ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|end|>"),
+    "bos": ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"),
+    "pad": ("<pad>", "<|pad|>", "<|padding|>"),
+}
 
 
 class TokenizerError(ValueError):
@@ -40,12 +43,16 @@ def tokenizer_file(path: str | Path) -> Path:
         for name in ("tokenizer.json", "tokenizer.model"):
             if (path / name).is_file():
                 return path / name
-        raise TokenizerError(f"{path} is a folder without tokenizer.json or tokenizer.model: pass a SentencePiece "
-                             f".model, a tokenizer.json, or a Hugging Face model folder that has one")
+        raise TokenizerError(
+            f"{path} is a folder without tokenizer.json or tokenizer.model: pass a SentencePiece "
+            f".model, a tokenizer.json, or a Hugging Face model folder that has one"
+        )
     if not path.is_file():
-        raise TokenizerError(f"tokenizer {path} does not exist; train one with `python -m data_tools "
-                             f"train-tokenizer`, or pass a SentencePiece .model, a tokenizer.json or a Hugging "
-                             f"Face model folder")
+        raise TokenizerError(
+            f"tokenizer {path} does not exist; train one with `python -m data_tools "
+            f"train-tokenizer`, or pass a SentencePiece .model, a tokenizer.json or a Hugging "
+            f"Face model folder"
+        )
     return path
 
 
@@ -63,8 +70,9 @@ def load_tokenizer(path: str | Path):
     try:
         return spm.SentencePieceProcessor(model_file=str(file))
     except (RuntimeError, OSError) as error:
-        raise TokenizerError(f"{file} is not a SentencePiece model ({error}); a Hugging Face tokenizer is a "
-                             f"tokenizer.json") from None
+        raise TokenizerError(
+            f"{file} is not a SentencePiece model ({error}); a Hugging Face tokenizer is a tokenizer.json"
+        ) from None
 
 
 class HuggingFaceTokenizer:
@@ -154,5 +162,7 @@ def read_json(path: Path) -> dict:
 
 def special_ids(tokenizer) -> dict[str, Optional[int]]:
     """{"bos_token_id", "eos_token_id", "pad_token_id"} of either kind of tokenizer (None: it has none)."""
-    return {f"{role}_token_id": (getattr(tokenizer, f"{role}_id")() if getattr(tokenizer, f"{role}_id")() >= 0
-                                 else None) for role in ("bos", "eos", "pad")}
+    return {
+        f"{role}_token_id": (getattr(tokenizer, f"{role}_id")() if getattr(tokenizer, f"{role}_id")() >= 0 else None)
+        for role in ("bos", "eos", "pad")
+    }

@@ -16,6 +16,7 @@ Gaussian noise of that many standard deviations of each weight, drawn per expert
 makes the router uniform: every token then ties across experts and picks the same k, which a capacity
 limit would mostly drop, so upcycle dropless or give the router a small std.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,20 +37,30 @@ def upcycled_config(dense_config: ModelConfig, moe: MoEConfig, first_k_dense_rep
     """The MoE model's config: the dense one with MoE layers from `first_k_dense_replace` on, experts as
     wide as the dense FFN."""
     if dense_config.first_k_dense_replace != dense_config.num_hidden_layers:
-        raise ValueError(f"the dense config has first_k_dense_replace={dense_config.first_k_dense_replace} but "
-                         f"num_hidden_layers={dense_config.num_hidden_layers}: upcycling starts from a model whose "
-                         f"layers are all dense (set first_k_dense_replace to num_hidden_layers)")
+        raise ValueError(
+            f"the dense config has first_k_dense_replace={dense_config.first_k_dense_replace} but "
+            f"num_hidden_layers={dense_config.num_hidden_layers}: upcycling starts from a model whose "
+            f"layers are all dense (set first_k_dense_replace to num_hidden_layers)"
+        )
     if not 0 <= first_k_dense_replace <= dense_config.num_hidden_layers:
-        raise ValueError(f"first_k_dense_replace={first_k_dense_replace} must be between 0 and "
-                         f"num_hidden_layers={dense_config.num_hidden_layers}")
+        raise ValueError(
+            f"first_k_dense_replace={first_k_dense_replace} must be between 0 and "
+            f"num_hidden_layers={dense_config.num_hidden_layers}"
+        )
     moe = dataclasses.replace(moe, moe_intermediate_size=dense_config.intermediate_size)
     return dataclasses.replace(dense_config, first_k_dense_replace=first_k_dense_replace, moe=moe)
 
 
 @torch.no_grad()
-def upcycle(dense: Union[MoECausalLM, dict], moe: MoEConfig, dense_config: Optional[ModelConfig] = None,
-            first_k_dense_replace: int = 0, noise_std: float = 0.0, router_init_std: float = 0.0,
-            seed: int = 0) -> MoECausalLM:
+def upcycle(
+    dense: Union[MoECausalLM, dict],
+    moe: MoEConfig,
+    dense_config: Optional[ModelConfig] = None,
+    first_k_dense_replace: int = 0,
+    noise_std: float = 0.0,
+    router_init_std: float = 0.0,
+    seed: int = 0,
+) -> MoECausalLM:
     """Build an MoECausalLM from a dense MoECausalLM (every layer dense) or its state dict.
 
     dense_config is required with a state dict and taken from the model otherwise. Layers before
@@ -86,6 +97,7 @@ def upcycle(dense: Union[MoECausalLM, dict], moe: MoEConfig, dense_config: Optio
         state[f"{prefix}.gate.weight"] = torch.randn(router.shape, generator=generator) * router_init_std
         if f"{prefix}.shared_experts.down_proj.weight" in state:
             state[f"{prefix}.shared_experts.down_proj.weight"] = torch.zeros_like(
-                state[f"{prefix}.shared_experts.down_proj.weight"])
+                state[f"{prefix}.shared_experts.down_proj.weight"]
+            )
     model.load_state_dict(state)
     return model

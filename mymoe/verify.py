@@ -11,6 +11,7 @@ all ranks is reported) and exits 1 above the tolerance.
 Router noise is switched off for the check: each rank draws its own, which one process cannot replay.
 The whole model must fit in one process (shrink it with overrides, e.g. --model.num_hidden_layers=2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,13 +21,18 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mymoe.verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML config (with data), e.g. configs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps to compare (default 3)")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="largest allowed absolute difference in loss, grad norm and any parameter")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest allowed absolute difference in loss, grad norm and any parameter",
+    )
     args, overrides = parser.parse_known_args(argv)
     # the check builds and trains models (torch, seconds): only once the arguments parse
     from mymoe.equivalence import run
 
     run(args, overrides)
+
 
 if __name__ == "__main__":
     main()

@@ -21,11 +21,20 @@ def greedy_with_transformers(folder: Path, prompt_ids: list[int], max_new_tokens
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     input_ids = torch.tensor([prompt_ids])
     with torch.no_grad():
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                             min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    print(f"transformers loaded {type(model).__name__} from {folder} "
-          f"({sum(p.numel() for p in model.parameters()):,} parameters)")
-    return out[0, len(prompt_ids):].tolist()
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    print(
+        f"transformers loaded {type(model).__name__} from {folder} "
+        f"({sum(p.numel() for p in model.parameters()):,} parameters)"
+    )
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def greedy_with_mymoe(checkpoint: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -33,7 +42,7 @@ def greedy_with_mymoe(checkpoint: str, prompt_ids: list[int], max_new_tokens: in
 
     model = load_model(checkpoint)[0]
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, temperature=0.0)
-    return out[0, len(prompt_ids):].tolist()
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def main(argv=None) -> int:

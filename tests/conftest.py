@@ -7,6 +7,7 @@ import them.
     hf            small models of each Hugging Face architecture family
     data_tools    corpora made on the spot, one small tokenizer per session, a quiet preprocess call
 """
+
 from __future__ import annotations
 
 import json
@@ -74,13 +75,21 @@ def make_dataset(folder: Path) -> tuple[str, str]:
     return train, valid
 
 
-def tiny_overrides(train_prefix: str, valid_prefix: str, out_dir: Path, steps: int = 20,
-                   extra: dict | None = None) -> list[str]:
+def tiny_overrides(
+    train_prefix: str, valid_prefix: str, out_dir: Path, steps: int = 20, extra: dict | None = None
+) -> list[str]:
     """Command-line overrides that shorten configs/tiny.yaml to a test-sized run; extra adds or replaces
     dotted keys ({"parallel.expert_parallel_size": 2})."""
-    values = {"data.train_prefixes": f"[{train_prefix}]", "data.valid_prefixes": f"[{valid_prefix}]",
-              "train.max_steps": steps, "train.warmup_steps": 2, "train.micro_batch_size": 4,
-              "train.eval_interval": steps, "train.eval_steps": 1, "train.out_dir": str(out_dir)}
+    values = {
+        "data.train_prefixes": f"[{train_prefix}]",
+        "data.valid_prefixes": f"[{valid_prefix}]",
+        "train.max_steps": steps,
+        "train.warmup_steps": 2,
+        "train.micro_batch_size": 4,
+        "train.eval_interval": steps,
+        "train.eval_steps": 1,
+        "train.out_dir": str(out_dir),
+    }
     values.update(extra or {})
     return [f"--{key}={value}" for key, value in values.items()]
 
@@ -100,29 +109,59 @@ def write_dataset(prefix: str, num_tokens: int = 4000, vocab_size: int = 64, see
     tokens = np.random.default_rng(seed).integers(0, vocab_size, num_tokens).astype(np.uint16)
     lengths = np.full(4, num_tokens // 4, dtype=np.int32)
     pointers = np.concatenate([[0], np.cumsum(lengths[:-1]) * 2]).astype(np.int64)
-    tokens[:int(lengths.sum())].tofile(prefix + ".bin")
+    tokens[: int(lengths.sum())].tofile(prefix + ".bin")
     with open(prefix + ".idx", "wb") as f:
         f.write(b"MMIDIDX\x00\x00" + np.uint64(1).tobytes() + np.uint8(8).tobytes())
         f.write(np.uint64(len(lengths)).tobytes() + np.uint64(len(lengths) + 1).tobytes())
         f.write(lengths.tobytes() + pointers.tobytes() + np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
 
 
-def tiny_config(workdir, world_size: int = 1, expert_parallel_size: int = 1, max_steps: int = 6,
-                model: dict | None = None, moe: dict | None = None, train: dict | None = None):
+def tiny_config(
+    workdir,
+    world_size: int = 1,
+    expert_parallel_size: int = 1,
+    max_steps: int = 6,
+    model: dict | None = None,
+    moe: dict | None = None,
+    train: dict | None = None,
+):
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if not (workdir / "data.bin").exists():
         write_dataset(str(workdir / "data"))
-    config = config_from_dict({
-        "model": {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                  "num_attention_heads": 2, "num_key_value_heads": 1, **(model or {}),
-                  "moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                          "bias_update_rate": 0.01, "router_aux_loss_coef": 0.0, **(moe or {})}},
-        "parallel": {"expert_parallel_size": expert_parallel_size, "backend": "gloo"},
-        "train": {"max_steps": max_steps, "micro_batch_size": GLOBAL_BATCH // world_size, "eval_interval": 0,
-                  "warmup_steps": 2, "precision": "fp32", "keep_last": 10, "out_dir": str(workdir / "run"),
-                  **(train or {})},
-        "data": {"train_prefixes": [str(workdir / "data")], "seq_len": 16}})
+    config = config_from_dict(
+        {
+            "model": {
+                "vocab_size": 64,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+                **(model or {}),
+                "moe": {
+                    "n_routed_experts": 4,
+                    "num_experts_per_tok": 2,
+                    "moe_intermediate_size": 32,
+                    "bias_update_rate": 0.01,
+                    "router_aux_loss_coef": 0.0,
+                    **(moe or {}),
+                },
+            },
+            "parallel": {"expert_parallel_size": expert_parallel_size, "backend": "gloo"},
+            "train": {
+                "max_steps": max_steps,
+                "micro_batch_size": GLOBAL_BATCH // world_size,
+                "eval_interval": 0,
+                "warmup_steps": 2,
+                "precision": "fp32",
+                "keep_last": 10,
+                "out_dir": str(workdir / "run"),
+                **(train or {}),
+            },
+            "data": {"train_prefixes": [str(workdir / "data")], "seq_len": 16},
+        }
+    )
     return validate(config)
 
 
@@ -136,19 +175,29 @@ def train_worker(rank, world_size, workdir, expert_parallel_size, stop_at, save_
         held = None
         if manager.load_latest(trainer):
             saved = read_manifest(manager.latest())["expert_checksums"]
-            held = {name: {expert: crc == saved[name][expert] for expert, crc in sums.items()}
-                    for name, sums in expert_checksums(trainer.model).items()}
+            held = {
+                name: {expert: crc == saved[name][expert] for expert, crc in sums.items()}
+                for name, sums in expert_checksums(trainer.model).items()
+            }
         losses = train_until(trainer, manager, stop_at, save_at)
-        return {"losses": losses, "held": held, "reader": trainer.train_reader.state_dict(),
-                "first_expert": [layer.experts.first_expert for layer in trainer.model.iter_moe_layers()]}
+        return {
+            "losses": losses,
+            "held": held,
+            "reader": trainer.train_reader.state_dict(),
+            "first_expert": [layer.experts.first_expert for layer in trainer.model.iter_moe_layers()],
+        }
     finally:
         shutdown()
 
 
 def run_layout(workdir, world_size, expert_parallel_size, stop_at, save_at=(), config_overrides=None):
-    results = run_distributed(train_worker, world_size, args=(str(workdir), expert_parallel_size, stop_at,
-                                                              tuple(save_at), config_overrides or {}),
-                              init_process_group=False, timeout=90)
+    results = run_distributed(
+        train_worker,
+        world_size,
+        args=(str(workdir), expert_parallel_size, stop_at, tuple(save_at), config_overrides or {}),
+        init_process_group=False,
+        timeout=90,
+    )
     return [r.value for r in results]
 
 
@@ -175,12 +224,30 @@ def train_until(trainer, manager, stop_at, save_at) -> list[float]:
 # ---------------------------------------------------------------------------------------------------
 # hf: a small model per architecture family, with norms and biases that would show a swapped tensor
 
-BASE = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "rope_theta": 500.0}
+BASE = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "rope_theta": 500.0,
+}
 MIXTRAL = {"moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24}}
-QWEN = {"first_k_dense_replace": 1, "tie_word_embeddings": True,
-        "moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24, "n_shared_experts": 1,
-                "shared_expert_intermediate_size": 40, "shared_expert_gate": True, "norm_topk_prob": False}}
+QWEN = {
+    "first_k_dense_replace": 1,
+    "tie_word_embeddings": True,
+    "moe": {
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 24,
+        "n_shared_experts": 1,
+        "shared_expert_intermediate_size": 40,
+        "shared_expert_gate": True,
+        "norm_topk_prob": False,
+    },
+}
 
 
 def our_model(fields: dict, seed: int = 0) -> MoECausalLM:
@@ -211,10 +278,7 @@ SPECIAL_TOKENS = ["<|user|>", "<|assistant|>"]
 
 def sentences(seed: int, count: int) -> list[str]:
     rng = random.Random(seed)
-    return [
-        " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "."
-        for _ in range(count)
-    ]
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "." for _ in range(count)]
 
 
 def documents(seed: int, count: int) -> list[str]:
@@ -248,8 +312,12 @@ def write_txt_files(folder: Path, texts: list[str]) -> list[Path]:
 def train_small_tokenizer(folder: Path, normalization: str = "identity") -> str:
     corpus = write_jsonl(folder / "tokenizer_corpus.jsonl", documents(seed=99, count=300))
     options = TokenizerOptions(
-        inputs=[str(corpus)], output=str(folder / f"tok_{normalization}"), vocab_size=400,
-        special_tokens=SPECIAL_TOKENS, normalization=normalization, num_threads=1,
+        inputs=[str(corpus)],
+        output=str(folder / f"tok_{normalization}"),
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        normalization=normalization,
+        num_threads=1,
         progress=False,
     )
     check_tokenizer_options(options)
@@ -269,8 +337,11 @@ def nfkc_tokenizer_model(tmp_path_factory) -> str:
 
 def run_preprocess(inputs, output, tokenizer, **settings):
     options = PreprocessOptions(
-        inputs=[str(p) for p in inputs], output=str(output), tokenizer=tokenizer,
-        progress=False, **settings,
+        inputs=[str(p) for p in inputs],
+        output=str(output),
+        tokenizer=tokenizer,
+        progress=False,
+        **settings,
     )
     return preprocess(options, announce=lambda line: None)
 

@@ -15,6 +15,7 @@ exception to a file the parent reads. A rank that raises fails the test with eve
 traceback; ranks still running at the deadline are killed and named. Pass `raise_errors=False` to get
 the errors back as RankResult objects when failing is what the test expects.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -53,10 +54,27 @@ class DistributedTestError(AssertionError):
     """A rank failed or the run passed its deadline; the message holds every rank's story."""
 
 
-def _child(fn, rank: int, world_size: int, port: int, args: tuple, env: dict, result_path: str,
-           init_process_group: bool, pg_timeout: float) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+def _child(
+    fn,
+    rank: int,
+    world_size: int,
+    port: int,
+    args: tuple,
+    env: dict,
+    result_path: str,
+    init_process_group: bool,
+    pg_timeout: float,
+) -> None:
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     os.environ.update(env)
     import torch
     import torch.distributed as dist
@@ -64,8 +82,9 @@ def _child(fn, rank: int, world_size: int, port: int, args: tuple, env: dict, re
     torch.set_num_threads(1)
     try:
         if init_process_group:
-            dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                                    timeout=datetime.timedelta(seconds=pg_timeout))
+            dist.init_process_group(
+                "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout)
+            )
         outcome = {"value": fn(rank, world_size, *args)}
     except BaseException as error:  # report everything, including SystemExit from a test helper
         outcome = {"error_type": type(error).__name__, "error": str(error), "traceback": traceback.format_exc()}
@@ -77,16 +96,20 @@ def _child(fn, rank: int, world_size: int, port: int, args: tuple, env: dict, re
     os._exit(1 if "error_type" in outcome else 0)
 
 
-def _run_once(fn, world_size, args, env, timeout, init_process_group, pg_timeout, grace_after_failure,
-              workdir) -> list[RankResult]:
+def _run_once(
+    fn, world_size, args, env, timeout, init_process_group, pg_timeout, grace_after_failure, workdir
+) -> list[RankResult]:
     context = multiprocessing.get_context("spawn")
     port = free_port("127.0.0.1")
     start = time.monotonic()
     processes, paths = [], []
     for rank in range(world_size):
         path = os.path.join(workdir, f"rank{rank}.pt")
-        process = context.Process(target=_child, args=(fn, rank, world_size, port, args, env, path,
-                                                       init_process_group, pg_timeout), daemon=True)
+        process = context.Process(
+            target=_child,
+            args=(fn, rank, world_size, port, args, env, path, init_process_group, pg_timeout),
+            daemon=True,
+        )
         process.start()
         processes.append(process)
         paths.append(path)
@@ -111,8 +134,9 @@ def _run_once(fn, world_size, args, env, timeout, init_process_group, pg_timeout
         if not seconds[rank]:
             seconds[rank] = time.monotonic() - start
         process.join(5)
-    return [_read_result(rank, processes[rank], paths[rank], seconds[rank], rank in killed)
-            for rank in range(world_size)]
+    return [
+        _read_result(rank, processes[rank], paths[rank], seconds[rank], rank in killed) for rank in range(world_size)
+    ]
 
 
 def _read_result(rank: int, process, path: str, seconds: float, killed: bool) -> RankResult:
@@ -147,9 +171,18 @@ def _report(results: list[RankResult], timeout: float) -> str:
     return "\n".join(lines)
 
 
-def run_distributed(fn: Callable, world_size: int, args: tuple = (), *, timeout: float = 60.0,
-                    env: Optional[dict] = None, init_process_group: bool = True, pg_timeout: float = 30.0,
-                    raise_errors: bool = True, grace_after_failure: float = 15.0) -> list[RankResult]:
+def run_distributed(
+    fn: Callable,
+    world_size: int,
+    args: tuple = (),
+    *,
+    timeout: float = 60.0,
+    env: Optional[dict] = None,
+    init_process_group: bool = True,
+    pg_timeout: float = 30.0,
+    raise_errors: bool = True,
+    grace_after_failure: float = 15.0,
+) -> list[RankResult]:
     """Call fn(rank, world_size, *args) on world_size spawned processes; return their results by rank.
 
     fn must be defined at module level. With init_process_group=True a gloo group is up before fn
@@ -160,8 +193,17 @@ def run_distributed(fn: Callable, world_size: int, args: tuple = (), *, timeout:
     """
     for attempt in range(2):  # another test may grab the free port between our check and rank 0's bind
         with tempfile.TemporaryDirectory(prefix="dist_test_") as workdir:
-            results = _run_once(fn, world_size, args, dict(env or {}), timeout, init_process_group, pg_timeout,
-                                grace_after_failure, workdir)
+            results = _run_once(
+                fn,
+                world_size,
+                args,
+                dict(env or {}),
+                timeout,
+                init_process_group,
+                pg_timeout,
+                grace_after_failure,
+                workdir,
+            )
         port_clash = any(any(s in (r.error or "").lower() for s in PORT_IN_USE) for r in results)
         if not (port_clash and attempt == 0):
             break

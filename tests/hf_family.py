@@ -1,6 +1,7 @@
 """What every tests/test_hf_<family>.py checks against transformers, for one tiny random model of the family:
 import gives its logits and greedy tokens, the export loads back with ours, and 5 AdamW steps of both
 models on the same batches give the same losses and final logits (fp32)."""
+
 from __future__ import annotations
 
 import os
@@ -61,8 +62,14 @@ def assert_same_logits_and_greedy_tokens(ours, theirs, new_tokens: int = 6) -> f
     assert difference < LOGITS_TOLERANCE, difference
     prompt = BATCH[:, :5]
     ours_tokens = ours.generate(prompt, max_new_tokens=new_tokens, temperature=0)
-    theirs_tokens = theirs.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                                    pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    theirs_tokens = theirs.generate(
+        prompt,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(prompt),
+    )
     assert torch.equal(ours_tokens, theirs_tokens), (ours_tokens, theirs_tokens)
     return difference
 
@@ -103,7 +110,11 @@ def check_family(reference, tmp_path, name: str, architecture: str) -> dict:
     exported_model = export_to_transformers(ours, tmp_path, name, architecture)
     exported = assert_same_logits_and_greedy_tokens(ours, exported_model)
     loss_difference, trained = train_both(ours, reference)
-    result = {"import_logits": imported, "export_logits": exported, "train_loss": loss_difference,
-              "trained_logits": trained}
+    result = {
+        "import_logits": imported,
+        "export_logits": exported,
+        "train_loss": loss_difference,
+        "trained_logits": trained,
+    }
     print(f"{architecture}: {result}")
     return result

@@ -3,6 +3,7 @@ full-projection q/k RMSNorm, q/k/v clamping, a head_dim apart from hidden_size /
 scalings, which test_hf_granitemoe checks one by one, train here too). Each is off by
 default (checkpoints of before load unchanged), changes what the model computes when on, decodes with
 the KV cache as it runs whole, is refused with its fix when it cannot apply, and trains from scratch."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,12 +13,24 @@ from mymoe.config import ConfigError, config_from_dict, load_config, validate
 from mymoe.model import MoECausalLM
 from mymoe.model.layers import RMSNorm
 
-BASE = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
-        "moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16}}
-OPTIONS = {"attention_bias": {"attention_bias": True}, "qkv_bias": {"qkv_bias": True},
-           "qk_norm_head": {"qk_norm": "head"}, "qk_norm_full": {"qk_norm": "full"},
-           "clip_qkv": {"clip_qkv": 0.05}, "head_dim": {"head_dim": 12}}
+BASE = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
+}
+OPTIONS = {
+    "attention_bias": {"attention_bias": True},
+    "qkv_bias": {"qkv_bias": True},
+    "qk_norm_head": {"qk_norm": "head"},
+    "qk_norm_full": {"qk_norm": "full"},
+    "clip_qkv": {"clip_qkv": 0.05},
+    "head_dim": {"head_dim": 12},
+}
 IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
@@ -46,10 +59,14 @@ def test_an_option_changes_the_logits_and_adds_its_weights(option):
     plain, with_option = build({}), build(OPTIONS[option])
     perturb(with_option)
     attention = with_option.model.layers[0].self_attn
-    expected = {"attention_bias": ["q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias"],
-                "qkv_bias": ["q_proj.bias", "k_proj.bias", "v_proj.bias"],
-                "qk_norm_head": ["q_norm.weight", "k_norm.weight"], "qk_norm_full": ["q_norm.weight", "k_norm.weight"],
-                "clip_qkv": [], "head_dim": []}[option]
+    expected = {
+        "attention_bias": ["q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias"],
+        "qkv_bias": ["q_proj.bias", "k_proj.bias", "v_proj.bias"],
+        "qk_norm_head": ["q_norm.weight", "k_norm.weight"],
+        "qk_norm_full": ["q_norm.weight", "k_norm.weight"],
+        "clip_qkv": [],
+        "head_dim": [],
+    }[option]
     names = {name for name, _ in attention.named_parameters()}
     assert names == {f"{p}_proj.weight" for p in "qkvo"} | set(expected)
     if option == "qkv_bias":
@@ -92,13 +109,16 @@ def test_clip_qkv_clamps_queries_keys_and_values():
     torch.testing.assert_close(out, expected)
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"qk_norm": "layer"}, "qk_norm='layer' must be null, 'head'"),
-    ({"clip_qkv": 0.0}, "clip_qkv=0.0 must be positive"),
-    ({"attention_type": "mla", "qkv_bias": True}, "qkv_bias=True is an option of grouped-query attention"),
-    ({"attention_type": "mla", "qk_norm": "head"}, "qk_norm='head' is an option of grouped-query attention"),
-    ({"hidden_size": 30}, "num_attention_heads=4 must divide model.hidden_size=30 .* or set model.head_dim"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"qk_norm": "layer"}, "qk_norm='layer' must be null, 'head'"),
+        ({"clip_qkv": 0.0}, "clip_qkv=0.0 must be positive"),
+        ({"attention_type": "mla", "qkv_bias": True}, "qkv_bias=True is an option of grouped-query attention"),
+        ({"attention_type": "mla", "qk_norm": "head"}, "qk_norm='head' is an option of grouped-query attention"),
+        ({"hidden_size": 30}, "num_attention_heads=4 must divide model.hidden_size=30 .* or set model.head_dim"),
+    ],
+)
 def test_an_option_that_cannot_apply_is_refused_with_its_fix(fields, message):
     with pytest.raises(ConfigError, match=message):
         validate(config_from_dict({"model": {**BASE, **fields}}))
@@ -109,11 +129,26 @@ def test_an_explicit_head_dim_frees_hidden_size_from_the_head_count():
     assert model(IDS).logits.shape == (2, 10, 64)
 
 
-@pytest.mark.parametrize("options", [
-    {"model.qkv_bias": "true", "model.attention_bias": "true", "model.qk_norm": "head", "model.clip_qkv": 8.0,
-     "model.head_dim": 24},
-    {"model.qk_norm": "full", "model.attention_multiplier": 0.1, "model.embedding_multiplier": 2.0,
-     "model.residual_multiplier": 0.5, "model.logits_scaling": 2.0}], ids=["biases_head_norm_clip", "full_norm_granite"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {
+            "model.qkv_bias": "true",
+            "model.attention_bias": "true",
+            "model.qk_norm": "head",
+            "model.clip_qkv": 8.0,
+            "model.head_dim": 24,
+        },
+        {
+            "model.qk_norm": "full",
+            "model.attention_multiplier": 0.1,
+            "model.embedding_multiplier": 2.0,
+            "model.residual_multiplier": 0.5,
+            "model.logits_scaling": 2.0,
+        },
+    ],
+    ids=["biases_head_norm_clip", "full_norm_granite"],
+)
 def test_every_option_trains_from_scratch(tmp_path, options):
     from mymoe.parallel import ParallelContext
     from mymoe.train.loop import train

@@ -4,6 +4,7 @@ corruption and unsafe-pickle refusal, architecture checks, keep-last and async s
 The fast tests train a tiny model in this process; the slow ones spawn gloo ranks (tests/dist_utils.py)
 or torchrun. Every run trains a 2-layer, 4-expert model on a few thousand random tokens.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,14 +30,15 @@ from mymoe.load import load_model
 from mymoe.config import config_from_dict
 
 
-
 # ---------------------------------------------------------------------------------------------------
 # helpers (module level, so spawned ranks can import them)
 
 
 def parameter_crcs(model) -> dict[str, int]:
-    return {name: zlib.crc32(p.detach().contiguous().view(-1).view(torch.uint8).numpy())
-            for name, p in model.state_dict().items()}
+    return {
+        name: zlib.crc32(p.detach().contiguous().view(-1).view(torch.uint8).numpy())
+        for name, p in model.state_dict().items()
+    }
 
 
 def copy_checkpoint(source_workdir: Path, target_workdir: Path, step: int) -> None:
@@ -157,8 +159,9 @@ def test_pickled_code_in_a_shard_is_refused(saved_run, tmp_path):
         f.write(payload.getvalue())
     metadata = read_dcp_metadata(directory)
     index = next(i for i in metadata.storage_data if i.fqn.startswith("model.model.embed_tokens"))
-    metadata.storage_data[index] = dataclasses.replace(metadata.storage_data[index], offset=offset,
-                                                       length=len(payload.getvalue()))
+    metadata.storage_data[index] = dataclasses.replace(
+        metadata.storage_data[index], offset=offset, length=len(payload.getvalue())
+    )
     (directory / ".metadata").write_bytes(pickle.dumps(metadata))
     rewrite_manifest_entry(directory, ".metadata")
     rewrite_manifest_entry(directory, "__0_0.distcp")
@@ -179,11 +182,16 @@ def test_other_architecture_or_vocabulary_is_refused_with_the_difference(saved_r
 MLA = {"attention_type": "mla", "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
 
 
-@pytest.mark.parametrize("model,named", [(MLA, "model.attention_type: checkpoint 'gqa', this run 'mla'"),
-                                         ({"num_nextn_predict_layers": 1},
-                                          "model.num_nextn_predict_layers: checkpoint 0, this run 1")])
-def test_a_checkpoint_of_another_attention_type_or_prediction_depth_is_refused_at_resume(saved_run, tmp_path,
-                                                                                         model, named):
+@pytest.mark.parametrize(
+    "model,named",
+    [
+        (MLA, "model.attention_type: checkpoint 'gqa', this run 'mla'"),
+        ({"num_nextn_predict_layers": 1}, "model.num_nextn_predict_layers: checkpoint 0, this run 1"),
+    ],
+)
+def test_a_checkpoint_of_another_attention_type_or_prediction_depth_is_refused_at_resume(
+    saved_run, tmp_path, model, named
+):
     fresh_copy(saved_run, tmp_path)
     with pytest.raises(CheckpointError) as error:
         train_in_process(tmp_path, 4, config=tiny_config(tmp_path, model=model))
@@ -193,7 +201,8 @@ def test_a_checkpoint_of_another_attention_type_or_prediction_depth_is_refused_a
 def test_latent_attention_sizes_count_only_under_latent_attention():
     saved = {**tiny_config_dict(), **MLA}
     assert architecture_differences(saved, {**saved, "kv_lora_rank": 16}) == [
-        "model.kv_lora_rank: checkpoint 8, this run 16"]
+        "model.kv_lora_rank: checkpoint 8, this run 16"
+    ]
     plain = tiny_config_dict()
     assert architecture_differences(plain, {**plain, "kv_lora_rank": 16}) == []  # unused by grouped-query attention
 
@@ -235,9 +244,10 @@ def test_async_save_writes_the_same_state_as_a_sync_save(tmp_path):
 def test_load_model_holds_every_expert_of_an_in_process_run(saved_run):
     model, config, manifest = load_model(saved_run / "run" / "checkpoints", step=3)
     assert manifest["step"] == 3 and config.model.vocab_size == 64
-    assert {name: {e: True for e in sums} for name, sums in expert_checksums(model).items()} == \
-        {name: {e: sums[e] == manifest["expert_checksums"][name][e] for e in sums}
-         for name, sums in expert_checksums(model).items()}
+    assert {name: {e: True for e in sums} for name, sums in expert_checksums(model).items()} == {
+        name: {e: sums[e] == manifest["expert_checksums"][name][e] for e in sums}
+        for name, sums in expert_checksums(model).items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -261,8 +271,9 @@ def crash_worker(rank, world_size, workdir):
 
 @pytest.mark.slow
 def test_save_killed_half_way_leaves_latest_loadable(tmp_path):
-    results = run_distributed(crash_worker, 1, args=(str(tmp_path),), init_process_group=False, timeout=60,
-                              raise_errors=False)
+    results = run_distributed(
+        crash_worker, 1, args=(str(tmp_path),), init_process_group=False, timeout=60, raise_errors=False
+    )
     assert results[0].exitcode == -signal.SIGKILL
     root = tmp_path / "run" / "checkpoints"
     assert (root / "step_00000003.partial").is_dir() and not (root / "step_00000003").exists()
@@ -296,8 +307,9 @@ def test_resume_on_two_ranks_is_bit_exact(ep2_reference, tmp_path):
     straight, resumed = manifest(reference_dir), manifest(tmp_path)
     assert resumed["train_reader"] == straight["train_reader"]
     assert resumed["expert_checksums"] == straight["expert_checksums"]
-    straight_tensors, resumed_tensors = (read_all_tensors(workdir / "run" / "checkpoints" / "step_00000006")
-                                         for workdir in (reference_dir, tmp_path))
+    straight_tensors, resumed_tensors = (
+        read_all_tensors(workdir / "run" / "checkpoints" / "step_00000006") for workdir in (reference_dir, tmp_path)
+    )
     assert straight_tensors.keys() == resumed_tensors.keys()
     for key, value in straight_tensors.items():
         assert torch.equal(value, resumed_tensors[key]), key
@@ -305,8 +317,7 @@ def test_resume_on_two_ranks_is_bit_exact(ep2_reference, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size, expert_parallel_size", [(1, 1), (4, 4)])
-def test_resume_at_another_world_and_expert_parallel_size(ep2_reference, tmp_path, world_size,
-                                                          expert_parallel_size):
+def test_resume_at_another_world_and_expert_parallel_size(ep2_reference, tmp_path, world_size, expert_parallel_size):
     reference_dir, reference_losses = ep2_reference
     copy_checkpoint(reference_dir, tmp_path, step=3)
     results = run_layout(tmp_path, world_size, expert_parallel_size, stop_at=6)
@@ -314,8 +325,12 @@ def test_resume_at_another_world_and_expert_parallel_size(ep2_reference, tmp_pat
     experts_per_rank = 4 // expert_parallel_size
     for rank, result in enumerate(results):
         # every rank holds exactly its experts, each equal to the one saved
-        expected = [str(e) for e in range(rank % expert_parallel_size * experts_per_rank,
-                                          (rank % expert_parallel_size + 1) * experts_per_rank)]
+        expected = [
+            str(e)
+            for e in range(
+                rank % expert_parallel_size * experts_per_rank, (rank % expert_parallel_size + 1) * experts_per_rank
+            )
+        ]
         for name, matches in result["held"].items():
             assert sorted(matches) == expected and all(matches.values()), (rank, name, matches)
 
@@ -349,8 +364,18 @@ def run_torchrun(tmp_path: Path, workdir: Path, kill_at: int) -> tuple[float, in
     script = tmp_path / "train_with_kill.py"
     script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "--max-restarts=1", "--monitor-interval=0.2", str(script), str(kill_at), str(workdir)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        "--monitor-interval=0.2",
+        str(script),
+        str(kill_at),
+        str(workdir),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     line = [line for line in done.stdout.splitlines() if line.startswith("FINAL_LOSS")][-1].split()

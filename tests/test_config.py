@@ -1,4 +1,5 @@
 """Config loading, overrides and every validation error the foundation promises."""
+
 from pathlib import Path
 
 import pytest
@@ -16,14 +17,25 @@ def test_shipped_configs_load_and_validate(name):
 
 def test_mymoe_768_has_the_promised_shape():
     model = load_config(str(CONFIGS / "mymoe-768.yaml")).model
-    assert (model.num_hidden_layers, model.hidden_size, model.num_attention_heads, model.num_key_value_heads) == \
-        (12, 768, 4, 2)
+    assert (model.num_hidden_layers, model.hidden_size, model.num_attention_heads, model.num_key_value_heads) == (
+        12,
+        768,
+        4,
+        2,
+    )
 
 
 def test_dotted_overrides_both_forms_and_flat_moe_keys():
-    config = load_config(str(CONFIGS / "tiny.yaml"),
-                         ["--model.n_routed_experts=8", "--train.lr", "1e-3", "--model.moe.capacity_factor=1.25",
-                          "--data.train_prefixes=[a, b]"])
+    config = load_config(
+        str(CONFIGS / "tiny.yaml"),
+        [
+            "--model.n_routed_experts=8",
+            "--train.lr",
+            "1e-3",
+            "--model.moe.capacity_factor=1.25",
+            "--data.train_prefixes=[a, b]",
+        ],
+    )
     assert config.model.moe.n_routed_experts == 8
     assert config.train.lr == pytest.approx(1e-3)
     assert config.model.moe.capacity_factor == 1.25
@@ -42,9 +54,14 @@ def build(**sections):
 
 
 BAD = [
-    ({"model": {"hidden_size": 100, "num_attention_heads": 8}}, "num_attention_heads=8 must divide model.hidden_size=100"),
-    ({"model": {"num_attention_heads": 8, "num_key_value_heads": 3, "hidden_size": 256}},
-     "num_key_value_heads=3 must divide model.num_attention_heads=8 (try 1, 2, 4, 8)"),
+    (
+        {"model": {"hidden_size": 100, "num_attention_heads": 8}},
+        "num_attention_heads=8 must divide model.hidden_size=100",
+    ),
+    (
+        {"model": {"num_attention_heads": 8, "num_key_value_heads": 3, "hidden_size": 256}},
+        "num_key_value_heads=3 must divide model.num_attention_heads=8 (try 1, 2, 4, 8)",
+    ),
     ({"model": {"moe": {"n_routed_experts": 4, "num_experts_per_tok": 5}}}, "num_experts_per_tok=5 is larger than"),
     ({"model": {"moe": {"n_routed_experts": 8, "n_group": 3}}}, "n_group=3 must divide model.moe.n_routed_experts=8"),
     ({"model": {"moe": {"n_group": 2, "topk_group": 3}}}, "topk_group=3 is larger than model.moe.n_group=2"),

@@ -1,5 +1,6 @@
 """mymoe-convert consolidate / to-sharded / reshard: bit-exact round trips, any layout, refusals that
 leave nothing behind."""
+
 from __future__ import annotations
 
 import shutil
@@ -20,8 +21,9 @@ from mymoe.convert.state import read_whole_checkpoint
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mymoe.convert", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "mymoe.convert", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 def convert_in_process(capsys, *args: str) -> tuple[int, str]:
@@ -38,9 +40,13 @@ def whole_state(checkpoints: Path) -> dict:
     manifest = read_manifest(directory)
     state, rng = read_whole_checkpoint(directory, manifest, config_from_dict(manifest["config"]))
     optimizer = state.optimizer.state_dict()
-    return {"model": state.model.state_dict(), "optimizer": optimizer["state"], "rng": rng,
-            "groups": optimizer["param_groups"],
-            "run": {key: manifest[key] for key in ("step", "tokens_seen", "train_reader", "optimizer_state")}}
+    return {
+        "model": state.model.state_dict(),
+        "optimizer": optimizer["state"],
+        "rng": rng,
+        "groups": optimizer["param_groups"],
+        "run": {key: manifest[key] for key in ("step", "tokens_seen", "train_reader", "optimizer_state")},
+    }
 
 
 def assert_bit_equal(a, b, where: str = "") -> None:

@@ -1,4 +1,5 @@
 """mymoe.generate with --model_path, --input_file batching and --rope_scaling at inference."""
+
 from __future__ import annotations
 
 import torch
@@ -13,9 +14,9 @@ def test_left_padded_batch_gives_each_prompt_its_greedy_tokens():
     model = our_model(MIXTRAL)
     prompts = [[1, 5, 9], [1, 7, 3, 12, 40, 2, 8], [1, 22]]
     input_ids, attention_mask = left_padded_batch(prompts)
-    batched = model.generate(input_ids, 8, temperature=0, attention_mask=attention_mask)[:, input_ids.shape[1]:]
+    batched = model.generate(input_ids, 8, temperature=0, attention_mask=attention_mask)[:, input_ids.shape[1] :]
     for row, prompt in enumerate(prompts):
-        alone = model.generate(torch.tensor([prompt]), 8, temperature=0)[0, len(prompt):]
+        alone = model.generate(torch.tensor([prompt]), 8, temperature=0)[0, len(prompt) :]
         assert batched[row].tolist() == alone.tolist()
 
 
@@ -37,12 +38,36 @@ def test_cli_model_path_input_file(tmp_path, capsys):
 
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(f"the {a} saw {n} birds" for a in ("cat", "dog", "owl") for n in range(20)))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "tok"), vocab_size=40,
-                                   model_type="bpe", eos_id=1, bos_id=-1, unk_id=0, pad_id=-1, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(text),
+        model_prefix=str(tmp_path / "tok"),
+        vocab_size=40,
+        model_type="bpe",
+        eos_id=1,
+        bos_id=-1,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+    )
     export_hf(our_model(MIXTRAL), tmp_path / "hf", tokenizer=str(tmp_path / "tok.model"))
     (tmp_path / "prompts.txt").write_text("the cat\nthe dog saw many\n")
-    assert main(["--model_path", str(tmp_path / "hf"), "--input_file", str(tmp_path / "prompts.txt"),
-                 "--temperature", "0", "--max_new_tokens", "5", "--rope_scaling", "dynamic:2"]) == 0
+    assert (
+        main(
+            [
+                "--model_path",
+                str(tmp_path / "hf"),
+                "--input_file",
+                str(tmp_path / "prompts.txt"),
+                "--temperature",
+                "0",
+                "--max_new_tokens",
+                "5",
+                "--rope_scaling",
+                "dynamic:2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     lines = out.out.strip().split("\n")
     assert len(lines) == 2 and lines[0].startswith("the cat") and lines[1].startswith("the dog saw many")

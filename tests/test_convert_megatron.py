@@ -1,4 +1,5 @@
 """Megatron-Core names: every weight lands once, and Megatron's own splits recover q, k, v and gate, up."""
+
 from __future__ import annotations
 
 import torch

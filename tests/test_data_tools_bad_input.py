@@ -30,18 +30,17 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, tokenizer_model):
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait\n")
     (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok \xff\xfe here"}\n{"text": "clean"}\n')
     (tmp_path / "surrogate.jsonl").write_text('{"text": "lone \\udc80 surrogate"}\n')
-    result = run_preprocess([tmp_path / "bad.txt", tmp_path / "bad.jsonl",
-                             tmp_path / "surrogate.jsonl"], tmp_path / "out", tokenizer_model)
+    result = run_preprocess(
+        [tmp_path / "bad.txt", tmp_path / "bad.jsonl", tmp_path / "surrogate.jsonl"], tmp_path / "out", tokenizer_model
+    )
     assert result.report.invalid_utf8 == 3
     assert "3 invalid UTF-8 (replaced)" in result.summary()
     tokenizer = spm.SentencePieceProcessor(model_file=tokenizer_model)
     texts = [tokenizer.decode(d[:-1]) for d in megatron_documents(tmp_path / "out")]
-    assert texts == ["caf\ufffd au lait\n", "ok \ufffd\ufffd here", "clean",
-                     "lone \ufffd surrogate"]
+    assert texts == ["caf\ufffd au lait\n", "ok \ufffd\ufffd here", "clean", "lone \ufffd surrogate"]
 
 
-def test_documents_that_tokenize_to_nothing_are_skipped_and_counted(tmp_path,
-                                                                     nfkc_tokenizer_model):
+def test_documents_that_tokenize_to_nothing_are_skipped_and_counted(tmp_path, nfkc_tokenizer_model):
     # nmt_nfkc drops control characters: the middle document has text but no tokens.
     corpus = write_jsonl(tmp_path / "c.jsonl", ["first words", "\x01\x02\x03", "last words"])
     result = run_preprocess([corpus], tmp_path / "out", nfkc_tokenizer_model)
@@ -57,17 +56,16 @@ def test_only_untokenizable_documents_is_an_empty_corpus(tmp_path, nfkc_tokenize
     assert not (tmp_path / "out.bin").exists() and not leftover_staging(tmp_path)
 
 
-def test_malformed_json_and_missing_keys_are_skipped_with_file_and_line(tmp_path,
-                                                                        tokenizer_model):
+def test_malformed_json_and_missing_keys_are_skipped_with_file_and_line(tmp_path, tokenizer_model):
     path = tmp_path / "mixed.jsonl"
     path.write_text(
         '{"text": "good one"}\n'
-        '{"text": "broken\n'          # line 2: malformed
-        '\n'                          # line 3: blank, a separator, not counted
-        '{"body": "wrong key"}\n'     # line 4: missing key
-        '{"text": 42}\n'              # line 5: not a string
-        '["a", "list"]\n'             # line 6: not an object
-        '{"text": "   "}\n'           # line 7: empty
+        '{"text": "broken\n'  # line 2: malformed
+        "\n"  # line 3: blank, a separator, not counted
+        '{"body": "wrong key"}\n'  # line 4: missing key
+        '{"text": 42}\n'  # line 5: not a string
+        '["a", "list"]\n'  # line 6: not an object
+        '{"text": "   "}\n'  # line 7: empty
         '{"text": "good two"}\n'
     )
     result = run_preprocess([path], tmp_path / "out", tokenizer_model)
@@ -79,10 +77,13 @@ def test_malformed_json_and_missing_keys_are_skipped_with_file_and_line(tmp_path
     assert "1 malformed JSON, 3 missing key, 1 empty" in result.summary()
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"text": oops}', r"bad\.jsonl:2: malformed JSON"),
-    ('{"title": "x"}', r"bad\.jsonl:2: no string under key 'text' \(found \['title'\]\)"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"text": oops}', r"bad\.jsonl:2: malformed JSON"),
+        ('{"title": "x"}', r"bad\.jsonl:2: no string under key 'text' \(found \['title'\]\)"),
+    ],
+)
 def test_strict_fails_at_the_first_bad_line(tmp_path, tokenizer_model, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n' + line + "\n")
@@ -102,18 +103,26 @@ def test_empty_documents_are_skipped_and_counted(tmp_path, tokenizer_model):
 def test_empty_corpus_is_a_clear_error(tmp_path, tokenizer_model, capsys):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     (tmp_path / "blank.txt").write_text("   ")
-    with pytest.raises(DataError,
-                       match=r"no documents to write: 2 input files gave none \(1 empty"):
-        run_preprocess([tmp_path / "empty.jsonl", tmp_path / "blank.txt"], tmp_path / "out",
-                       tokenizer_model)
+    with pytest.raises(DataError, match=r"no documents to write: 2 input files gave none \(1 empty"):
+        run_preprocess([tmp_path / "empty.jsonl", tmp_path / "blank.txt"], tmp_path / "out", tokenizer_model)
     (tmp_path / "nothing").mkdir()
     with pytest.raises(DataError, match="holds no .jsonl.gz, .jsonl, .txt.gz, .txt files"):
         resolve_inputs([str(tmp_path / "nothing")])
     with pytest.raises(DataError, match="does not exist"):
         resolve_inputs([str(tmp_path / "missing.txt")])
 
-    code = main(["train-tokenizer", "--input", str(tmp_path / "empty.jsonl"), "--output",
-                 str(tmp_path / "tok"), "--vocab-size", "300", "--quiet"])
+    code = main(
+        [
+            "train-tokenizer",
+            "--input",
+            str(tmp_path / "empty.jsonl"),
+            "--output",
+            str(tmp_path / "tok"),
+            "--vocab-size",
+            "300",
+            "--quiet",
+        ]
+    )
     assert code == 2
     assert "error: no text found in 1 input file;" in capsys.readouterr().err
 
@@ -121,8 +130,11 @@ def test_empty_corpus_is_a_clear_error(tmp_path, tokenizer_model, capsys):
 def test_vocabulary_too_large_for_the_dtype(tmp_path, tokenizer_model, monkeypatch):
     assert choose_dtype(65499) == np.uint16 and choose_dtype(65500) == np.int32
     assert choose_dtype(65536, "uint16") == np.uint16  # ids up to 65535 still fit
-    with pytest.raises(DataError, match=r"--dtype uint16 cannot hold token ids up to 69999.*"
-                                        r"use --dtype int32"):
+    with pytest.raises(
+        DataError,
+        match=r"--dtype uint16 cannot hold token ids up to 69999.*"
+        r"use --dtype int32",
+    ):
         choose_dtype(70000, "uint16")
     # Through the command: a tokenizer that reports a 70,000-piece vocabulary.
     monkeypatch.setattr(spm.SentencePieceProcessor, "vocab_size", lambda self: 70000)
@@ -137,8 +149,16 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, tokenizer_model, 
     corpus = write_jsonl(tmp_path / "c.jsonl", ["one document", "two documents"])
     run_preprocess([corpus], tmp_path / "out", tokenizer_model)
     before = pair_bytes(tmp_path / "out")
-    args = ["preprocess", "--input", str(corpus), "--tokenizer", tokenizer_model, "--output",
-            str(tmp_path / "out"), "--quiet"]
+    args = [
+        "preprocess",
+        "--input",
+        str(corpus),
+        "--tokenizer",
+        tokenizer_model,
+        "--output",
+        str(tmp_path / "out"),
+        "--quiet",
+    ]
     assert main(args) == 2
     assert f"{tmp_path / 'out'}.bin already exists; pass --overwrite" in capsys.readouterr().err
     assert pair_bytes(tmp_path / "out") == before
@@ -155,8 +175,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, tokenizer_model, 
         check_tokenizer_options(existing)
 
 
-def test_interrupted_run_leaves_no_pair_and_keeps_the_old_one(tmp_path, tokenizer_model,
-                                                              monkeypatch):
+def test_interrupted_run_leaves_no_pair_and_keeps_the_old_one(tmp_path, tokenizer_model, monkeypatch):
     corpus = write_jsonl(tmp_path / "c.jsonl", documents(seed=8, count=30))
     run_preprocess([corpus], tmp_path / "old", tokenizer_model, max_docs=5)
     before = pair_bytes(tmp_path / "old")
@@ -180,8 +199,7 @@ def test_interrupted_run_leaves_no_pair_and_keeps_the_old_one(tmp_path, tokenize
     assert not leftover_staging(tmp_path)
 
 
-def test_crash_between_renames_leaves_a_pair_that_does_not_load(tmp_path, tokenizer_model,
-                                                                monkeypatch):
+def test_crash_between_renames_leaves_a_pair_that_does_not_load(tmp_path, tokenizer_model, monkeypatch):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     corpus = write_jsonl(tmp_path / "c.jsonl", ["a document", "another one"])
@@ -224,13 +242,10 @@ def test_bad_settings_name_the_value_and_the_fix(tmp_path, tokenizer_model):
     with pytest.raises(DataError, match="does not exist; train one"):
         run_preprocess([corpus], tmp_path / "o", str(tmp_path / "nope.model"))
     with pytest.raises(DataError, match=r"--vocab-size 200 leaves no room.*= 259"):
-        check_tokenizer_options(TokenizerOptions(inputs=[], output=str(tmp_path / "t"),
-                                                 vocab_size=200))
+        check_tokenizer_options(TokenizerOptions(inputs=[], output=str(tmp_path / "t"), vocab_size=200))
     with pytest.raises(DataError, match=r"--special-tokens \['</s>'\] are already"):
-        check_tokenizer_options(TokenizerOptions(inputs=[], output=str(tmp_path / "t"),
-                                                 special_tokens=["</s>"]))
-    options = TokenizerOptions(inputs=[str(corpus)], output=str(tmp_path / "t"), vocab_size=5000,
-                               progress=False)
+        check_tokenizer_options(TokenizerOptions(inputs=[], output=str(tmp_path / "t"), special_tokens=["</s>"]))
+    options = TokenizerOptions(inputs=[str(corpus)], output=str(tmp_path / "t"), vocab_size=5000, progress=False)
     with pytest.raises(DataError, match="lower --vocab-size or add text"):
         train_tokenizer(options, resolve_inputs(options.inputs))
     assert not list(tmp_path.glob("t.*")) and not leftover_staging(tmp_path)

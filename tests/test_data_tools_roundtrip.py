@@ -63,11 +63,26 @@ def test_train_tokenizer_cli_unigram_with_sample_cap(tmp_path, capsys):
     from data_tools.cli import main
 
     corpus = write_jsonl(tmp_path / "c.jsonl", documents(seed=5, count=200), key="body")
-    code = main([
-        "train-tokenizer", "--input", str(corpus), "--json-key", "body", "--model-type",
-        "unigram", "--vocab-size", "320", "--input-sentence-size", "200", "--output",
-        str(tmp_path / "uni"), "--quiet", "--num-threads", "1",
-    ])
+    code = main(
+        [
+            "train-tokenizer",
+            "--input",
+            str(corpus),
+            "--json-key",
+            "body",
+            "--model-type",
+            "unigram",
+            "--vocab-size",
+            "320",
+            "--input-sentence-size",
+            "200",
+            "--output",
+            str(tmp_path / "uni"),
+            "--quiet",
+            "--num-threads",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert out.splitlines()[0].startswith("train-tokenizer: unigram vocab 320")
@@ -101,8 +116,12 @@ def test_merge_of_shards_equals_one_run(tmp_path, tokenizer_model):
     run_preprocess([first], tmp_path / "shard_a", tokenizer_model)
     run_preprocess([second], tmp_path / "shard_b", tokenizer_model)
 
-    result = merge([str(tmp_path / "shard_a.idx"), str(tmp_path / "shard_b")],
-                   str(tmp_path / "merged"), progress=False, announce=lambda line: None)
+    result = merge(
+        [str(tmp_path / "shard_a.idx"), str(tmp_path / "shard_b")],
+        str(tmp_path / "merged"),
+        progress=False,
+        announce=lambda line: None,
+    )
     assert (result.shards, result.documents) == (2, 30)
     assert pair_bytes(tmp_path / "merged") == pair_bytes(tmp_path / "whole")
 
@@ -114,8 +133,12 @@ def test_merge_refuses_mixed_dtypes(tmp_path, tokenizer_model):
     run_preprocess([corpus], tmp_path / "small", tokenizer_model)
     run_preprocess([corpus], tmp_path / "wide", tokenizer_model, dtype="int32")
     with pytest.raises(DataError, match="different token dtypes.*uint16.*int32"):
-        merge([str(tmp_path / "small"), str(tmp_path / "wide")], str(tmp_path / "m"),
-              progress=False, announce=lambda line: None)
+        merge(
+            [str(tmp_path / "small"), str(tmp_path / "wide")],
+            str(tmp_path / "m"),
+            progress=False,
+            announce=lambda line: None,
+        )
 
 
 def test_inspect_reports_counts_histogram_and_samples(tmp_path, tokenizer_model, capsys):
@@ -163,8 +186,7 @@ def test_shared_corpus_when_present(tmp_path, tokenizer_model):
     if not SHARED_CORPUS.is_dir():
         pytest.skip(f"no shared corpus at {SHARED_CORPUS}")
     books = sorted(SHARED_CORPUS.glob("*.txt"))[:2]
-    result = run_preprocess(books, tmp_path / "books", tokenizer_model, txt_unit="paragraph",
-                            max_docs=300)
+    result = run_preprocess(books, tmp_path / "books", tokenizer_model, txt_unit="paragraph", max_docs=300)
     assert result.documents == [300]
     docs = megatron_documents(tmp_path / "books")
     assert len(docs) == 300 and all(d[-1] == 2 and len(d) > 1 for d in docs)

@@ -5,6 +5,7 @@ groups over the same process group), gradient accumulation 2, activation checkpo
 threshold low enough that every step clips. mymoe.verify's comparison does the work: every rank replays
 the gathered batches in one process holding the whole model, with torch's own clipping and AdamW.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,10 +29,18 @@ def dataset(tmp_path_factory):
 
 
 def fsdp_overrides(train_prefix, valid_prefix, out_dir, extra=None) -> list[str]:
-    values = {"parallel.fsdp": True, "train.micro_batch_size": 2, "data.seq_len": 32, "train.grad_clip": MAX_NORM,
-              "train.gradient_accumulation_steps": 2, "model.gradient_checkpointing": True,
-              "model.num_hidden_layers": 2, "model.first_k_dense_replace": 0, "model.vocab_size": 256,
-              "train.eval_interval": 0}
+    values = {
+        "parallel.fsdp": True,
+        "train.micro_batch_size": 2,
+        "data.seq_len": 32,
+        "train.grad_clip": MAX_NORM,
+        "train.gradient_accumulation_steps": 2,
+        "model.gradient_checkpointing": True,
+        "model.num_hidden_layers": 2,
+        "model.first_k_dense_replace": 0,
+        "model.vocab_size": 256,
+        "train.eval_interval": 0,
+    }
     values.update(extra or {})
     return tiny_overrides(train_prefix, valid_prefix, Path(out_dir), steps=3, extra=values)
 
@@ -68,9 +77,12 @@ def check(results: dict, loss_falls: bool = True) -> None:
 def test_fsdp_with_ep_1_2_4_accumulation_and_checkpointing_equals_one_process(dataset, tmp_path):
     layouts = [(f"EP {ep}", {"parallel.expert_parallel_size": ep}) for ep in (1, 2, 4)]
     # 6 experts at EP 2: 3 per rank over 2 expert-data-parallel ranks, sharded inside each expert (dim 1)
-    layouts.append(("EP 2, experts split inside", {"parallel.expert_parallel_size": 2, "model.moe.n_routed_experts": 6}))
-    results = run_distributed(_layouts_worker, world_size=4, init_process_group=False, timeout=120,
-                              args=(*dataset, str(tmp_path), layouts))
+    layouts.append(
+        ("EP 2, experts split inside", {"parallel.expert_parallel_size": 2, "model.moe.n_routed_experts": 6})
+    )
+    results = run_distributed(
+        _layouts_worker, world_size=4, init_process_group=False, timeout=120, args=(*dataset, str(tmp_path), layouts)
+    )
     check(results[0].value)
 
 
@@ -86,10 +98,17 @@ def measured_state_bytes(trainer) -> dict:
     input_ids, labels = trainer.train_reader.next_batch()
     trainer.model(input_ids, labels=labels).loss.backward()
     params = list(trainer.model.parameters())
-    state = [value for per_param in trainer.optimizer.state.values() for value in per_param.values()
-             if torch.is_tensor(value)]
-    return {"parameters": _local_bytes(params), "gradients": _local_bytes([p.grad for p in params if p.grad is not None]),
-            "optimizer": _local_bytes(state)}
+    state = [
+        value
+        for per_param in trainer.optimizer.state.values()
+        for value in per_param.values()
+        if torch.is_tensor(value)
+    ]
+    return {
+        "parameters": _local_bytes(params),
+        "gradients": _local_bytes([p.grad for p in params if p.grad is not None]),
+        "optimizer": _local_bytes(state),
+    }
 
 
 def _memory_and_features_worker(rank, world_size, train_prefix, valid_prefix, out_dir):
@@ -99,15 +118,18 @@ def _memory_and_features_worker(rank, world_size, train_prefix, valid_prefix, ou
     from mymoe.train.loop import Trainer
     from mymoe.equivalence import verify
 
-    config = load_config(str(TINY_CONFIG), fsdp_overrides(train_prefix, valid_prefix, out_dir,
-                                                          {"train.gradient_accumulation_steps": 1}))
+    config = load_config(
+        str(TINY_CONFIG), fsdp_overrides(train_prefix, valid_prefix, out_dir, {"train.gradient_accumulation_steps": 1})
+    )
     ctx = init_distributed(config)
     try:
         shapes = parameter_shapes(config)
         memory = {}
         for expert_parallel_size, fsdp in ((2, True), (1, True), (2, False)):
-            layout = dataclasses.replace(config, parallel=dataclasses.replace(
-                config.parallel, expert_parallel_size=expert_parallel_size, fsdp=fsdp))
+            layout = dataclasses.replace(
+                config,
+                parallel=dataclasses.replace(config.parallel, expert_parallel_size=expert_parallel_size, fsdp=fsdp),
+            )
             layout_ctx = build_context(expert_parallel_size, device=ctx.device, timeout_seconds=60)
             measured = measured_state_bytes(Trainer(layout, layout_ctx))
             predicted = model_state_bytes(shapes, Layout(world_size, expert_parallel_size, fsdp, True, 2))
@@ -118,12 +140,14 @@ def _memory_and_features_worker(rank, world_size, train_prefix, valid_prefix, ou
         # default eps 1e-8 magnifies their rounding: with exact-zero router gradients for unchosen experts, one
         # lora_B element differed by 1.2e-5 with every loss equal (0.0) and grad norms within 1.5e-8.
         # eps 1e-6 keeps the comparison about the layout rather than about Adam's amplification.
-        for name, extra in (("lora", {"peft.lora_rank": 4, "peft.lora_targets": "[q_proj,experts,gate]",
-                                      "train.adam_eps": 1e-6}),
-                            ("prefetch, no reshard", {"parallel.fsdp_prefetch": 1,
-                                                      "parallel.fsdp_reshard_after_forward": False})):
-            layout = load_config(str(TINY_CONFIG), fsdp_overrides(train_prefix, valid_prefix, out_dir,
-                                                                  {"parallel.expert_parallel_size": 2, **extra}))
+        for name, extra in (
+            ("lora", {"peft.lora_rank": 4, "peft.lora_targets": "[q_proj,experts,gate]", "train.adam_eps": 1e-6}),
+            ("prefetch, no reshard", {"parallel.fsdp_prefetch": 1, "parallel.fsdp_reshard_after_forward": False}),
+        ):
+            layout = load_config(
+                str(TINY_CONFIG),
+                fsdp_overrides(train_prefix, valid_prefix, out_dir, {"parallel.expert_parallel_size": 2, **extra}),
+            )
             features[name] = verify(layout, build_context(2, device=ctx.device, timeout_seconds=60), steps=2)
         return {"memory": memory, "features": features}
     finally:
@@ -132,8 +156,13 @@ def _memory_and_features_worker(rank, world_size, train_prefix, valid_prefix, ou
 
 @pytest.fixture(scope="module")
 def memory_and_features(dataset, tmp_path_factory):
-    results = run_distributed(_memory_and_features_worker, world_size=4, init_process_group=False, timeout=120,
-                              args=(*dataset, str(tmp_path_factory.mktemp("memory"))))
+    results = run_distributed(
+        _memory_and_features_worker,
+        world_size=4,
+        init_process_group=False,
+        timeout=120,
+        args=(*dataset, str(tmp_path_factory.mktemp("memory"))),
+    )
     return [result.value for result in results]
 
 

@@ -5,6 +5,7 @@ A checkpoint a layout loads and saves again at once must hold exactly the tensor
 parameter, AdamW moment and step, per global expert. Comparing those re-saved checkpoints with the
 original, whole tensor by whole tensor, checks both the load into the layout and its save.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,8 +42,9 @@ def jobs_worker(rank, world_size, workdir, jobs):
     try:
         results = []
         for job in jobs:
-            config = layout_config(workdir, world_size, job["ep"], job["fsdp"], job.get("stop_at", 1),
-                                   job.get("out_dir"), job.get("moe"))
+            config = layout_config(
+                workdir, world_size, job["ep"], job["fsdp"], job.get("stop_at", 1), job.get("out_dir"), job.get("moe")
+            )
             job_ctx = build_context(job["ep"], device=ctx.device, timeout_seconds=60)
             trainer = Trainer(config, job_ctx)
             manager = CheckpointManager(Path(config.train.out_dir) / "checkpoints", config, job_ctx, verbose=False)
@@ -65,15 +67,18 @@ def jobs_worker(rank, world_size, workdir, jobs):
 
 
 def run_jobs(workdir, world_size, jobs):
-    return run_distributed(jobs_worker, world_size, args=(str(workdir), jobs), init_process_group=False,
-                           timeout=120)[0].value
+    return run_distributed(jobs_worker, world_size, args=(str(workdir), jobs), init_process_group=False, timeout=120)[
+        0
+    ].value
 
 
 def assert_same_tensors(expected_dir: Path, actual_dir: Path, ranks: int) -> None:
     """Every tensor equal; RNG streams only for the ranks both runs had."""
     expected, actual = read_all_tensors(expected_dir), read_all_tensors(actual_dir)
+
     def comparable(keys):
         return {k for k in keys if not k.startswith("rng.") or int(k.rpartition("_")[2]) < ranks}
+
     assert comparable(expected) == comparable(actual), comparable(expected) ^ comparable(actual)
     for key in comparable(expected):
         assert torch.equal(expected[key], actual[key]), f"{actual_dir}: {key} differs from {expected_dir}"
@@ -104,21 +109,63 @@ def runs(tmp_path_factory):
         trainer.train_step()
     manager.save(trainer)
     reference = checkpoint_dir(workdir, 6)
-    jobs = [{"ep": 2, "fsdp": True, "stop_at": 6, "save_at": (3, 6)},
-            {"ep": 2, "fsdp": True, "load": str(checkpoint_dir(workdir, 3)), "stop_at": 6, "save_at": (6,),
-             "out_dir": str(workdir / "resumed")}]
-    jobs += [{"ep": ep, "fsdp": fsdp, "load": str(reference), "resave": True,
-              "out_dir": str(workdir / f"w4_ep{ep}_fsdp{fsdp}")} for ep, fsdp in WORLD_4]
-    jobs += [{"ep": ep, "fsdp": True, "load": str(checkpoint_dir(workdir, 3, "single")), "resave": True,
-              "out_dir": str(workdir / f"back_ep{ep}")} for ep in (1, 2, 4)]
+    jobs = [
+        {"ep": 2, "fsdp": True, "stop_at": 6, "save_at": (3, 6)},
+        {
+            "ep": 2,
+            "fsdp": True,
+            "load": str(checkpoint_dir(workdir, 3)),
+            "stop_at": 6,
+            "save_at": (6,),
+            "out_dir": str(workdir / "resumed"),
+        },
+    ]
+    jobs += [
+        {
+            "ep": ep,
+            "fsdp": fsdp,
+            "load": str(reference),
+            "resave": True,
+            "out_dir": str(workdir / f"w4_ep{ep}_fsdp{fsdp}"),
+        }
+        for ep, fsdp in WORLD_4
+    ]
+    jobs += [
+        {
+            "ep": ep,
+            "fsdp": True,
+            "load": str(checkpoint_dir(workdir, 3, "single")),
+            "resave": True,
+            "out_dir": str(workdir / f"back_ep{ep}"),
+        }
+        for ep in (1, 2, 4)
+    ]
     # 6 experts: at EP 2 each rank's 3 are split inside each expert over its 2 expert-data-parallel peers,
     # and at EP 1 the 6 over 4 ranks likewise (DTensor entries per expert)
     six = {"n_routed_experts": 6}
-    jobs += [{"ep": 2, "fsdp": True, "moe": six, "stop_at": 3, "save_at": (2, 3), "out_dir": str(workdir / "six")},
-             {"ep": 2, "fsdp": True, "moe": six, "load": str(checkpoint_dir(workdir, 2, "six")), "stop_at": 3,
-              "save_at": (3,), "out_dir": str(workdir / "six_resumed")}]
-    jobs += [{"ep": 1, "fsdp": fsdp, "moe": six, "load": str(checkpoint_dir(workdir, 3, "six")), "resave": True,
-              "out_dir": str(workdir / f"six_ep1_fsdp{fsdp}")} for fsdp in (False, True)]
+    jobs += [
+        {"ep": 2, "fsdp": True, "moe": six, "stop_at": 3, "save_at": (2, 3), "out_dir": str(workdir / "six")},
+        {
+            "ep": 2,
+            "fsdp": True,
+            "moe": six,
+            "load": str(checkpoint_dir(workdir, 2, "six")),
+            "stop_at": 3,
+            "save_at": (3,),
+            "out_dir": str(workdir / "six_resumed"),
+        },
+    ]
+    jobs += [
+        {
+            "ep": 1,
+            "fsdp": fsdp,
+            "moe": six,
+            "load": str(checkpoint_dir(workdir, 3, "six")),
+            "resave": True,
+            "out_dir": str(workdir / f"six_ep1_fsdp{fsdp}"),
+        }
+        for fsdp in (False, True)
+    ]
     losses = run_jobs(workdir, 4, jobs)
     return workdir, losses
 
@@ -148,8 +195,20 @@ def test_fsdp_checkpoint_loads_in_other_layouts_at_world_4_and_the_reverse(runs)
 def test_fsdp_checkpoint_loads_at_world_2_and_in_one_process(runs):
     workdir, _ = runs
     source = checkpoint_dir(workdir, 6)
-    run_jobs(workdir, 2, [{"ep": ep, "fsdp": fsdp, "load": str(source), "resave": True,
-                           "out_dir": str(workdir / f"w2_ep{ep}_fsdp{fsdp}")} for ep, fsdp in WORLD_2])
+    run_jobs(
+        workdir,
+        2,
+        [
+            {
+                "ep": ep,
+                "fsdp": fsdp,
+                "load": str(source),
+                "resave": True,
+                "out_dir": str(workdir / f"w2_ep{ep}_fsdp{fsdp}"),
+            }
+            for ep, fsdp in WORLD_2
+        ],
+    )
     for ep, fsdp in WORLD_2:
         assert_same_tensors(source, checkpoint_dir(workdir, 6, f"w2_ep{ep}_fsdp{fsdp}"), 2)
     from mymoe.checkpoint import CheckpointManager
@@ -182,8 +241,11 @@ def test_fsdp_ranks_each_write_a_shard_of_every_dense_tensor(runs):
     from mymoe.checkpoint.storage import read_dcp_metadata
 
     workdir, _ = runs
-    chunks = {key: len(entry.chunks) for key, entry in read_dcp_metadata(checkpoint_dir(workdir, 6)).state_dict_metadata.items()
-              if hasattr(entry, "chunks")}
+    chunks = {
+        key: len(entry.chunks)
+        for key, entry in read_dcp_metadata(checkpoint_dir(workdir, 6)).state_dict_metadata.items()
+        if hasattr(entry, "chunks")
+    }
     assert chunks["model.model.embed_tokens.weight"] == 4 and chunks["optim.model.embed_tokens.weight.exp_avg"] == 4
     replicated = read_dcp_metadata(checkpoint_dir(workdir, 6, "w4_ep1_fsdpFalse")).state_dict_metadata
     assert len(replicated["model.model.embed_tokens.weight"].chunks) == 1

@@ -1,6 +1,7 @@
 """Dense Llama and Qwen3 checkpoints as all-dense models of ours (import, export, greedy tokens, training
 against transformers), and `mymoe-convert upcycle` from a Llama folder: the MoE's logits equal the dense
 model's, and a few training steps lower its loss."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,9 +14,18 @@ def llama(attention_bias: bool = False, tie: bool = False):
     import transformers
 
     torch.manual_seed(1)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
-                                      rms_norm_eps=1e-6, attention_bias=attention_bias, tie_word_embeddings=tie)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        attention_bias=attention_bias,
+        tie_word_embeddings=tie,
+    )
     model = transformers.LlamaForCausalLM(config)
     draw_away_from_defaults(model)
     return model.eval()
@@ -25,9 +35,18 @@ def qwen3():
     import transformers
 
     torch.manual_seed(1)
-    config = transformers.Qwen3Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, head_dim=12, intermediate_size=48,
-                                      max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    config = transformers.Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
     model = transformers.Qwen3ForCausalLM(config)
     draw_away_from_defaults(model)
     return model.eval()
@@ -58,8 +77,9 @@ def test_mlp_biases_are_refused_on_import_and_nothing_written(tmp_path):
     from mymoe.checkpoint import CheckpointError
     from mymoe.convert.hf import import_hf
 
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                      intermediate_size=48, mlp_bias=True)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, mlp_bias=True
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
     with pytest.raises(CheckpointError, match="mlp_bias=true: mymoe's MLPs have no biases"):
         import_hf(tmp_path / "hf", tmp_path / "ours.safetensors")
@@ -72,8 +92,9 @@ def test_an_moe_is_refused_as_llama(tmp_path):
     from mymoe.convert.hf import export_hf
     from mymoe.model import MoECausalLM
 
-    model = MoECausalLM(validate(config_from_dict({"model": {"vocab_size": 64, "hidden_size": 32,
-                                                             "num_hidden_layers": 1}})).model)
+    model = MoECausalLM(
+        validate(config_from_dict({"model": {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1}})).model
+    )
     with pytest.raises(CheckpointError, match="Llama is a dense model, without MoE layers"):
         export_hf(model, tmp_path / "hf", "llama")
     assert list(tmp_path.iterdir()) == []
@@ -86,8 +107,10 @@ def test_upcycling_a_llama_folder_keeps_its_logits_and_then_trains(tmp_path, cap
 
     reference = llama(attention_bias=True, tie=tie)
     reference.save_pretrained(tmp_path / "llama")
-    assert main(["upcycle", str(tmp_path / "llama"), str(tmp_path / "moe.safetensors"), "--experts", "4",
-                 "--top-k", "2"]) == 0
+    assert (
+        main(["upcycle", str(tmp_path / "llama"), str(tmp_path / "moe.safetensors"), "--experts", "4", "--top-k", "2"])
+        == 0
+    )
     assert "fine-tune with --train.init_from" in capsys.readouterr().out
     model, config = load_consolidated_model(tmp_path / "moe.safetensors")
     assert (tmp_path / "moe.yaml").exists()
@@ -115,6 +138,8 @@ def test_upcycling_an_moe_is_refused(tmp_path):
     from test_hf_olmoe import olmoe
 
     olmoe(None, False).save_pretrained(tmp_path / "olmoe")
-    assert main(["upcycle", str(tmp_path / "olmoe"), str(tmp_path / "moe.safetensors"), "--experts", "4",
-                 "--top-k", "2"]) == 1
+    assert (
+        main(["upcycle", str(tmp_path / "olmoe"), str(tmp_path / "moe.safetensors"), "--experts", "4", "--top-k", "2"])
+        == 1
+    )
     assert not (tmp_path / "moe.safetensors").exists()

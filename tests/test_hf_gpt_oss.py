@@ -1,6 +1,7 @@
 """GPT-OSS (attention sinks, alternating sliding-window layers, q/k/v/o biases, a biased router, biased
 experts with the clamped SwiGLU, YaRN) against transformers: import, export, greedy tokens, training;
 and each of those pieces as an option of our model on its own."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,10 +14,21 @@ def gpt_oss(window: int = 4):
     import transformers
 
     torch.manual_seed(1)
-    config = transformers.GptOssConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, head_dim=12, intermediate_size=16, num_local_experts=4,
-                                       num_experts_per_tok=2, max_position_embeddings=64, sliding_window=window,
-                                       rms_norm_eps=1e-5, swiglu_limit=0.5)
+    config = transformers.GptOssConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        intermediate_size=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        sliding_window=window,
+        rms_norm_eps=1e-5,
+        swiglu_limit=0.5,
+    )
     model = transformers.GptOssForCausalLM(config)
     draw_away_from_defaults(model)
     with torch.no_grad():
@@ -32,13 +44,22 @@ def test_gpt_oss_imports_exports_and_trains_like_transformers(tmp_path):
     check_family(gpt_oss(), tmp_path, "gpt_oss", "GptOssForCausalLM")
 
 
-BASE = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16}}
-OPTIONS = {"attention_sinks": {"attention_sinks": True}, "sliding_window": {"sliding_window": 3},
-           "alternating_layers": {"sliding_window": 3, "layer_types": ["sliding_attention", "full_attention"]},
-           "router_bias": {"moe": {**BASE["moe"], "router_bias": True}},
-           "expert_mlp_bias": {"moe": {**BASE["moe"], "expert_mlp_bias": True}},
-           "clamped_swiglu": {"moe": {**BASE["moe"], "expert_activation": "clamped_swiglu", "swiglu_limit": 0.01}}}
+BASE = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
+}
+OPTIONS = {
+    "attention_sinks": {"attention_sinks": True},
+    "sliding_window": {"sliding_window": 3},
+    "alternating_layers": {"sliding_window": 3, "layer_types": ["sliding_attention", "full_attention"]},
+    "router_bias": {"moe": {**BASE["moe"], "router_bias": True}},
+    "expert_mlp_bias": {"moe": {**BASE["moe"], "expert_mlp_bias": True}},
+    "clamped_swiglu": {"moe": {**BASE["moe"], "expert_activation": "clamped_swiglu", "swiglu_limit": 0.01}},
+}
 
 
 def build(fields: dict):

@@ -1,5 +1,6 @@
 """Families mymoe cannot compute yet, and quantized checkpoints, are refused on import with what they need, and
 nothing is written."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,9 +11,17 @@ def phimoe():
     import transformers
 
     torch.manual_seed(1)
-    config = transformers.PhimoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, intermediate_size=16, num_local_experts=4,
-                                       num_experts_per_tok=2, max_position_embeddings=64)
+    config = transformers.PhimoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
     return transformers.PhimoeForCausalLM(config)
 
 

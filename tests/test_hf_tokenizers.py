@@ -2,6 +2,7 @@
 AutoTokenizer's ids with its own eos as EOD; every family's export carries a tokenizer AutoTokenizer
 loads with our ids (from that tokenizer.json, or from a SentencePiece model as a Llama-style fast
 tokenizer) and the bos/eos/pad ids, so transformers' generate stops at our eos."""
+
 from __future__ import annotations
 
 import json
@@ -14,16 +15,33 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FAMILIES = {  # our config fields each family exports from
-    "mixtral": {}, "qwen2_moe": {"qkv_bias": True, "moe": {"n_shared_experts": 1, "shared_expert_gate": True}},
-    "qwen3_moe": {"qk_norm": "head"}, "olmoe": {"qk_norm": "full"},
-    "deepseek_v2": {"attention_type": "mla", "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
-                    "v_head_dim": 8, "moe": {"norm_topk_prob": False}},
-    "deepseek_v3": {"attention_type": "mla", "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
-                    "v_head_dim": 8, "moe": {"scoring_func": "sigmoid"}},
-    "llama": {"first_k_dense_replace": 1}, "qwen3": {"first_k_dense_replace": 1, "qk_norm": "head"},
+    "mixtral": {},
+    "qwen2_moe": {"qkv_bias": True, "moe": {"n_shared_experts": 1, "shared_expert_gate": True}},
+    "qwen3_moe": {"qk_norm": "head"},
+    "olmoe": {"qk_norm": "full"},
+    "deepseek_v2": {
+        "attention_type": "mla",
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 8,
+        "moe": {"norm_topk_prob": False},
+    },
+    "deepseek_v3": {
+        "attention_type": "mla",
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 8,
+        "moe": {"scoring_func": "sigmoid"},
+    },
+    "llama": {"first_k_dense_replace": 1},
+    "qwen3": {"first_k_dense_replace": 1, "qk_norm": "head"},
 }
-WORDS = ("the river stone light café naïve über Straße 東京 日本語 emoji 😀 🎉 👩‍💻 def return lambda x y "
-         "for in range ( ) { } [ ] : ; = + - * / # // -> => \"quoted\" 'single' 42 3.14 1e-5").split()
+WORDS = (
+    "the river stone light café naïve über Straße 東京 日本語 emoji 😀 🎉 👩‍💻 def return lambda x y "
+    "for in range ( ) { } [ ] : ; = + - * / # // -> => \"quoted\" 'single' 42 3.14 1e-5"
+).split()
 
 
 def texts(count: int = 300, seed: int = 0) -> list[str]:
@@ -51,13 +69,24 @@ def hf_tokenizer_folder(tmp_path_factory):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts(400, seed=1), trainer)
     tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
-         "bos_token": None, "clean_up_tokenization_spaces": False}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|pad|>",
+                "bos_token": None,
+                "clean_up_tokenization_spaces": False,
+            }
+        )
+    )
     return folder
 
 
@@ -75,8 +104,16 @@ def our_model(family: str, vocab_size: int = 512):
     fields = FAMILIES[family]
     moe = {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, **fields.get("moe", {})}
     torch.manual_seed(0)
-    config = {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 1,
-              "num_attention_heads": 4, "max_position_embeddings": 64, **fields, "moe": moe}
+    config = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 64,
+        **fields,
+        "moe": moe,
+    }
     return MoECausalLM(validate(config_from_dict({"model": config})).model).eval()
 
 
@@ -104,8 +141,21 @@ def test_preprocess_with_a_tokenizer_json_writes_autotokenizer_ids_and_eos(tmp_p
 
     corpus = texts(300, seed=2)
     write_jsonl(tmp_path / "corpus.jsonl", corpus)
-    assert main(["preprocess", "--input", str(tmp_path / "corpus.jsonl"), "--tokenizer", str(hf_tokenizer_folder),
-                 "--output", str(tmp_path / "out"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "preprocess",
+                "--input",
+                str(tmp_path / "corpus.jsonl"),
+                "--tokenizer",
+                str(hf_tokenizer_folder),
+                "--output",
+                str(tmp_path / "out"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     reference = AutoTokenizer.from_pretrained(hf_tokenizer_folder)
     written = IndexedTokens(str(tmp_path / "out"))
     expected = [reference(text)["input_ids"] + [reference.eos_token_id] for text in corpus]
@@ -114,8 +164,9 @@ def test_preprocess_with_a_tokenizer_json_writes_autotokenizer_ids_and_eos(tmp_p
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", ["tokenizer_json", "sentencepiece"])
-def test_every_export_carries_a_tokenizer_autotokenizer_loads_with_our_ids(tmp_path, family, kind,
-                                                                             hf_tokenizer_folder, sentencepiece_model):
+def test_every_export_carries_a_tokenizer_autotokenizer_loads_with_our_ids(
+    tmp_path, family, kind, hf_tokenizer_folder, sentencepiece_model
+):
     from transformers import AutoTokenizer
 
     from mymoe.convert.hf import export_hf
@@ -162,8 +213,21 @@ def test_generate_reads_a_tokenizer_json_folder(tmp_path, capsys, hf_tokenizer_f
     from mymoe.generate import main
 
     export_hf(our_model("mixtral"), tmp_path / "hf", tokenizer=str(hf_tokenizer_folder))
-    assert main(["--model_path", str(tmp_path / "hf"), "--prompt", "def f(x):", "--max_new_tokens", "4",
-                 "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "--model_path",
+                str(tmp_path / "hf"),
+                "--prompt",
+                "def f(x):",
+                "--max_new_tokens",
+                "4",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("def f(x):")
 
 

@@ -9,6 +9,7 @@ The one read left in a step is the dropless MoE's: the expert GEMMs slice their 
 token count, which sort_by_expert (model/moe/dispatch.py) and GroupedExperts (model/moe/experts.py) read
 once each per layer and micro-batch. It is counted apart and held to exactly that.
 """
+
 from __future__ import annotations
 
 import sys
@@ -41,9 +42,10 @@ def counting_reads():
         def read(*args, **kwargs):
             caller = sys._getframe(1)
             if caller.f_code.co_filename.startswith(PROJECT):
-                where = caller.f_code.co_filename[len(PROJECT) + 1:]
+                where = caller.f_code.co_filename[len(PROJECT) + 1 :]
                 counts[(name, f"{where}:{caller.f_lineno}")] += 1
             return original(*args, **kwargs)
+
         return read
 
     patched = [(torch.Tensor, name, getattr(torch.Tensor, name)) for name in READS]
@@ -63,7 +65,9 @@ def split(counts: Counter) -> tuple[dict, int]:
     return {key: n for key, n in counts.items() if not key[1].startswith(RAGGED_SIZES)}, ragged
 
 
-@pytest.mark.parametrize("moe", [{}, {"capacity_factor": 1.0}, {"capacity_factor": 1.0, "overflow_policy": "null_expert"}])
+@pytest.mark.parametrize(
+    "moe", [{}, {"capacity_factor": 1.0}, {"capacity_factor": 1.0, "overflow_policy": "null_expert"}]
+)
 def test_a_training_step_reads_nothing_from_the_device(tmp_path, moe):
     config = tiny_config(tmp_path, max_steps=10, moe=moe, train={"gradient_accumulation_steps": 2})
     trainer = Trainer(config, ParallelContext())
@@ -92,6 +96,7 @@ def test_a_skipped_step_reads_nothing_and_changes_nothing(tmp_path):
         out = forward(*args, **kwargs)
         out.lm_loss = out.lm_loss * float("nan")
         return out
+
     trainer.forward = forward_to_nan_loss
     with counting_reads() as counts:
         metrics = trainer.train_step()
@@ -99,13 +104,20 @@ def test_a_skipped_step_reads_nothing_and_changes_nothing(tmp_path):
     assert metrics["skipped"]
     assert all(torch.equal(p, weights[name]) for name, p in trainer.model.named_parameters())
     after = list(trainer.optimizer.state.values())
-    assert all(torch.equal(per_param[key], value) for per_param, kept in zip(after, state)
-               for key, value in kept.items())
+    assert all(
+        torch.equal(per_param[key], value) for per_param, kept in zip(after, state) for key, value in kept.items()
+    )
 
 
 def test_reporting_once_per_interval_logs_what_reporting_every_step_does(tmp_path):
-    every, sparse = [train(tiny_config(tmp_path / name, max_steps=8, train={"log_interval": interval}),
-                           ParallelContext(), progress=False) for name, interval in (("every", 1), ("sparse", 4))]
+    every, sparse = [
+        train(
+            tiny_config(tmp_path / name, max_steps=8, train={"log_interval": interval}),
+            ParallelContext(),
+            progress=False,
+        )
+        for name, interval in (("every", 1), ("sparse", 4))
+    ]
     assert every.losses == sparse.losses and len(sparse.losses) == 8
 
 
@@ -127,7 +139,12 @@ def test_a_training_step_under_cuda_sync_debug_mode(tmp_path):
             metrics = trainer.train_step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    synchronising = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
-                     and w.filename.startswith(PROJECT) and not w.filename[len(PROJECT) + 1:].startswith(RAGGED_SIZES)]
+    synchronising = [
+        f"{w.filename}:{w.lineno}"
+        for w in caught
+        if "synchroniz" in str(w.message)
+        and w.filename.startswith(PROJECT)
+        and not w.filename[len(PROJECT) + 1 :].startswith(RAGGED_SIZES)
+    ]
     assert synchronising == []
     assert not metrics["skipped"]

@@ -42,6 +42,7 @@ def test_documents_written_one_by_one_and_in_bulk_match_megatron(tmp_path, dtype
             rest = docs
         for d in rest:
             builder.add_document(d, [len(d)])
+
     mb, ob, mi, oi = write_both(tmp_path, "docs", dtype, fill)
     assert mb == ob and mi == oi
 
@@ -53,6 +54,7 @@ def test_multi_sequence_documents_and_empty_pair_match_megatron(tmp_path):
         for d in docs:
             cut = len(d) // 2
             builder.add_document(d, [cut, len(d) - cut])
+
     mb, ob, mi, oi = write_both(tmp_path, "multi", np.uint16, fill)
     assert mb == ob and mi == oi
     mb, ob, mi, oi = write_both(tmp_path, "empty", np.uint16, lambda builder, tag: None)
@@ -73,6 +75,7 @@ def test_add_index_appends_pairs_as_megatron_does(tmp_path):
         builder.add_document(np.array([1, 2, 3]), [3])
         for prefix in shards:
             builder.add_index(prefix)
+
     mb, ob, mi, oi = write_both(tmp_path, "merged", np.int32, fill)
     assert mb == ob and mi == oi
     merged = IndexedTokens(str(tmp_path / "merged-ours"))
@@ -82,7 +85,9 @@ def test_add_index_appends_pairs_as_megatron_does(tmp_path):
 
 
 def test_writing_files_imports_neither_torch_nor_megatron():
-    code = ("import sys, data_tools.cli, data_tools.preprocess, data_tools.merge, data_tools.split; "
-            "print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))")
+    code = (
+        "import sys, data_tools.cli, data_tools.preprocess, data_tools.merge, data_tools.split; "
+        "print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

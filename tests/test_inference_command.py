@@ -1,6 +1,7 @@
 """`python -m mymoe.generate` run with the command lines of SimpleMoE's README (inference_moe.py) as they are
 written, on small models at SimpleMoE's default paths (./checkpoints/model.pt, ./data/tokenizer.json):
 text, long context, vectors; a .pt file that would run code is refused; --help imports no torch."""
+
 from __future__ import annotations
 
 import io
@@ -71,12 +72,26 @@ def test_readme_basic_usage(text_workdir, monkeypatch, capsys):
 
 
 def test_readme_long_context_model_prints_its_context_length(text_workdir, monkeypatch, capsys):
-    out = run_here(text_workdir, monkeypatch, capsys,
-                   ["--model_type", "long_transformer_moe", "--prompt", "请写一篇长文章："])
+    out = run_here(
+        text_workdir, monkeypatch, capsys, ["--model_type", "long_transformer_moe", "--prompt", "请写一篇长文章："]
+    )
     assert out.out.startswith("请写一篇长文章：")
     assert "context length: 512 positions (trained on 64, yarn x8)" in out.err
-    dynamic = run_here(text_workdir, monkeypatch, capsys, ["--model_type", "long_transformer_moe", "--rope_scaling",
-                                                            "dynamic:4", "--prompt", "请写", "--max_new_tokens", "3"])
+    dynamic = run_here(
+        text_workdir,
+        monkeypatch,
+        capsys,
+        [
+            "--model_type",
+            "long_transformer_moe",
+            "--rope_scaling",
+            "dynamic:4",
+            "--prompt",
+            "请写",
+            "--max_new_tokens",
+            "3",
+        ],
+    )
     assert "context length: 256 positions (trained on 64, dynamic x4)" in dynamic.err
 
 
@@ -86,17 +101,34 @@ def test_readme_trained_model_paths_batch_file_and_sampling_flags(text_workdir, 
     batch = run_here(text_workdir, monkeypatch, capsys, ["--input_file", "examples/prompts.txt"])
     lines = batch.out.strip().split("\n")
     assert len(lines) == 2 and lines[0].startswith("the cat") and lines[1].startswith("这是一个测试：")
-    tuned = run_here(text_workdir, monkeypatch, capsys,
-                     ["--prompt", "写一个故事：", "--max_new_tokens", "200", "--temperature", "0.8", "--top_p", "0.92",
-                      "--top_k", "40", "--repetition_penalty", "1.05"])
+    tuned = run_here(
+        text_workdir,
+        monkeypatch,
+        capsys,
+        [
+            "--prompt",
+            "写一个故事：",
+            "--max_new_tokens",
+            "200",
+            "--temperature",
+            "0.8",
+            "--top_p",
+            "0.92",
+            "--top_k",
+            "40",
+            "--repetition_penalty",
+            "1.05",
+        ],
+    )
     assert "temperature 0.8, top_k 40, top_p 0.92, repetition penalty 1.05" in tuned.err
     assert "generated" in tuned.err
 
 
 def test_readme_simple_moe_maps_vectors_stdin_csv_and_npy(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
-    model = VectorMoE(6, 3, 16, MoEConfig(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
-                      num_layers=2).eval()
+    model = VectorMoE(
+        6, 3, 16, MoEConfig(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16), num_layers=2
+    ).eval()
     (tmp_path / "checkpoints").mkdir()
     save_vector_model(model, tmp_path / "checkpoints" / "model.pt")
     rows = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
@@ -111,12 +143,20 @@ def test_readme_simple_moe_maps_vectors_stdin_csv_and_npy(tmp_path, monkeypatch,
     assert "wrote 5 vectors of 3 features to stdout" in out.err
 
     np.save(tmp_path / "rows.npy", rows)
-    run_here(tmp_path, monkeypatch, capsys, ["--model_type", "simple_moe", "--input_file", "rows.npy",
-                                             "--output_file", "out.npy"])
+    run_here(
+        tmp_path,
+        monkeypatch,
+        capsys,
+        ["--model_type", "simple_moe", "--input_file", "rows.npy", "--output_file", "out.npy"],
+    )
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-6)
     np.savetxt(tmp_path / "rows.csv", rows[:2], delimiter=",")
-    run_here(tmp_path, monkeypatch, capsys, ["--model_type", "simple_moe", "--input_file", "rows.csv",
-                                             "--output_file", "out.csv"])
+    run_here(
+        tmp_path,
+        monkeypatch,
+        capsys,
+        ["--model_type", "simple_moe", "--input_file", "rows.csv", "--output_file", "out.csv"],
+    )
     assert np.loadtxt(tmp_path / "out.csv", delimiter=",", ndmin=2).shape == (2, 3)
     assert load_vector_model(tmp_path / "checkpoints" / "model.pt").architecture() == model.architecture()
 
@@ -150,27 +190,62 @@ def test_a_pt_file_that_would_run_code_is_refused(tmp_path, capsys):
 
 
 def test_mla_model_with_rope_scaling_from_the_command_line(tmp_path, capsys):
-    mla = {"attention_type": "mla", "q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
-           "qk_rope_head_dim": 4, "v_head_dim": 8, **MIXTRAL}  # head_dim 8, rotary head dim 4
+    mla = {
+        "attention_type": "mla",
+        "q_lora_rank": 16,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 4,
+        "v_head_dim": 8,
+        **MIXTRAL,
+    }  # head_dim 8, rotary head dim 4
     save_text_model(tmp_path / "mla.pt", mla)
     write_tokenizer_json(tmp_path / "tokenizer.json")
-    assert main(["--model_path", str(tmp_path / "mla.pt"), "--vocab_path", str(tmp_path / "tokenizer.json"),
-                 "--rope_scaling", "yarn:4", "--prompt", "the cat", "--max_new_tokens", "5"]) == 0
+    assert (
+        main(
+            [
+                "--model_path",
+                str(tmp_path / "mla.pt"),
+                "--vocab_path",
+                str(tmp_path / "tokenizer.json"),
+                "--rope_scaling",
+                "yarn:4",
+                "--prompt",
+                "the cat",
+                "--max_new_tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert "context length: 256 positions" in capsys.readouterr().err
 
 
 def test_prompt_alone_without_a_model_is_one_clear_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "mymoe.generate", "--prompt", "这是一个测试："], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [sys.executable, "-m", "mymoe.generate", "--prompt", "这是一个测试："],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "--model-path ./checkpoints/model.pt (the default) does not exist" in done.stderr
 
 
 def test_help_imports_no_torch():
-    child = ("import sys\nfrom mymoe.generate import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-             "print('torch imported' if 'torch' in sys.modules else 'no torch')")
-    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = (
+        "import sys\nfrom mymoe.generate import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", child],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, done.stderr
     assert "--model_type" in done.stdout and done.stdout.strip().endswith("no torch")
 
@@ -183,6 +258,21 @@ def test_hugging_face_folder_with_a_tokenizer_json_and_a_model_trained_with_its_
     assert main(["--model_path", str(tmp_path / "hf"), "--prompt", "the cat", "--max_new_tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("the cat")
     save_text_model(tmp_path / "dynamic.pt", {**MIXTRAL, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
-    assert main(["--model_type", "long_transformer_moe", "--model_path", str(tmp_path / "dynamic.pt"), "--vocab_path",
-                 str(tmp_path / "hf" / "tokenizer.json"), "--prompt", "the", "--max_new_tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "--model_type",
+                "long_transformer_moe",
+                "--model_path",
+                str(tmp_path / "dynamic.pt"),
+                "--vocab_path",
+                str(tmp_path / "hf" / "tokenizer.json"),
+                "--prompt",
+                "the",
+                "--max_new_tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert "context length: 128 positions (trained on 64, dynamic x2)" in capsys.readouterr().err

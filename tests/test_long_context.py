@@ -4,6 +4,7 @@ SDPA's causal CPU kernel works on blocks of queries and keys, so memory grows li
 full score matrix of one layer here would be 16384^2 * 4 heads * 4 bytes = 4 GiB. The forward runs in a
 subprocess so its peak resident memory (ru_maxrss) is its own.
 """
+
 import json
 import subprocess
 import sys
@@ -37,13 +38,15 @@ print(json.dumps({"before": before, "peak": peak, "finite": bool(torch.isfinite(
 
 @pytest.mark.parametrize("kind", ["yarn", "dynamic"])
 def test_16k_forward_fits_in_linear_memory(kind):
-    result = subprocess.run([sys.executable, "-c", CHILD, kind, str(SEQ_LEN)], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, kind, str(SEQ_LEN)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     growth = report["peak"] - report["before"]
-    print(f"{kind}: peak RSS {report['peak'] / 2**20:.0f} MiB, growth over a 512-token forward "
-          f"{growth / 2**20:.0f} MiB")
+    print(
+        f"{kind}: peak RSS {report['peak'] / 2**20:.0f} MiB, growth over a 512-token forward {growth / 2**20:.0f} MiB"
+    )
     assert report["finite"]
     assert report["peak"] < 8 * 2**30
     assert growth < SCORE_MATRIX_BYTES / 4  # nowhere near one layer's score matrix

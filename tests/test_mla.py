@@ -1,4 +1,5 @@
 """Multi-head latent attention: cache decoding equals the full forward, and the cache is smaller."""
+
 import torch
 
 from mymoe.config import ModelConfig, MoEConfig, config_from_dict, validate
@@ -7,31 +8,44 @@ from mymoe.model.mla import MultiHeadLatentAttention
 
 
 def mla_config(**overrides):
-    values = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=64, attention_type="mla", q_lora_rank=32, kv_lora_rank=24,
-                  qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                  moe=MoEConfig(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32))
+    values = dict(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        attention_type="mla",
+        q_lora_rank=32,
+        kv_lora_rank=24,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        moe=MoEConfig(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    )
     values.update(overrides)
     return ModelConfig(**values)
 
 
 def test_mla_latent_cache_decodes_like_the_full_forward():
     torch.manual_seed(0)
-    model = MoECausalLM(mla_config(rope_scaling={"type": "yarn", "factor": 2.0, "mscale": 1.0,
-                                                 "mscale_all_dim": 1.0})).eval()
+    model = MoECausalLM(
+        mla_config(rope_scaling={"type": "yarn", "factor": 2.0, "mscale": 1.0, "mscale_all_dim": 1.0})
+    ).eval()
     assert isinstance(model.model.layers[0].self_attn, MultiHeadLatentAttention)
     ids = torch.randint(0, 101, (2, 11))
     full = model(ids).logits
     prefill = model(ids[:, :4], use_cache=True)
     pieces, cache = [prefill.logits], prefill.past_key_values
     for t in range(4, 11):
-        pieces.append(model(ids[:, t:t + 1], past_key_values=cache).logits)
+        pieces.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
     # the cache holds the latent and the shared rotated key, not per-head keys and values
     assert cache[0].keys.shape == (2, 1, 11, 24) and cache[0].values.shape == (2, 1, 11, 8)
     prompt = ids[:, :3]
-    assert torch.equal(model.generate(prompt, 6, temperature=0), model.generate(prompt, 6, temperature=0,
-                                                                                   use_cache=False))
+    assert torch.equal(
+        model.generate(prompt, 6, temperature=0), model.generate(prompt, 6, temperature=0, use_cache=False)
+    )
 
 
 def test_mla_cache_is_smaller_than_gqa_cache_at_the_same_width():

@@ -1,4 +1,5 @@
 """RoPE, attention, KV cache and the causal-LM model."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,10 +11,24 @@ from mymoe.model.layers import apply_rotary
 
 
 def small_config(**overrides):
-    moe = MoEConfig(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
-                    router_aux_loss_coef=0.01, router_z_loss_coef=0.001)
-    values = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, moe=moe)
+    moe = MoEConfig(
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        n_shared_experts=1,
+        router_aux_loss_coef=0.01,
+        router_z_loss_coef=0.001,
+    )
+    values = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        moe=moe,
+    )
     values.update(overrides)
     return ModelConfig(**values)
 
@@ -31,7 +46,9 @@ def test_rope_score_depends_only_on_relative_position(scaling):
     q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
     base = rotated_dot(rope, q, k, 7, 3)
     for shift in (1, 10, 40):
-        assert rotated_dot(rope, q, k, 7 + shift, 3 + shift) == pytest.approx(base, rel=1e-5, abs=1e-5)  # angles are fp32
+        assert rotated_dot(rope, q, k, 7 + shift, 3 + shift) == pytest.approx(
+            base, rel=1e-5, abs=1e-5
+        )  # angles are fp32
     assert rotated_dot(rope, q, k, 8, 3) != pytest.approx(base, rel=1e-3)  # and it does depend on distance
 
 
@@ -46,15 +63,17 @@ def test_scaled_rope_at_factor_one_equals_plain_rope(kind):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kind,extra", [("yarn", {"original_max_position_embeddings": 32}), ("linear", {}),
-                                        ("dynamic", {})])
+@pytest.mark.parametrize(
+    "kind,extra", [("yarn", {"original_max_position_embeddings": 32}), ("linear", {}), ("dynamic", {})]
+)
 def test_rope_scaling_matches_transformers(kind, extra):
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = {"rope_type": kind, "factor": 4.0, "rope_theta": 10000.0, **extra}
-    hf_config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=64,
-                                         rope_parameters=params)
+    hf_config = transformers.LlamaConfig(
+        hidden_size=64, num_attention_heads=4, max_position_embeddings=64, rope_parameters=params
+    )
     hf_inv_freq, hf_attention_scaling = ROPE_INIT_FUNCTIONS[kind](hf_config, "cpu", seq_len=500)
     ours = RotaryEmbedding(16, 64, 10000.0, {"type": kind, "factor": 4.0, **extra})
     torch.testing.assert_close(ours.inv_freq(torch.tensor(500), "cpu"), hf_inv_freq.float(), atol=1e-7, rtol=1e-6)
@@ -74,7 +93,7 @@ def test_gqa_with_all_kv_heads_equals_plain_multi_head_attention():
     q = apply_rotary(heads(attention.q_proj(hidden)), cos, sin)
     k = apply_rotary(heads(attention.k_proj(hidden)), cos, sin)
     v = heads(attention.v_proj(hidden))
-    scores = q @ k.transpose(-1, -2) / 8 ** 0.5
+    scores = q @ k.transpose(-1, -2) / 8**0.5
     scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
     expected = attention.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 10, 32))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -114,7 +133,7 @@ def test_kv_cache_decoding_equals_full_forward():
     prefill = model(ids[:, :5], use_cache=True)
     pieces, cache = [prefill.logits], prefill.past_key_values
     for t in range(5, 12):
-        step = model(ids[:, t:t + 1], past_key_values=cache)
+        step = model(ids[:, t : t + 1], past_key_values=cache)
         pieces.append(step.logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -142,8 +161,10 @@ def test_generation_never_samples_past_the_vocabulary_limit():
     prompt = torch.randint(0, 97, (2, 4))
     tokens = model.generate(prompt, 16, temperature=2.0, generator=torch.Generator().manual_seed(0), vocab_limit=10)
     assert int(tokens[:, 4:].max()) < 10
-    streamed = torch.stack(list(model.stream(prompt, 16, temperature=2.0, generator=torch.Generator().manual_seed(0),
-                                             vocab_limit=10)), dim=1)
+    streamed = torch.stack(
+        list(model.stream(prompt, 16, temperature=2.0, generator=torch.Generator().manual_seed(0), vocab_limit=10)),
+        dim=1,
+    )
     assert torch.equal(streamed, tokens[:, 4:])  # generate is the stream, collected
 
 
@@ -183,8 +204,15 @@ def test_parameter_counts():
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    config = small_config(moe=MoEConfig(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                        capacity_factor=1.0, router_noise_std=0.3))
+    config = small_config(
+        moe=MoEConfig(
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            capacity_factor=1.0,
+            router_noise_std=0.3,
+        )
+    )
     plain = MoECausalLM(config)
     checkpointed = MoECausalLM(small_config(gradient_checkpointing=True, moe=config.moe))
     checkpointed.load_state_dict(plain.state_dict())

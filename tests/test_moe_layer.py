@@ -1,4 +1,5 @@
 """The MoE layer against a plain per-token reference, capacity policies, routing rules and balancing."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,20 +56,34 @@ def reference_moe(x, router_weight, w_gate, w_up, w_down, moe: MoEConfig, capaci
 
 
 def make_layer(seed=0, **moe_kwargs):
-    moe = MoEConfig(**{"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                       "router_aux_loss_coef": 0.0, **moe_kwargs})
+    moe = MoEConfig(
+        **{
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "router_aux_loss_coef": 0.0,
+            **moe_kwargs,
+        }
+    )
     torch.manual_seed(seed)
     layer = MoELayer(HIDDEN, moe, init_std=0.3)
     return layer, moe
 
 
 @pytest.mark.parametrize("grouped_mm,chunked", [(True, False), (False, False), (True, True)])
-@pytest.mark.parametrize("capacity_factor,policy", [(None, "probs"), (1.0, "probs"), (0.5, "position"),
-                                                    (1.0, "position")])
+@pytest.mark.parametrize(
+    "capacity_factor,policy", [(None, "probs"), (1.0, "probs"), (0.5, "position"), (1.0, "position")]
+)
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 def test_layer_matches_per_token_reference(capacity_factor, policy, scoring, grouped_mm, chunked):
-    layer, moe = make_layer(capacity_factor=capacity_factor, drop_policy=policy, scoring_func=scoring,
-                            min_capacity=0, n_shared_experts=1, routed_scaling_factor=1.5)
+    layer, moe = make_layer(
+        capacity_factor=capacity_factor,
+        drop_policy=policy,
+        scoring_func=scoring,
+        min_capacity=0,
+        n_shared_experts=1,
+        routed_scaling_factor=1.5,
+    )
     layer.experts.use_grouped_mm = grouped_mm
     if chunked:
         layer.experts.chunk_bytes = 1  # one expert per chunk
@@ -78,8 +93,10 @@ def test_layer_matches_per_token_reference(capacity_factor, policy, scoring, gro
     (out * grad_out).sum().backward()
 
     x_ref = x.detach().clone().requires_grad_(True)
-    params = [p.detach().clone().requires_grad_(True) for p in
-              (layer.gate.weight, layer.experts.w_gate, layer.experts.w_up, layer.experts.w_down)]
+    params = [
+        p.detach().clone().requires_grad_(True)
+        for p in (layer.gate.weight, layer.experts.w_gate, layer.experts.w_up, layer.experts.w_down)
+    ]
     capacity = compute_capacity(24, 8, 2, capacity_factor, 0)
     expected, keep = reference_moe(x_ref, *params, moe, capacity, shared=layer.shared_experts)
     (expected * grad_out).sum().backward()
@@ -147,8 +164,7 @@ def test_eval_capacity_factor_applies_in_eval_mode():
 
 
 def test_group_limited_routing_stays_in_chosen_groups():
-    layer, moe = make_layer(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
-                            scoring_func="sigmoid")
+    layer, moe = make_layer(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, scoring_func="sigmoid")
     x = torch.randn(256, HIDDEN)
     routing = layer.gate(x)
     scores = torch.sigmoid(routing.router_logits).view(256, 4, 4)

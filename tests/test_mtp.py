@@ -1,4 +1,5 @@
 """Multi-token prediction: its loss trains the extra head, and self-speculative decoding is exactly greedy."""
+
 import pytest
 import torch
 
@@ -8,9 +9,18 @@ from mymoe.model.mtp import speculative_greedy
 
 
 def mtp_config(**overrides):
-    values = dict(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, num_nextn_predict_layers=1, mtp_loss_weight=0.5,
-                  moe=MoEConfig(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32))
+    values = dict(
+        vocab_size=16,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        num_nextn_predict_layers=1,
+        mtp_loss_weight=0.5,
+        moe=MoEConfig(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    )
     values.update(overrides)
     return ModelConfig(**values)
 
@@ -75,15 +85,33 @@ def test_generate_command_decodes_speculatively_from_a_checkpoint(tmp_path, caps
     from conftest import tiny_config, train_in_process
 
     text = tmp_path / "corpus.txt"
-    text.write_text("\n".join(f"the {animal} saw {count} birds" for animal in ("cat", "dog", "owl")
-                              for count in range(20)))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "tok"), vocab_size=40,
-                                   model_type="bpe", eos_id=1, bos_id=-1, unk_id=0, pad_id=-1, minloglevel=2)
+    text.write_text(
+        "\n".join(f"the {animal} saw {count} birds" for animal in ("cat", "dog", "owl") for count in range(20))
+    )
+    spm.SentencePieceTrainer.train(
+        input=str(text),
+        model_prefix=str(tmp_path / "tok"),
+        vocab_size=40,
+        model_type="bpe",
+        eos_id=1,
+        bos_id=-1,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+    )
     config = tiny_config(tmp_path / "work", max_steps=2, model={"num_nextn_predict_layers": 1})
     train_in_process(tmp_path / "work", stop_at=2, save_at=(2,), config=config)
     checkpoint, tokenizer = tmp_path / "work" / "run" / "checkpoints", tmp_path / "tok.model"
-    common = ["--checkpoint", str(checkpoint), "--vocab_path", str(tokenizer), "--prompt", "the cat",
-              "--max_new_tokens", "10"]
+    common = [
+        "--checkpoint",
+        str(checkpoint),
+        "--vocab_path",
+        str(tokenizer),
+        "--prompt",
+        "the cat",
+        "--max_new_tokens",
+        "10",
+    ]
     assert generate_main(common + ["--speculative"]) == 0
     speculative = capsys.readouterr()
     assert "draft acceptance rate" in speculative.err

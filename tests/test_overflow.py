@@ -1,4 +1,5 @@
 """Overflow policies (drop, spill, null expert) and per-sequence protection against plain loop references."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,8 +47,12 @@ def reference_placement(indices, weights, logits, capacity, policy, overflow, pr
             used[e] += 1
             keep[t, c] = True
     if overflow == "spill":
-        alternatives = [sorted((e for e in range(num_experts) if e not in indices[t].tolist()),
-                               key=lambda e: (-float(logits[t, e]), e)) for t in range(tokens)]
+        alternatives = [
+            sorted(
+                (e for e in range(num_experts) if e not in indices[t].tolist()), key=lambda e: (-float(logits[t, e]), e)
+            )
+            for t in range(tokens)
+        ]
         for round_index in range(num_experts - k):
             offers = []
             for t in range(tokens):
@@ -82,10 +87,17 @@ def test_placement_matches_loop_reference(policy, overflow, per_sequence, capaci
     capacity = compute_capacity(64, 8, 2, capacity_factor)
     batch_shape = (4, 16)
     protected = reference_protected(weights, *batch_shape, per_sequence)
-    got = place_assignments(indices, weights, logits, capacity=capacity, drop_policy=policy, overflow_policy=overflow,
-                            min_tokens_per_sequence_kept=per_sequence, batch_shape=batch_shape)
-    experts, keep, spilled, null = reference_placement(indices, weights, logits, capacity, policy, overflow,
-                                                       protected)
+    got = place_assignments(
+        indices,
+        weights,
+        logits,
+        capacity=capacity,
+        drop_policy=policy,
+        overflow_policy=overflow,
+        min_tokens_per_sequence_kept=per_sequence,
+        batch_shape=batch_shape,
+    )
+    experts, keep, spilled, null = reference_placement(indices, weights, logits, capacity, policy, overflow, protected)
     assert torch.equal(got.keep, keep)
     assert torch.equal(got.expert_indices, experts)
     assert torch.equal(got.spilled, spilled)
@@ -124,20 +136,30 @@ def test_protection_keeps_each_sequences_best_first_choices():
     capacity = 2  # far too small for 64 tokens that all want experts 0 and 1
     unprotected = place_assignments(indices, weights, logits, capacity=capacity, batch_shape=(4, 16))
     assert int(unprotected.keep[:, 0].view(4, 16).sum(1).min()) < 3  # some sequence loses almost everything
-    placement = place_assignments(indices, weights, logits, capacity=capacity, min_tokens_per_sequence_kept=3,
-                                  batch_shape=(4, 16))
+    placement = place_assignments(
+        indices, weights, logits, capacity=capacity, min_tokens_per_sequence_kept=3, batch_shape=(4, 16)
+    )
     protected = protected_first_choices(weights, (4, 16), 3)
     assert bool(placement.keep[protected].all())
     assert placement.keep[:, 0].view(4, 16).sum(1).tolist() >= [3] * 4
     # every first choice protected: none is ever dropped
-    everything = place_assignments(indices, weights, logits, capacity=capacity, min_tokens_per_sequence_kept=16,
-                                   batch_shape=(4, 16))
+    everything = place_assignments(
+        indices, weights, logits, capacity=capacity, min_tokens_per_sequence_kept=16, batch_shape=(4, 16)
+    )
     assert bool(everything.keep[:, 0].all())
 
 
 def make_layer(**moe_kwargs):
-    moe = MoEConfig(**{"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                       "router_aux_loss_coef": 0.0, "min_capacity": 0, **moe_kwargs})
+    moe = MoEConfig(
+        **{
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "router_aux_loss_coef": 0.0,
+            "min_capacity": 0,
+            **moe_kwargs,
+        }
+    )
     torch.manual_seed(0)
     layer = MoELayer(HIDDEN, moe, init_std=0.3)
     with torch.no_grad():
@@ -151,8 +173,14 @@ def test_layer_output_follows_the_placement():
     out, aux = layer(x)
     tokens = x.reshape(-1, HIDDEN)
     routing = layer.gate(tokens, (2, 12))
-    placement = place_assignments(routing.expert_indices, routing.expert_weights, routing.selection_scores,
-                                  capacity=layer.capacity(24), overflow_policy="spill", batch_shape=(2, 12))
+    placement = place_assignments(
+        routing.expert_indices,
+        routing.expert_weights,
+        routing.selection_scores,
+        capacity=layer.capacity(24),
+        overflow_policy="spill",
+        batch_shape=(2, 12),
+    )
     experts = layer.experts
     expected = torch.zeros_like(tokens)
     for t in range(24):
@@ -177,10 +205,13 @@ def test_null_expert_gives_drop_output_with_its_own_accounting():
     assert {"spilled_fraction", "null_fraction"} <= set(null_aux.stats)
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"overflow_policy": "reroute"}, "overflow_policy='reroute'"),
-    ({"min_tokens_per_sequence_kept": -1}, "min_tokens_per_sequence_kept=-1"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"overflow_policy": "reroute"}, "overflow_policy='reroute'"),
+        ({"min_tokens_per_sequence_kept": -1}, "min_tokens_per_sequence_kept=-1"),
+    ],
+)
 def test_bad_overflow_settings_are_named(values, message):
     with pytest.raises(ConfigError, match=message):
         validate(config_from_dict({"model": {"moe": values}}))
@@ -188,14 +219,26 @@ def test_bad_overflow_settings_are_named(values, message):
 
 def test_spill_respects_group_limits_and_the_balancing_bias():
     # 8 experts in 4 groups, each token may use 2 groups; expert 7 is blocked by a very low bias
-    layer = make_layer(capacity_factor=0.5, overflow_policy="spill", n_routed_experts=8, num_experts_per_tok=2,
-                       n_group=4, topk_group=2, scoring_func="sigmoid")
+    layer = make_layer(
+        capacity_factor=0.5,
+        overflow_policy="spill",
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        scoring_func="sigmoid",
+    )
     with torch.no_grad():
         layer.gate.expert_bias[7] = -1e4
     tokens = torch.randn(64, HIDDEN) + 0.5
     routing = layer.gate(tokens)
-    placement = place_assignments(routing.expert_indices, routing.expert_weights, routing.selection_scores,
-                                  capacity=layer.capacity(64), overflow_policy="spill")
+    placement = place_assignments(
+        routing.expert_indices,
+        routing.expert_weights,
+        routing.selection_scores,
+        capacity=layer.capacity(64),
+        overflow_policy="spill",
+    )
     assert bool(placement.spilled.any())
     allowed = torch.isfinite(routing.selection_scores)  # the experts of each token's chosen groups
     kept_experts = placement.expert_indices[placement.keep]

@@ -8,6 +8,7 @@ The reference for rank r is a full layer with the same weights run on rank r's i
 compared with that reference, except the expert weights: an expert serves the tokens of its whole
 expert-parallel group, so its gradient is the sum of the references of the group's ranks.
 """
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -19,15 +20,24 @@ from mymoe.parallel import AllGatherDispatcher, AllToAllDispatcher, DedupAllToAl
 
 HIDDEN, FFN, EXPERTS, TOP_K = 16, 32, 8, 2
 TOLERANCE = 1e-5
-DISPATCHERS = {"alltoall": AllToAllDispatcher, "alltoall_dedup": DedupAllToAllDispatcher,
-               "allgather": AllGatherDispatcher}
+DISPATCHERS = {
+    "alltoall": AllToAllDispatcher,
+    "alltoall_dedup": DedupAllToAllDispatcher,
+    "allgather": AllGatherDispatcher,
+}
 TENSORS_PER_CASE = 9  # output, input, router, 3 shared-expert and 3 expert weights
 
 
 def make_layer(capacity_factor, forced: bool) -> MoELayer:
     torch.manual_seed(0)
-    moe = MoEConfig(n_routed_experts=EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=FFN,
-                    n_shared_experts=1, capacity_factor=capacity_factor, min_capacity=1)
+    moe = MoEConfig(
+        n_routed_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+        moe_intermediate_size=FFN,
+        n_shared_experts=1,
+        capacity_factor=capacity_factor,
+        min_capacity=1,
+    )
     layer = MoELayer(HIDDEN, moe)
     if forced:
         # selection-only bias: expert 0 and the last two (all of rank 3's when EP = 4) never get a token
@@ -68,22 +78,26 @@ def check_case(rank: int, world_size: int, ctx, dispatcher_name: str, capacity_f
     references = {r: run_layer(make_layer(capacity_factor, forced), *rank_batch(r, forced)) for r in group_ranks}
 
     layer = make_layer(capacity_factor, forced)
-    dispatcher = DISPATCHERS[dispatcher_name](ctx.expert_parallel_group, EXPERTS, name="test",
-                                              timeout_seconds=ctx.timeout_seconds)
+    dispatcher = DISPATCHERS[dispatcher_name](
+        ctx.expert_parallel_group, EXPERTS, name="test", timeout_seconds=ctx.timeout_seconds
+    )
     layer.experts.shard(dispatcher.first_local_expert, dispatcher.num_local_experts)
     layer.set_dispatcher(dispatcher)
     got = run_layer(layer, *rank_batch(rank, forced))
 
     first, count = dispatcher.first_local_expert, dispatcher.num_local_experts
-    case = f"rank {rank}, world {world_size}, EP {ctx.expert_parallel_size}, {dispatcher_name}, " \
-           f"capacity_factor={capacity_factor}, forced={forced}"
+    case = (
+        f"rank {rank}, world {world_size}, EP {ctx.expert_parallel_size}, {dispatcher_name}, "
+        f"capacity_factor={capacity_factor}, forced={forced}"
+    )
     for key, value in got.items():
         if key.startswith("grad expert"):
-            expected = sum(ref[key] for ref in references.values())[first:first + count]
+            expected = sum(ref[key] for ref in references.values())[first : first + count]
         else:
             expected = references[rank][key]
-        assert value.shape == expected.shape, f"{case}: {key} has shape {tuple(value.shape)}, " \
-                                              f"expected {tuple(expected.shape)}"
+        assert value.shape == expected.shape, (
+            f"{case}: {key} has shape {tuple(value.shape)}, expected {tuple(expected.shape)}"
+        )
         error = (value - expected).abs().max().item() if value.numel() else 0.0
         assert error <= TOLERANCE, f"{case}: {key} differs from the single-process layer by {error:.3g}"
     if forced and first == 0:

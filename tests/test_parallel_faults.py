@@ -1,5 +1,6 @@
 """Bad layouts and mismatched configs fail on every rank at start-up, and a dead or stalled rank makes the
 others fail within the timeout with an error that names the collective. Nothing here may hang."""
+
 import os
 import time
 
@@ -9,8 +10,15 @@ import torch
 from dist_utils import free_port, run_distributed
 from mymoe.config import Config, ConfigError, MoEConfig
 from mymoe.model.moe.layer import MoELayer
-from mymoe.parallel import (AllGatherDispatcher, AllToAllDispatcher, CollectiveError, LaunchInfo, build_context,
-                            init_distributed, shutdown)
+from mymoe.parallel import (
+    AllGatherDispatcher,
+    AllToAllDispatcher,
+    CollectiveError,
+    LaunchInfo,
+    build_context,
+    init_distributed,
+    shutdown,
+)
 
 TIMEOUT_SECONDS = 3
 
@@ -49,10 +57,11 @@ def bad_start_worker(rank: int, world_size: int, ports: list) -> dict:
 
     # direct use of the pieces: the same checks, raised before any collective
     init_distributed(config_for(), LaunchInfo("slurm", rank, world_size, rank, "127.0.0.1", ports[-1]))
-    for case, call in {"build_context(3) on 4 ranks": lambda: build_context(3, device=torch.device("cpu"),
-                                                                            timeout_seconds=30),
-                       "alltoall over 6 experts": lambda: AllToAllDispatcher(None, 6),
-                       "allgather over 6 experts": lambda: AllGatherDispatcher(None, 6)}.items():
+    for case, call in {
+        "build_context(3) on 4 ranks": lambda: build_context(3, device=torch.device("cpu"), timeout_seconds=30),
+        "alltoall over 6 experts": lambda: AllToAllDispatcher(None, 6),
+        "allgather over 6 experts": lambda: AllGatherDispatcher(None, 6),
+    }.items():
         try:
             call()
             outcomes[case] = ("no error", "", 0.0)
@@ -68,8 +77,10 @@ def test_bad_start_fails_on_every_rank():
     results = run_distributed(bad_start_worker, world_size=4, args=(ports,), init_process_group=False, timeout=60)
     expected = {
         "world size not divisible": ("ConfigError", "parallel.expert_parallel_size=3 must divide the world size 4"),
-        "experts not divisible": ("ConfigError", "parallel.expert_parallel_size=4 must divide "
-                                                 "model.moe.n_routed_experts=6 (try 1, 2, 3, 6)"),
+        "experts not divisible": (
+            "ConfigError",
+            "parallel.expert_parallel_size=4 must divide model.moe.n_routed_experts=6 (try 1, 2, 3, 6)",
+        ),
         "rank 2 has another lr": ("ConfigMismatchError", "rank 2 differs from rank 0"),
         "only rank 3 has a bad layout": ("ConfigMismatchError", "rank 3 differs from rank 0"),
         "build_context(3) on 4 ranks": ("ValueError", "expert_parallel_size=3 must divide the world size 4"),
@@ -110,12 +121,20 @@ def fault_worker(rank: int, world_size: int) -> dict:
 
 @pytest.mark.slow
 def test_dead_and_stalled_ranks_fail_within_the_timeout():
-    results = run_distributed(fault_worker, world_size=4, init_process_group=False, timeout=60,
-                              raise_errors=False, grace_after_failure=TIMEOUT_SECONDS + 10)
+    results = run_distributed(
+        fault_worker,
+        world_size=4,
+        init_process_group=False,
+        timeout=60,
+        raise_errors=False,
+        grace_after_failure=TIMEOUT_SECONDS + 10,
+    )
     assert results[1].error_type == "Crashed"
     for rank, says in ((0, "failed: a rank probably died"), (2, f"timed out after {TIMEOUT_SECONDS} s")):
         outcome = results[rank].value
         assert outcome is not None, f"rank {rank}: {results[rank].error_type}: {results[rank].error}"
-        assert outcome["error"] and "all_to_all_single (token counts, MoE dispatch, layer 0)" in outcome["error"], outcome
+        assert outcome["error"] and "all_to_all_single (token counts, MoE dispatch, layer 0)" in outcome["error"], (
+            outcome
+        )
         assert says in outcome["error"], outcome
         assert outcome["seconds"] < TIMEOUT_SECONDS + 3, f"rank {rank} took {outcome['seconds']:.1f} s to fail"

@@ -5,6 +5,7 @@ mean of four ranks' losses is not the loss of their concatenated batch, and no l
 The sequence-level balance loss and the z-loss are means over sequences and tokens, which do split over
 ranks, so they stay on and their gradients are checked too.
 """
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,10 +21,24 @@ TOLERANCE = 1e-5
 
 
 def tiny_config(expert_parallel_size: int) -> Config:
-    moe = MoEConfig(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
-                    router_aux_loss_coef=0.0, seq_aux_loss_coef=0.01, router_z_loss_coef=0.001)
-    model = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, first_k_dense_replace=1, moe=moe)
+    moe = MoEConfig(
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        router_aux_loss_coef=0.0,
+        seq_aux_loss_coef=0.01,
+        router_z_loss_coef=0.001,
+    )
+    model = ModelConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        first_k_dense_replace=1,
+        moe=moe,
+    )
     parallel = ParallelConfig(expert_parallel_size=expert_parallel_size, backend="gloo", timeout_seconds=30)
     return Config(model=model, parallel=parallel)
 
@@ -78,7 +93,7 @@ def training_worker(rank: int, world_size: int) -> dict:
             expected = reference_params[name].detach()
             if is_expert(param):
                 first, count = ctx.local_experts(config.model.moe.n_routed_experts)
-                expected = expected[first:first + count]
+                expected = expected[first : first + count]
             worst = max(worst, (param.detach() - expected).abs().max().item())
         return {"history": history, "worst parameter difference": worst}
     finally:
@@ -90,7 +105,11 @@ def test_dp2_x_ep2_training_matches_single_process():
     results = run_distributed(training_worker, world_size=4, init_process_group=False, timeout=60)
     for result in results:
         for step, (loss, reference_loss, norm, reference_norm) in enumerate(result.value["history"]):
-            assert abs(loss - reference_loss) <= TOLERANCE, f"rank {result.rank} step {step}: loss {loss} vs {reference_loss}"
-            assert abs(norm - reference_norm) <= TOLERANCE, f"rank {result.rank} step {step}: norm {norm} vs {reference_norm}"
+            assert abs(loss - reference_loss) <= TOLERANCE, (
+                f"rank {result.rank} step {step}: loss {loss} vs {reference_loss}"
+            )
+            assert abs(norm - reference_norm) <= TOLERANCE, (
+                f"rank {result.rank} step {step}: norm {norm} vs {reference_norm}"
+            )
             assert norm > MAX_NORM, "the test means to exercise clipping"
         assert result.value["worst parameter difference"] <= TOLERANCE, result.value

@@ -1,5 +1,6 @@
 """Expert-parallel pieces that need no processes: the rank layout, launcher detection, backend choice,
 and the errors collectives raise."""
+
 import sys
 import types
 import typing
@@ -20,13 +21,16 @@ from mymoe.parallel.startup import resolve_backend
 # layout
 
 
-@pytest.mark.parametrize("world_size, expert_parallel_size, ep_groups, edp_groups", [
-    (1, 1, [[0]], [[0]]),
-    (4, 1, [[0], [1], [2], [3]], [[0, 1, 2, 3]]),
-    (4, 2, [[0, 1], [2, 3]], [[0, 2], [1, 3]]),
-    (4, 4, [[0, 1, 2, 3]], [[0], [1], [2], [3]]),
-    (8, 2, [[0, 1], [2, 3], [4, 5], [6, 7]], [[0, 2, 4, 6], [1, 3, 5, 7]]),
-])
+@pytest.mark.parametrize(
+    "world_size, expert_parallel_size, ep_groups, edp_groups",
+    [
+        (1, 1, [[0]], [[0]]),
+        (4, 1, [[0], [1], [2], [3]], [[0, 1, 2, 3]]),
+        (4, 2, [[0, 1], [2, 3]], [[0, 2], [1, 3]]),
+        (4, 4, [[0, 1, 2, 3]], [[0], [1], [2], [3]]),
+        (8, 2, [[0, 1], [2, 3], [4, 5], [6, 7]], [[0, 2, 4, 6], [1, 3, 5, 7]]),
+    ],
+)
 def test_groups_layout(world_size, expert_parallel_size, ep_groups, edp_groups):
     assert expert_parallel_ranks(world_size, expert_parallel_size) == ep_groups
     assert expert_data_parallel_ranks(world_size, expert_parallel_size) == edp_groups
@@ -48,10 +52,13 @@ def test_local_experts_split_contiguously():
     assert held == [(0, 4), (4, 4), (8, 4), (12, 4)]
 
 
-@pytest.mark.parametrize("experts, ep, world_size, fragment", [
-    (8, 3, 6, "parallel.expert_parallel_size=3 must divide model.moe.n_routed_experts=8 (try 1, 2, 4, 8)"),
-    (8, 2, 3, "parallel.expert_parallel_size=2 must divide the world size"),
-])
+@pytest.mark.parametrize(
+    "experts, ep, world_size, fragment",
+    [
+        (8, 3, 6, "parallel.expert_parallel_size=3 must divide model.moe.n_routed_experts=8 (try 1, 2, 4, 8)"),
+        (8, 2, 3, "parallel.expert_parallel_size=2 must divide the world size"),
+    ],
+)
 def test_bad_layout_is_a_config_error(experts, ep, world_size, fragment):
     config = Config()
     config.model.moe.n_routed_experts = experts
@@ -65,8 +72,15 @@ def test_bad_layout_is_a_config_error(experts, ep, world_size, fragment):
 
 
 def test_detect_torchrun():
-    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node0", "MASTER_PORT": "29500",
-           "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}  # torchrun inside an allocation: torchrun wins
+    env = {
+        "RANK": "3",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "node0",
+        "MASTER_PORT": "29500",
+        "SLURM_PROCID": "0",
+        "SLURM_STEP_NUM_TASKS": "2",
+    }  # torchrun inside an allocation: torchrun wins
     launch = detect_launch(env)
     assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == ("torchrun", 3, 8, 1)
     assert (launch.master_addr, launch.master_port) == ("node0", 29500)
@@ -81,16 +95,22 @@ def test_detect_openmpi_leaves_the_address_to_agree():
 
 def test_detect_mpich_and_intel_mpi():
     mpich = detect_launch({"PMI_RANK": "1", "PMI_SIZE": "4", "PMI_LOCAL_RANK": "1"})
-    intel = detect_launch({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0",
-                           "MASTER_ADDR": "h", "MASTER_PORT": "1234"})
+    intel = detect_launch(
+        {"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1234"}
+    )
     assert (mpich.launcher, mpich.rank, mpich.world_size, mpich.local_rank) == ("mpich", 1, 4, 1)
     assert (intel.rank, intel.local_rank, intel.master_addr, intel.master_port) == (2, 0, "h", 1234)
 
 
 def test_detect_slurm_srun(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)  # no scontrol here: the plain parser reads the list
-    env = {"SLURM_PROCID": "7", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "3", "SLURM_JOB_ID": "123456",
-           "SLURM_STEP_NODELIST": "gpu[07-08],cpu1"}
+    env = {
+        "SLURM_PROCID": "7",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_LOCALID": "3",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_STEP_NODELIST": "gpu[07-08],cpu1",
+    }
     launch = detect_launch(env)
     assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == ("slurm", 7, 8, 3)
     assert launch.master_addr == "gpu07"
@@ -113,11 +133,14 @@ def test_bad_launcher_variable_names_itself():
         detect_launch({"RANK": "zero", "WORLD_SIZE": "2"})
 
 
-@pytest.mark.parametrize("nodelist, hosts", [
-    ("node1", ["node1"]),
-    ("node[01-03,7],gpu5", ["node01", "node02", "node03", "node7", "gpu5"]),
-    ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
-])
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node1", ["node1"]),
+        ("node[01-03,7],gpu5", ["node01", "node02", "node03", "node7", "gpu5"]),
+        ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+    ],
+)
 def test_expand_slurm_nodelist(nodelist, hosts):
     assert expand_slurm_nodelist(nodelist) == hosts
 
@@ -173,8 +196,12 @@ def test_mpirun_rank0_picks_and_broadcasts_the_rendezvous(monkeypatch):
 
     fake_mpi4py(monkeypatch, FakeComm(1, 2, from_rank0=(chosen.master_addr, chosen.master_port)))
     heard = agree_master_over_mpi(detect_launch({"PMI_RANK": "1", "PMI_SIZE": "2"}))
-    assert (heard.launcher, heard.rank, heard.master_addr, heard.master_port) == \
-        ("mpich", 1, chosen.master_addr, chosen.master_port)
+    assert (heard.launcher, heard.rank, heard.master_addr, heard.master_port) == (
+        "mpich",
+        1,
+        chosen.master_addr,
+        chosen.master_port,
+    )
 
 
 def test_mpirun_without_mpi4py_says_how_to_fix_it(monkeypatch):

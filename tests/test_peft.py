@@ -1,4 +1,5 @@
 """LoRA and prefix tuning: only adapters train, merging keeps the logits, adapters save and load alone."""
+
 import pytest
 import torch
 
@@ -8,10 +9,16 @@ from mymoe.peft import apply_peft, load_lora_state_dict, lora_state_dict, merge_
 
 
 def config():
-    return ModelConfig(vocab_size=53, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=64,
-                       moe=MoEConfig(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                                     n_shared_experts=1))
+    return ModelConfig(
+        vocab_size=53,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        moe=MoEConfig(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1),
+    )
 
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate", "experts", "shared_experts"]
@@ -75,14 +82,18 @@ def test_adapters_save_and_load_on_their_own(tmp_path):
 def test_prefix_tuning_trains_prefixes_and_decodes_with_a_cache():
     torch.manual_seed(0)
     model = apply_peft(MoECausalLM(config()), prefix_length=4)
-    assert sorted({n.split(".prefix.")[1] for n, p in model.named_parameters() if p.requires_grad}) == ["keys", "values"]
+    assert sorted({n.split(".prefix.")[1] for n, p in model.named_parameters() if p.requires_grad}) == [
+        "keys",
+        "values",
+    ]
     train_steps(model, 2)
     model.eval()
     ids = torch.randint(0, 53, (2, 9))
     full = model(ids).logits
     prefill = model(ids[:, :5], use_cache=True)
-    pieces = [prefill.logits] + [model(ids[:, t:t + 1], past_key_values=prefill.past_key_values).logits
-                                 for t in range(5, 9)]
+    pieces = [prefill.logits] + [
+        model(ids[:, t : t + 1], past_key_values=prefill.past_key_values).logits for t in range(5, 9)
+    ]
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -98,8 +109,13 @@ def test_trainer_fine_tunes_only_adapters_from_config(tmp_path):
     from conftest import TINY_CONFIG, make_dataset, tiny_overrides
 
     train, valid = make_dataset(tmp_path / "data")
-    overrides = tiny_overrides(train, valid, tmp_path / "run", 3, {"peft.lora_rank": 4, "peft.prefix_length": 2,
-                                                                   "peft.lora_targets": "[q_proj, experts]"})
+    overrides = tiny_overrides(
+        train,
+        valid,
+        tmp_path / "run",
+        3,
+        {"peft.lora_rank": 4, "peft.prefix_length": 2, "peft.lora_targets": "[q_proj, experts]"},
+    )
     trainer = Trainer(load_config(str(TINY_CONFIG), overrides), ParallelContext())
     frozen = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if not p.requires_grad}
     assert frozen and any(p.requires_grad for p in trainer.model.parameters())
@@ -120,8 +136,9 @@ def test_a_lora_checkpoint_loads_merged_for_generation_and_export(tmp_path):
     from conftest import TINY_CONFIG, make_dataset, tiny_overrides
 
     train, valid = make_dataset(tmp_path / "data")
-    overrides = tiny_overrides(train, valid, tmp_path / "run", 2, {"peft.lora_rank": 4,
-                                                                   "peft.lora_targets": "[q_proj, experts, gate]"})
+    overrides = tiny_overrides(
+        train, valid, tmp_path / "run", 2, {"peft.lora_rank": 4, "peft.lora_targets": "[q_proj, experts, gate]"}
+    )
     config = load_config(str(TINY_CONFIG), overrides)
     trainer = Trainer(config, ParallelContext())
     for _ in range(2):

@@ -9,6 +9,7 @@ input gives the activations. The parameters, gradients and optimizer state are t
 categories. The predicted parameter, gradient and optimizer bytes must equal the measured ones (1%), the
 activations and the peak come within 25%, for three model sizes.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -23,16 +24,46 @@ from mymoe.config import Config, DataConfig, ModelConfig, MoEConfig, TrainConfig
 from mymoe.planner import Layout, parameter_shapes, parse_bytes, plan, predict
 
 SIZES = {  # (model, micro-batch, seq_len)
-    "small": (dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, moe=MoEConfig(n_routed_experts=4, num_experts_per_tok=2,
-                                                        moe_intermediate_size=64, n_shared_experts=1)), 4, 64),
-    "medium": (dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                    num_attention_heads=4, num_key_value_heads=2, first_k_dense_replace=1,
-                    moe=MoEConfig(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
-                                  n_shared_experts=1)), 4, 128),
-    "large": (dict(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                   num_attention_heads=8, num_key_value_heads=4,
-                   moe=MoEConfig(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=256)), 2, 256),
+    "small": (
+        dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            moe=MoEConfig(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1),
+        ),
+        4,
+        64,
+    ),
+    "medium": (
+        dict(
+            vocab_size=1024,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            first_k_dense_replace=1,
+            moe=MoEConfig(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, n_shared_experts=1),
+        ),
+        4,
+        128,
+    ),
+    "large": (
+        dict(
+            vocab_size=2048,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            moe=MoEConfig(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=256),
+        ),
+        2,
+        256,
+    ),
 }
 # columns of the memory profiler's timeline after its leading slot
 REPO = Path(__file__).resolve().parents[1]
@@ -62,25 +93,38 @@ def measure_step(config: Config) -> dict:
         step()
     _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
     sizes = np.array(sizes, dtype=np.int64)[:, 1:]
-    return {"peak": int(sizes.sum(1).max()),
-            "activations": int(sizes[:, [INPUT, TEMPORARY, ACTIVATION, AUTOGRAD_DETAIL]].sum(1).max()),
-            "parameters": int(sizes[:, PARAMETER].max()), "gradients": int(sizes[:, GRADIENT].max()),
-            "optimizer": int(sizes[:, OPTIMIZER_STATE].max())}
+    return {
+        "peak": int(sizes.sum(1).max()),
+        "activations": int(sizes[:, [INPUT, TEMPORARY, ACTIVATION, AUTOGRAD_DETAIL]].sum(1).max()),
+        "parameters": int(sizes[:, PARAMETER].max()),
+        "gradients": int(sizes[:, GRADIENT].max()),
+        "optimizer": int(sizes[:, OPTIMIZER_STATE].max()),
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("size", list(SIZES))
 def test_planner_matches_the_memory_profiler(size):
     model, micro_batch, seq_len = SIZES[size]
-    config = Config(model=ModelConfig(**model), data=DataConfig(seq_len=seq_len),
-                    train=TrainConfig(precision="fp32", micro_batch_size=micro_batch))
+    config = Config(
+        model=ModelConfig(**model),
+        data=DataConfig(seq_len=seq_len),
+        train=TrainConfig(precision="fp32", micro_batch_size=micro_batch),
+    )
     measured = measure_step(config)
     predicted = predict(config, parameter_shapes(config), Layout(1, 1, False, False, micro_batch), on_gpu=False)
     for category in ("parameters", "gradients", "optimizer"):
-        assert abs(predicted.bytes[category] - measured[category]) <= 0.01 * measured[category], \
-            (size, category, predicted.bytes[category], measured[category])
-    assert abs(predicted.bytes["activations"] - measured["activations"]) <= 0.25 * measured["activations"], \
-        (size, predicted.bytes["activations"], measured["activations"])
+        assert abs(predicted.bytes[category] - measured[category]) <= 0.01 * measured[category], (
+            size,
+            category,
+            predicted.bytes[category],
+            measured[category],
+        )
+    assert abs(predicted.bytes["activations"] - measured["activations"]) <= 0.25 * measured["activations"], (
+        size,
+        predicted.bytes["activations"],
+        measured["activations"],
+    )
     assert abs(predicted.peak - measured["peak"]) <= 0.25 * measured["peak"], (size, predicted.peak, measured["peak"])
 
 
@@ -107,8 +151,25 @@ def test_mixtral_needs_fsdp_and_sixteen_gpus():
 
 
 def test_command_line_prints_the_table_and_a_recommendation():
-    done = subprocess.run([sys.executable, "-m", "mymoe.plan", "--config", str(REPO / "configs" / "tiny.yaml"), "--gpus", "2",
-                           "--gpu-memory", "1GB", "--micro-batch", "2", "8"], capture_output=True, text=True,
-                          timeout=60, cwd=REPO)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mymoe.plan",
+            "--config",
+            str(REPO / "configs" / "tiny.yaml"),
+            "--gpus",
+            "2",
+            "--gpu-memory",
+            "1GB",
+            "--micro-batch",
+            "2",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr
     assert "recommended" in done.stdout and "EP 2  FSDP AC mb 8" in done.stdout

@@ -1,5 +1,6 @@
 """The quickstart's model (configs/tiny.yaml) exports to Hugging Face, and transformers loads the export and
 generates what mymoe generates: the README's export-hf command works on the run the quickstart makes."""
+
 from __future__ import annotations
 
 import subprocess
@@ -35,8 +36,15 @@ def test_quickstart_model_exports_and_transformers_generates_the_same(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
         ours = model.generate(ids[:1], max_new_tokens=16, temperature=0.0)
-        theirs = hf.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=16, min_new_tokens=16,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
+        theirs = hf.generate(
+            ids[:1],
+            attention_mask=torch.ones_like(ids[:1]),
+            max_new_tokens=16,
+            min_new_tokens=16,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     assert theirs.tolist() == ours.tolist()
 
 
@@ -48,11 +56,32 @@ def test_hf_generate_script_agrees_with_the_checkpoint(tmp_path):
     model = tiny_model(seed=3, overrides=("--model.vocab_size=200",))  # the tokenizer's size
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"def f{i}(x):\n    return x + {i}" for i in range(400)))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tok"), vocab_size=200,
-                                   model_type="bpe", bos_id=-1, eos_id=2, unk_id=0, pad_id=1)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp_path / "tok"),
+        vocab_size=200,
+        model_type="bpe",
+        bos_id=-1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=1,
+    )
     export_hf(model, tmp_path / "hf", "auto", str(tmp_path / "tok.model"), False)
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "hf_generate.py"), str(tmp_path / "hf"),
-                             "--prompt", "def f", "--max-new-tokens", "12", "--reference",
-                             str(tmp_path / "hf")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "hf_generate.py"),
+            str(tmp_path / "hf"),
+            "--prompt",
+            "def f",
+            "--max-new-tokens",
+            "12",
+            "--reference",
+            str(tmp_path / "hf"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "produce the same 12 greedy tokens" in result.stdout

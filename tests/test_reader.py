@@ -43,8 +43,7 @@ def counting_dataset(prefix, num_tokens, start=0, dtype=np.int32):
 def global_samples(prefixes, steps, world_size, batch, **settings):
     """The inputs of the first `steps` global batches, in global order, gathered from all ranks."""
     readers = [
-        build_train_reader(prefixes, dp_rank=rank, dp_world_size=world_size,
-                           micro_batch_size=batch, **settings)
+        build_train_reader(prefixes, dp_rank=rank, dp_world_size=world_size, micro_batch_size=batch, **settings)
         for rank in range(world_size)
     ]
     rows = []
@@ -113,8 +112,7 @@ def test_blend_follows_weights_and_each_prefix_covers_its_tokens(tmp_path):
     rows = global_samples([big, small], 100, 1, 4, seq_len=seq_len, weights=[0.75, 0.25], seed=3)
     from_small = [row for row in rows if row[0] >= 100000]
     assert len(from_small) == 100  # 400 samples at 25 %: exactly one pass over `small`
-    np.testing.assert_array_equal(np.sort(np.concatenate(from_small)),
-                                  np.arange(100000, 100000 + 100 * seq_len))
+    np.testing.assert_array_equal(np.sort(np.concatenate(from_small)), np.arange(100000, 100000 + 100 * seq_len))
     for prefix_count in range(1, 401):  # the greedy blend never drifts by a whole sample
         taken = sum(row[0] >= 100000 for row in rows[:prefix_count])
         assert abs(taken - 0.25 * prefix_count) < 1
@@ -142,8 +140,10 @@ def test_resume_gives_exactly_the_batches_that_would_have_followed(tmp_path):
 
 def test_resume_on_another_data_parallel_layout(tmp_path):
     prefix = counting_dataset(tmp_path / "a", 301)
-    two_ranks = [build_train_reader([prefix], seq_len=5, micro_batch_size=2, dp_rank=r,
-                                    dp_world_size=2, seed=4) for r in range(2)]
+    two_ranks = [
+        build_train_reader([prefix], seq_len=5, micro_batch_size=2, dp_rank=r, dp_world_size=2, seed=4)
+        for r in range(2)
+    ]
     for _ in range(7):
         for reader in two_ranks:
             reader.next_batch()

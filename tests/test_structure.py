@@ -5,6 +5,7 @@ Read from mymoe/ and data_tools/ with ast (nothing is imported). `from package i
 import of the submodule when `name` is one, else of the package. Imports under `if TYPE_CHECKING:` count
 too: a layer is a layer for the type checker as well.
 """
+
 from __future__ import annotations
 
 import ast
@@ -28,10 +29,20 @@ LAYERS = [
     ["mymoe.checkpoint"],  # storage: sharded tensors, manifests, checksums; builds no model
     ["mymoe.convert"],  # formats: consolidated file, resharding, Hugging Face, Megatron names
     ["mymoe.load"],  # any source -> a whole model; what every command loads through
-    ["mymoe.train", "mymoe.evaluate", "mymoe.generate", "mymoe.inference", "mymoe.convert.cli",
-     "mymoe.convert.commands", "mymoe.convert.__main__", "mymoe.plan", "mymoe.planner", "mymoe.verify",
-     "mymoe.equivalence",  # the commands
-     "data_tools"],
+    [
+        "mymoe.train",
+        "mymoe.evaluate",
+        "mymoe.generate",
+        "mymoe.inference",
+        "mymoe.convert.cli",
+        "mymoe.convert.commands",
+        "mymoe.convert.__main__",
+        "mymoe.plan",
+        "mymoe.planner",
+        "mymoe.verify",
+        "mymoe.equivalence",  # the commands
+        "data_tools",
+    ],
     ["data_tools.cli", "data_tools.__main__"],  # data_tools' command line over its commands
 ]
 MAX_FUNCTION_LEVEL_IMPORTS = 9
@@ -63,7 +74,7 @@ def imported_modules(module: str, node: ast.Import | ast.ImportFrom) -> list[str
         base = node.module or ""
         if node.level:
             package = package_of(module).split(".")
-            base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+            base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
         names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names]
     return sorted({name for name in names if name.split(".")[0] in PACKAGES})
 
@@ -78,7 +89,7 @@ def imports(module: str) -> list[tuple[str, int, bool, str]]:
         for child in ast.iter_child_nodes(node):
             inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             if isinstance(child, (ast.Import, ast.ImportFrom)):
-                reason = "\n".join(lines[max(child.lineno - 2, 0):child.end_lineno])
+                reason = "\n".join(lines[max(child.lineno - 2, 0) : child.end_lineno])
                 found.extend((name, child.lineno, inside, reason) for name in imported_modules(module, child))
             walk(child, inside)
 
@@ -106,14 +117,15 @@ def test_no_import_reaches_up_a_layer():
     for module in MODULES:
         for target, line, _, _ in imports(module):
             if layer_of(target) > layer_of(module):
-                upward.append(f"{MODULES[module].relative_to(REPO)}:{line}: {module} (layer {layer_of(module)}) "
-                              f"imports {target} (layer {layer_of(target)})")
+                upward.append(
+                    f"{MODULES[module].relative_to(REPO)}:{line}: {module} (layer {layer_of(module)}) "
+                    f"imports {target} (layer {layer_of(target)})"
+                )
     assert not upward, "imports from a lower layer to a higher one:\n  " + "\n  ".join(upward)
 
 
 def test_no_import_cycle():
-    graph = {module: sorted({target for target, _, _, _ in imports(module) if target != module})
-             for module in MODULES}
+    graph = {module: sorted({target for target, _, _, _ in imports(module) if target != module}) for module in MODULES}
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     path: list[str] = []
     cycles = []
@@ -123,7 +135,7 @@ def test_no_import_cycle():
         path.append(module)
         for target in graph[module]:
             if state.get(target) == 1:
-                cycles.append(" -> ".join(path[path.index(target):] + [target]))
+                cycles.append(" -> ".join(path[path.index(target) :] + [target]))
             elif target not in state:
                 visit(target)
         path.pop()
@@ -136,15 +148,21 @@ def test_no_import_cycle():
 
 
 def test_few_function_level_imports_each_with_its_reason():
-    late = [(module, target, line, reason) for module in MODULES for target, line, inside, reason in imports(module)
-            if inside]
+    late = [
+        (module, target, line, reason)
+        for module in MODULES
+        for target, line, inside, reason in imports(module)
+        if inside
+    ]
     listing = "\n  ".join(f"{MODULES[m].relative_to(REPO)}:{line} imports {t}" for m, t, line, _ in late)
     assert len(late) <= MAX_FUNCTION_LEVEL_IMPORTS, (
         f"{len(late)} imports of project modules inside functions (at most {MAX_FUNCTION_LEVEL_IMPORTS}); "
-        f"move them to the top of their module:\n  {listing}")
+        f"move them to the top of their module:\n  {listing}"
+    )
     unexplained = [f"{MODULES[m].relative_to(REPO)}:{line}" for m, _, line, reason in late if "#" not in reason]
-    assert not unexplained, ("a function-level import needs its reason in a comment on its line or the one "
-                             "above: " + ", ".join(unexplained))
+    assert not unexplained, (
+        "a function-level import needs its reason in a comment on its line or the one above: " + ", ".join(unexplained)
+    )
 
 
 def test_the_walker_sees_cycles_and_layers():

@@ -1,5 +1,6 @@
 """Trainer units in one process: optimizer groups, schedule, aux ramp, accumulation, precision, seeds,
 stops by steps and tokens, expert-health warnings, logging (JSON lines, TensorBoard) and the heatmap."""
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,9 @@ def test_parameter_groups_decay_matrices_only_and_keep_experts_apart(tmp_path):
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_lr():
-    train = load_config(str(TINY_CONFIG), ["--train.lr=1.0", "--train.min_lr=0.1", "--train.warmup_steps=4",
-                                           "--train.max_steps=14"]).train
+    train = load_config(
+        str(TINY_CONFIG), ["--train.lr=1.0", "--train.min_lr=0.1", "--train.warmup_steps=4", "--train.max_steps=14"]
+    ).train
     assert [learning_rate(step, train) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert learning_rate(4, train) == pytest.approx(1.0)
     assert learning_rate(9, train) == pytest.approx(0.55)  # half way: (lr + min_lr) / 2
@@ -96,8 +98,10 @@ def test_gradient_accumulation_equals_one_larger_batch(dataset, tmp_path):
     # into lr-sized differences when eps is tiny, so compare under an eps that does not amplify it
     common = {"model.moe.router_aux_loss_coef": 0, "model.moe.router_z_loss_coef": 0, "train.adam_eps": 1e-3}
     whole = Trainer(tiny(dataset, tmp_path, **common, **{"train.micro_batch_size": 4}), ParallelContext())
-    halves = Trainer(tiny(dataset, tmp_path, **common, **{"train.micro_batch_size": 2,
-                                                           "train.gradient_accumulation_steps": 2}), ParallelContext())
+    halves = Trainer(
+        tiny(dataset, tmp_path, **common, **{"train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2}),
+        ParallelContext(),
+    )
     assert whole.tokens_per_step == halves.tokens_per_step
     first, second = whole.train_step(), halves.train_step()
     assert first["loss"] == pytest.approx(second["loss"], abs=1e-6)
@@ -116,8 +120,9 @@ def test_expert_loads_of_every_layer_are_summed_in_one_collective(dataset, tmp_p
     monkeypatch.setattr(loop, "all_reduce", lambda tensor, name, *args, **kwargs: calls.append((name, tensor.shape)))
     trainer.ctx = ParallelContext(world_size=2)  # as if distributed: the collective is recorded, not run
     loads = trainer.update_expert_biases()
-    assert calls == [("all_reduce (expert loads of every MoE layer, world)",
-                      torch.Size([len(layers), layers[0].num_experts]))]
+    assert calls == [
+        ("all_reduce (expert loads of every MoE layer, world)", torch.Size([len(layers), layers[0].num_experts]))
+    ]
     assert len(layers) > 1 and loads.tolist() == [[1.0] * layers[0].num_experts] * len(layers)
 
 
@@ -177,16 +182,22 @@ def test_heatmap_renders_layers_by_experts_over_steps(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     with open(metrics, "w") as f:
         for step in range(1, 21):
-            f.write(json.dumps({"step": step, "loss": 1.0,
-                                "expert_load": [[step, 20 - step, 10, 10], [5, 5, 25, 5]]}) + "\n")
+            f.write(
+                json.dumps({"step": step, "loss": 1.0, "expert_load": [[step, 20 - step, 10, 10], [5, 5, 25, 5]]})
+                + "\n"
+            )
         f.write(json.dumps({"step": 20, "eval/loss": 1.0}) + "\n")
     output = render(str(metrics), str(tmp_path / "heatmap.png"))
     assert Path(output).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_single_process_run_stops_at_max_tokens_and_logs_eval(dataset, tmp_path):
-    config = tiny(dataset, tmp_path / "run", steps=50,
-                  **{"train.max_tokens": 1200, "train.eval_interval": 2, "train.micro_batch_size": 2})
+    config = tiny(
+        dataset,
+        tmp_path / "run",
+        steps=50,
+        **{"train.max_tokens": 1200, "train.eval_interval": 2, "train.micro_batch_size": 2},
+    )
     result = run(config, progress=False)
     assert result.steps == 10 and result.tokens_seen == 1280  # 2 x 64 tokens a step, until >= 1200
     assert len(result.eval_losses) == 5
@@ -197,10 +208,16 @@ def test_single_process_run_stops_at_max_tokens_and_logs_eval(dataset, tmp_path)
 
 
 def test_deepspeed_config_takes_batch_clipping_and_precision_from_ours(tmp_path):
-    config = load_config(str(TINY_CONFIG), ["--train.micro_batch_size=3", "--train.gradient_accumulation_steps=2",
-                                            "--train.grad_clip=0.5"])
+    config = load_config(
+        str(TINY_CONFIG),
+        ["--train.micro_batch_size=3", "--train.gradient_accumulation_steps=2", "--train.grad_clip=0.5"],
+    )
     ds = load_deepspeed_config(str(REPO / "configs" / "ds_zero2.json"), config, world_size=4)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 2, 24)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        3,
+        2,
+        24,
+    )
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": False}
     assert ds["zero_optimization"]["stage"] == 2
     stage3 = tmp_path / "ds3.json"

@@ -1,5 +1,6 @@
 """The training job on several CPU processes (gloo): EP=2 through the single-node torchrun launcher
 (loss, TensorBoard, heatmap), DP=2 x EP=2 on 4 processes, and DeepSpeed ZeRO-1/2 against the native path."""
+
 from __future__ import annotations
 
 import json
@@ -26,11 +27,24 @@ def dataset(tmp_path_factory):
 def ep2_run(dataset, tmp_path_factory):
     """configs/tiny.yaml, shortened to 40 steps, on 2 processes with EP=2, through launch/torchrun_single.sh."""
     out_dir = tmp_path_factory.mktemp("ep2")
-    command = ["bash", str(REPO / "launch" / "torchrun_single.sh"), "--config", str(TINY_CONFIG),
-               *tiny_overrides(*dataset, out_dir, steps=40, extra={"parallel.expert_parallel_size": 2,
-                                                                   "train.eval_interval": 20}), "--no-progress"]
-    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120,
-                               env={**os.environ, "NPROC": "2", "PYTHON": python()})
+    command = [
+        "bash",
+        str(REPO / "launch" / "torchrun_single.sh"),
+        "--config",
+        str(TINY_CONFIG),
+        *tiny_overrides(
+            *dataset, out_dir, steps=40, extra={"parallel.expert_parallel_size": 2, "train.eval_interval": 20}
+        ),
+        "--no-progress",
+    ]
+    completed = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NPROC": "2", "PYTHON": python()},
+    )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return out_dir, completed.stdout
 
@@ -59,9 +73,21 @@ def test_tensorboard_holds_the_promised_scalars_and_expert_histograms(ep2_run):
     events = EventAccumulator(str(out_dir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    promised = {"loss", "lm_loss", "lr", "grad_norm", "tokens_per_second", "mfu", "aux_loss", "z_loss",
-                "dropped_fraction", "dropped_fraction/layer_0", "dropped_fraction/layer_1", "eval/loss",
-                "eval/perplexity"}
+    promised = {
+        "loss",
+        "lm_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_second",
+        "mfu",
+        "aux_loss",
+        "z_loss",
+        "dropped_fraction",
+        "dropped_fraction/layer_0",
+        "dropped_fraction/layer_1",
+        "eval/loss",
+        "eval/perplexity",
+    }
     assert promised <= scalars, promised - scalars
     assert len(events.Scalars("loss")) == 40
     assert all(event.value > 0 for event in events.Scalars("tokens_per_second"))
@@ -76,8 +102,13 @@ def test_tensorboard_holds_the_promised_scalars_and_expert_histograms(ep2_run):
 def test_heatmap_command_writes_a_png(ep2_run, tmp_path):
     out_dir, _ = ep2_run
     output = tmp_path / "expert_load.png"
-    completed = subprocess.run([python(), "-m", "mymoe.train.heatmap", str(out_dir / "metrics.jsonl"), "-o",
-                                str(output)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    completed = subprocess.run(
+        [python(), "-m", "mymoe.train.heatmap", str(out_dir / "metrics.jsonl"), "-o", str(output)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert completed.returncode == 0, completed.stderr
     assert f"wrote {output}" in completed.stdout
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and output.stat().st_size > 5000
@@ -90,9 +121,16 @@ def _dp2_ep2(rank, world_size, train_prefix, valid_prefix, out_dir):
     from mymoe.parallel import init_distributed
     from mymoe.train.loop import Trainer
 
-    config = load_config(str(TINY_CONFIG), tiny_overrides(train_prefix, valid_prefix, Path(out_dir), steps=3,
-                                                          extra={"parallel.expert_parallel_size": 2,
-                                                                 "train.micro_batch_size": 2}))
+    config = load_config(
+        str(TINY_CONFIG),
+        tiny_overrides(
+            train_prefix,
+            valid_prefix,
+            Path(out_dir),
+            steps=3,
+            extra={"parallel.expert_parallel_size": 2, "train.micro_batch_size": 2},
+        ),
+    )
     ctx = init_distributed(config)
     trainer = Trainer(config, ctx)
     losses = [trainer.train_step()["loss"] for _ in range(3)]
@@ -103,14 +141,18 @@ def _dp2_ep2(rank, world_size, train_prefix, valid_prefix, out_dir):
     gathered_experts = [torch.empty_like(experts) for _ in range(world_size)]
     dist.all_gather(gathered_dense, dense)
     dist.all_gather(gathered_experts, experts)
-    return {"losses": losses, "layout": (ctx.expert_parallel_rank, ctx.expert_data_parallel_rank),
-            "dense_equal": all(torch.equal(gathered_dense[0], other) for other in gathered_dense),
-            "experts": [tensor.clone() for tensor in gathered_experts]}
+    return {
+        "losses": losses,
+        "layout": (ctx.expert_parallel_rank, ctx.expert_data_parallel_rank),
+        "dense_equal": all(torch.equal(gathered_dense[0], other) for other in gathered_dense),
+        "experts": [tensor.clone() for tensor in gathered_experts],
+    }
 
 
 def test_dp2_x_ep2_on_four_processes(dataset, tmp_path):
-    results = run_distributed(_dp2_ep2, world_size=4, args=(*dataset, str(tmp_path)), init_process_group=False,
-                              timeout=120)
+    results = run_distributed(
+        _dp2_ep2, world_size=4, args=(*dataset, str(tmp_path)), init_process_group=False, timeout=120
+    )
     values = [result.value for result in results]
     assert [v["layout"] for v in values] == [(0, 0), (1, 0), (0, 1), (1, 1)]
     assert all(v["losses"] == values[0]["losses"] for v in values)  # the world mean, equal on every rank
@@ -128,26 +170,45 @@ def _native_and_deepspeed(rank, world_size, train_prefix, valid_prefix, out_dir)
     from mymoe.train.loop import Trainer
 
     # accumulation and active clipping, so DeepSpeed's accumulation, reduction and clipping are all compared
-    config = load_config(str(TINY_CONFIG), tiny_overrides(
-        train_prefix, valid_prefix, Path(out_dir), steps=4,
-        extra={"parallel.expert_parallel_size": 2, "train.micro_batch_size": 2,
-               "train.gradient_accumulation_steps": 2, "train.grad_clip": 0.5, "train.precision": "fp32"}))
+    config = load_config(
+        str(TINY_CONFIG),
+        tiny_overrides(
+            train_prefix,
+            valid_prefix,
+            Path(out_dir),
+            steps=4,
+            extra={
+                "parallel.expert_parallel_size": 2,
+                "train.micro_batch_size": 2,
+                "train.gradient_accumulation_steps": 2,
+                "train.grad_clip": 0.5,
+                "train.precision": "fp32",
+            },
+        ),
+    )
     ctx = init_distributed(config)
     histories = {}
-    for name, ds_config in (("native", None), ("zero1", REPO / "configs" / "ds_zero1.json"),
-                            ("zero2", REPO / "configs" / "ds_zero2.json")):
+    for name, ds_config in (
+        ("native", None),
+        ("zero1", REPO / "configs" / "ds_zero1.json"),
+        ("zero2", REPO / "configs" / "ds_zero2.json"),
+    ):
         trainer = Trainer(config, ctx, None if ds_config is None else str(ds_config))
         metrics = [trainer.train_step() for _ in range(4)]
         stepping = trainer.optimizer if trainer.engine is None else trainer.engine.optimizer
-        histories[name] = {"loss": [m["loss"] for m in metrics], "grad_norm": [m["grad_norm"] for m in metrics],
-                           "groups": [(g.get("name"), bool(g.get("moe", False))) for g in stepping.param_groups]}
+        histories[name] = {
+            "loss": [m["loss"] for m in metrics],
+            "grad_norm": [m["grad_norm"] for m in metrics],
+            "groups": [(g.get("name"), bool(g.get("moe", False))) for g in stepping.param_groups],
+        }
     return histories
 
 
 def test_deepspeed_zero1_and_zero2_match_the_native_path(dataset, tmp_path):
     # the first DeepSpeed start on a machine compiles its CPU shared-memory op (~1 min), hence the deadline
-    results = run_distributed(_native_and_deepspeed, world_size=2, args=(*dataset, str(tmp_path)),
-                              init_process_group=False, timeout=240)
+    results = run_distributed(
+        _native_and_deepspeed, world_size=2, args=(*dataset, str(tmp_path)), init_process_group=False, timeout=240
+    )
     histories = results[0].value
     native = histories["native"]
     assert native["loss"][-1] < native["loss"][0]
@@ -166,9 +227,16 @@ def _checkpoints_across_paths(rank, world_size, train_prefix, valid_prefix, out_
     from mymoe.parallel import init_distributed
     from mymoe.train.loop import Trainer
 
-    config = load_config(str(TINY_CONFIG), tiny_overrides(
-        train_prefix, valid_prefix, Path(out_dir), steps=4,
-        extra={"parallel.expert_parallel_size": 2, "train.micro_batch_size": 2, "train.precision": "fp32"}))
+    config = load_config(
+        str(TINY_CONFIG),
+        tiny_overrides(
+            train_prefix,
+            valid_prefix,
+            Path(out_dir),
+            steps=4,
+            extra={"parallel.expert_parallel_size": 2, "train.micro_batch_size": 2, "train.precision": "fp32"},
+        ),
+    )
     ctx = init_distributed(config)
     zero1, zero2 = (str(REPO / "configs" / f"ds_zero{stage}.json") for stage in (1, 2))
 
@@ -191,8 +259,9 @@ def _checkpoints_across_paths(rank, world_size, train_prefix, valid_prefix, out_
 
 
 def test_deepspeed_checkpoints_resume_on_either_path(dataset, tmp_path):
-    results = run_distributed(_checkpoints_across_paths, world_size=2, args=(*dataset, str(tmp_path)),
-                              init_process_group=False, timeout=240)
+    results = run_distributed(
+        _checkpoints_across_paths, world_size=2, args=(*dataset, str(tmp_path)), init_process_group=False, timeout=240
+    )
     value = results[0].value
     straight = value["straight"]
     assert value["saved_by"]["zero2"] == pytest.approx(straight[:2], abs=1e-5)

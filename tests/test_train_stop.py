@@ -1,4 +1,5 @@
 """A signal to one rank stops every rank at the same step boundary, with a checkpoint to resume from."""
+
 import os
 import signal
 from pathlib import Path
@@ -21,8 +22,12 @@ def signalled_worker(rank, world_size, train, valid, out_dir, signal_at):
         return original(self)
 
     loop.Trainer.train_step = train_step
-    config = load_config(str(TINY_CONFIG), tiny_overrides(train, valid, Path(out_dir), 20, {
-        "parallel.expert_parallel_size": 2, "train.micro_batch_size": 2}))
+    config = load_config(
+        str(TINY_CONFIG),
+        tiny_overrides(
+            train, valid, Path(out_dir), 20, {"parallel.expert_parallel_size": 2, "train.micro_batch_size": 2}
+        ),
+    )
     result = loop.run(config, progress=False)
     return result.steps, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
@@ -30,8 +35,9 @@ def signalled_worker(rank, world_size, train, valid, out_dir, signal_at):
 @pytest.mark.slow
 def test_sigterm_on_one_rank_stops_all_at_one_step_and_saves(tmp_path):
     train, valid = make_dataset(tmp_path / "data")
-    results = run_distributed(signalled_worker, 2, args=(train, valid, str(tmp_path / "run"), 3),
-                              init_process_group=False, timeout=90)
+    results = run_distributed(
+        signalled_worker, 2, args=(train, valid, str(tmp_path / "run"), 3), init_process_group=False, timeout=90
+    )
     assert [r.value for r in results] == [(4, True), (4, True)]  # both stop after the step the signal hit
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     assert latest == "step_00000004"

@@ -1,4 +1,5 @@
 """Dense-to-MoE upcycling: the upcycled model computes the dense model's function at initialisation."""
+
 import pytest
 import torch
 
@@ -6,8 +7,14 @@ from mymoe.config import ModelConfig, MoEConfig
 from mymoe.model.transformer import MoECausalLM
 from mymoe.upcycle import upcycle
 
-DENSE = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-             first_k_dense_replace=3)
+DENSE = dict(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    first_k_dense_replace=3,
+)
 
 
 def dense_model(**overrides):
@@ -16,8 +23,15 @@ def dense_model(**overrides):
 
 
 def moe_config(**overrides):
-    return MoEConfig(**{"n_routed_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True,
-                        "capacity_factor": None, **overrides})
+    return MoEConfig(
+        **{
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": True,
+            "capacity_factor": None,
+            **overrides,
+        }
+    )
 
 
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
@@ -33,8 +47,9 @@ def test_upcycled_logits_equal_dense_logits(scoring, router_init_std, tie):
 
 def test_from_state_dict_with_dense_first_layer_and_shared_expert():
     dense = dense_model()
-    moe = upcycle(dense.state_dict(), moe_config(n_shared_experts=1), dense_config=dense.config,
-                  first_k_dense_replace=1).eval()
+    moe = upcycle(
+        dense.state_dict(), moe_config(n_shared_experts=1), dense_config=dense.config, first_k_dense_replace=1
+    ).eval()
     assert [block.is_moe for block in moe.model.layers] == [False, True, True]
     ids = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-5, rtol=1e-5)

@@ -1,4 +1,5 @@
 """The vector-to-vector MoE model: shapes, active parameters, and a fit a dense MLP of equal size cannot match."""
+
 import pytest
 import torch
 from torch import nn
@@ -40,8 +41,15 @@ class DenseMLP(nn.Module):
 
 def moe_model(seed=0, **moe_kwargs):
     torch.manual_seed(seed)
-    moe = MoEConfig(**{"n_routed_experts": EXPERTS, "num_experts_per_tok": 1, "moe_intermediate_size": EXPERT_WIDTH,
-                       "router_aux_loss_coef": 0.01, **moe_kwargs})
+    moe = MoEConfig(
+        **{
+            "n_routed_experts": EXPERTS,
+            "num_experts_per_tok": 1,
+            "moe_intermediate_size": EXPERT_WIDTH,
+            "router_aux_loss_coef": 0.01,
+            **moe_kwargs,
+        }
+    )
     return VectorMoE(FEATURES, FEATURES, HIDDEN, moe, init_std=0.1)
 
 

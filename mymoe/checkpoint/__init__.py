@@ -15,12 +15,26 @@ runs pickled code.
 
 Building a model from a checkpoint is mymoe.load's (this package stores and reads tensors only).
 """
+
 from __future__ import annotations
 
 from mymoe.checkpoint.layout import expert_checksums
 from mymoe.checkpoint.manager import (
-    CheckpointManager, architecture_differences, committed_steps, find_checkpoint, resolve_checkpoint)
+    CheckpointManager,
+    architecture_differences,
+    committed_steps,
+    find_checkpoint,
+    resolve_checkpoint,
+)
 from mymoe.checkpoint.storage import CheckpointError, read_manifest
 
-__all__ = ["CheckpointError", "CheckpointManager", "architecture_differences", "committed_steps",
-           "expert_checksums", "find_checkpoint", "read_manifest", "resolve_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "architecture_differences",
+    "committed_steps",
+    "expert_checksums",
+    "find_checkpoint",
+    "read_manifest",
+    "resolve_checkpoint",
+]

@@ -19,6 +19,7 @@ holds fewer experts than it has expert-data-parallel peers, on dim 1, so each ex
 of which each rank writes its slice. The checkpoint looks the same whichever layout wrote it, and loading
 builds targets in the loading run's layout.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -77,8 +78,10 @@ def optimizer_parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer
     for group in optimizer.param_groups:
         for param in group["params"]:
             if id(param) not in names:
-                raise CheckpointError("the optimizer holds a parameter that is not in the model; build the optimizer "
-                                      "from model.parameters()")
+                raise CheckpointError(
+                    "the optimizer holds a parameter that is not in the model; build the optimizer "
+                    "from model.parameters()"
+                )
             ordered.append(names[id(param)])
     return ordered
 
@@ -103,8 +106,17 @@ def expert_slices(stacked: torch.Tensor, like: torch.Tensor) -> list[torch.Tenso
 
     shape = like.shape[1:]
     placement = [Shard(like.placements[0].dim - 1)]
-    return [DTensor.from_local(stacked[row], like.device_mesh, placement, run_check=False, shape=shape,
-                               stride=torch.empty(shape, device="meta").stride()) for row in range(stacked.shape[0])]
+    return [
+        DTensor.from_local(
+            stacked[row],
+            like.device_mesh,
+            placement,
+            run_check=False,
+            shape=shape,
+            stride=torch.empty(shape, device="meta").stride(),
+        )
+        for row in range(stacked.shape[0])
+    ]
 
 
 def _put(tensors: dict, key: str, value: torch.Tensor, rows: Optional[ExpertRows]) -> None:
@@ -135,18 +147,24 @@ def flatten(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, ran
                 optimizer_layout[name][key] = "tensor"
             else:
                 optimizer_layout[name][key] = value
-    param_groups = [{key: (list(value) if isinstance(value, tuple) else value)
-                     for key, value in group.items() if key != "params"}
-                    for group in optimizer_state["param_groups"]]
+    param_groups = [
+        {key: (list(value) if isinstance(value, tuple) else value) for key, value in group.items() if key != "params"}
+        for group in optimizer_state["param_groups"]
+    ]
 
     rng = state["rng"]
     tensors[f"rng.cpu.rank_{rank}"] = rng["cpu"]
     if rng.get("cuda") is not None:
         tensors[f"rng.cuda.rank_{rank}"] = rng["cuda"]
 
-    extras = {"step": int(state["step"]), "tokens_seen": int(state["tokens_seen"]),
-              "train_reader": state["train_reader"], "optimizer_state": optimizer_layout,
-              "optimizer_param_groups": param_groups, "scheduler": {"step": int(state["step"])}}
+    extras = {
+        "step": int(state["step"]),
+        "tokens_seen": int(state["tokens_seen"]),
+        "train_reader": state["train_reader"],
+        "optimizer_state": optimizer_layout,
+        "optimizer_param_groups": param_groups,
+        "scheduler": {"step": int(state["step"])},
+    }
     return tensors, extras
 
 
@@ -171,8 +189,13 @@ class LoadTargets:
     optimizer_state: dict  # index -> {state key: tensor or value}
 
 
-def load_targets(template: dict, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], manifest: dict,
-                 saved_keys: dict[str, tuple[torch.Size, torch.dtype]]) -> LoadTargets:
+def load_targets(
+    template: dict,
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer],
+    manifest: dict,
+    saved_keys: dict[str, tuple[torch.Size, torch.dtype]],
+) -> LoadTargets:
     """Fresh tensors, shaped for this rank's layout, for every key it must read.
 
     ``template`` is the current Trainer.state_dict() (only shapes and dtypes are used); ``saved_keys`` maps
@@ -181,8 +204,9 @@ def load_targets(template: dict, model: nn.Module, optimizer: Optional[torch.opt
     rows = expert_rows(model)
     tensors: dict[str, torch.Tensor] = {}
 
-    def target(key: str, shape: torch.Size, dtype: torch.dtype, held: Optional[ExpertRows],
-               like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def target(
+        key: str, shape: torch.Size, dtype: torch.dtype, held: Optional[ExpertRows], like: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """`like`: the live tensor of this shape; when it is a DTensor (FSDP) the target takes its layout."""
         sharded = isinstance(like, DTensor)
         if held is None:
@@ -199,15 +223,17 @@ def load_targets(template: dict, model: nn.Module, optimizer: Optional[torch.opt
             _check(expert_key(key, first + local_row), shape, saved_keys)
             tensors[expert_key(key, first + local_row)] = expert_target
         if sharded:
-            return DTensor.from_local(stacked, like.device_mesh, like.placements, run_check=False, shape=like.shape,
-                                      stride=like.stride())
+            return DTensor.from_local(
+                stacked, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+            )
         return stacked
 
     model_state = {}
     for name, value in template["model"].items():
         held = rows.get(name) if value.dim() > 0 else None
-        model_state[name] = target(f"model.{name}", value.shape[1:] if held else value.shape, value.dtype, held,
-                                   like=value)
+        model_state[name] = target(
+            f"model.{name}", value.shape[1:] if held else value.shape, value.dtype, held, like=value
+        )
 
     optimizer_state: dict[int, dict] = {}
     if optimizer is not None:
@@ -237,18 +263,23 @@ def load_targets(template: dict, model: nn.Module, optimizer: Optional[torch.opt
 
 def _check(key: str, shape: torch.Size, saved_keys: dict) -> None:
     if key not in saved_keys:
-        raise CheckpointError(f"the checkpoint has no tensor '{key}', which this model needs: it was saved from "
-                              f"a different architecture")
+        raise CheckpointError(
+            f"the checkpoint has no tensor '{key}', which this model needs: it was saved from a different architecture"
+        )
     if torch.Size(saved_keys[key][0]) != shape:
-        raise CheckpointError(f"'{key}' was saved with shape {list(saved_keys[key][0])} but this model needs "
-                              f"{list(shape)}: the checkpoint is from a different architecture")
+        raise CheckpointError(
+            f"'{key}' was saved with shape {list(saved_keys[key][0])} but this model needs "
+            f"{list(shape)}: the checkpoint is from a different architecture"
+        )
 
 
 def restore_param_groups(current: list[dict], saved: list[dict]) -> list[dict]:
     """The current groups' parameter indices with the saved hyperparameters (tuples restored)."""
     if len(current) != len(saved):
-        raise CheckpointError(f"the checkpoint's optimizer has {len(saved)} parameter groups but this one has "
-                              f"{len(current)}: was it built with different settings?")
+        raise CheckpointError(
+            f"the checkpoint's optimizer has {len(saved)} parameter groups but this one has "
+            f"{len(current)}: was it built with different settings?"
+        )
     groups = []
     for now, then in zip(current, saved):
         group = dict(now)

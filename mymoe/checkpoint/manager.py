@@ -14,6 +14,7 @@ A crash anywhere before the rename leaves only a .partial folder, which nothing 
 names the previous step. With async_save the state is first copied (the only part the training step
 waits for) and steps 1-4 run on a thread over a process group of their own.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -37,8 +38,20 @@ from torch.distributed.tensor import DTensor
 from mymoe.checkpoint.layout import flatten, load_targets, restore_param_groups
 from mymoe.checkpoint.retention import first_nonfinite, new_run_id, run_of, steps_to_prune
 from mymoe.checkpoint.storage import (
-    FORMAT_VERSION, MANIFEST, METADATA, CheckpointError, SafeFileSystemReader, TensorsOnlyLoadPlanner, file_crc32,
-    fsync_directory, read_dcp_metadata, read_manifest, tensor_crc32, verify_files, write_json_durably)
+    FORMAT_VERSION,
+    MANIFEST,
+    METADATA,
+    CheckpointError,
+    SafeFileSystemReader,
+    TensorsOnlyLoadPlanner,
+    file_crc32,
+    fsync_directory,
+    read_dcp_metadata,
+    read_manifest,
+    tensor_crc32,
+    verify_files,
+    write_json_durably,
+)
 from mymoe.config import Config, architecture_fields
 from mymoe.tokenizer import TokenizerError, tokenizer_file
 from mymoe.parallel.collectives import named_collective
@@ -46,6 +59,7 @@ from mymoe.parallel.collectives import named_collective
 LATEST = "latest"
 STEP_PREFIX = "step_"
 PARTIAL_SUFFIX = ".partial"
+
 
 def step_directory_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
@@ -57,8 +71,8 @@ def committed_steps(root: Path) -> list[tuple[int, Path]]:
     if root.is_dir():
         for path in root.iterdir():
             name = path.name
-            if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit() and (path / MANIFEST).exists():
-                found.append((int(name[len(STEP_PREFIX):]), path))
+            if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX) :].isdigit() and (path / MANIFEST).exists():
+                found.append((int(name[len(STEP_PREFIX) :]), path))
     return sorted(found)
 
 
@@ -90,14 +104,17 @@ def find_checkpoint(checkpoint: str | Path, step: Optional[int] = None, verify: 
     manifest, with every file checked against its crc32 unless verify is False."""
     directory = resolve_checkpoint(checkpoint, step)
     if directory is None:
-        raise CheckpointError(f"no committed checkpoint under {checkpoint}: train first, or pass a run's "
-                              f"checkpoints folder (the one that holds the step_* directories) or one step_* folder")
+        raise CheckpointError(
+            f"no committed checkpoint under {checkpoint}: train first, or pass a run's "
+            f"checkpoints folder (the one that holds the step_* directories) or one step_* folder"
+        )
     manifest = read_manifest(directory)
     if verify:
         problems = verify_files(directory, manifest["files"])
         if problems:
-            raise CheckpointError(f"checkpoint {directory} is damaged, nothing was read from it:\n  "
-                                  + "\n  ".join(problems))
+            raise CheckpointError(
+                f"checkpoint {directory} is damaged, nothing was read from it:\n  " + "\n  ".join(problems)
+            )
     return directory, manifest
 
 
@@ -117,8 +134,9 @@ def architecture_differences(saved_model: dict, current_model: dict) -> list[str
         if when is not None and when[1] not in (_get(saved_model, when[0]), _get(current_model, when[0])):
             continue
         if _get(saved_model, name) != _get(current_model, name):
-            differences.append(f"model.{name}: checkpoint {_get(saved_model, name)!r}, "
-                               f"this run {_get(current_model, name)!r}")
+            differences.append(
+                f"model.{name}: checkpoint {_get(saved_model, name)!r}, this run {_get(current_model, name)!r}"
+            )
     return differences
 
 
@@ -128,13 +146,17 @@ def check_compatible(manifest: dict, config: Config, directory: Path) -> None:
     saved_tokenizer = manifest.get("tokenizer")
     current_tokenizer = tokenizer_fingerprint(config)
     if saved_tokenizer and current_tokenizer and saved_tokenizer["crc32"] != current_tokenizer["crc32"]:
-        differences.append(f"data.tokenizer: checkpoint {saved_tokenizer['path']} (crc32 {saved_tokenizer['crc32']:08x}), "
-                           f"this run {current_tokenizer['path']} (crc32 {current_tokenizer['crc32']:08x})")
+        differences.append(
+            f"data.tokenizer: checkpoint {saved_tokenizer['path']} (crc32 {saved_tokenizer['crc32']:08x}), "
+            f"this run {current_tokenizer['path']} (crc32 {current_tokenizer['crc32']:08x})"
+        )
     if differences:
-        raise CheckpointError(f"{directory} was saved from a different model and cannot be loaded into this one:\n  "
-                              + "\n  ".join(differences)
-                              + "\nuse the checkpoint's settings, or start from scratch with --train.resume=false "
-                                "and another --train.out_dir")
+        raise CheckpointError(
+            f"{directory} was saved from a different model and cannot be loaded into this one:\n  "
+            + "\n  ".join(differences)
+            + "\nuse the checkpoint's settings, or start from scratch with --train.resume=false "
+            "and another --train.out_dir"
+        )
 
 
 def tokenizer_fingerprint(config: Config) -> Optional[dict]:
@@ -154,7 +176,7 @@ def expert_checksums_of(tensors: dict) -> dict[str, dict[str, int]]:
     sums: dict[str, dict[str, int]] = {}
     for key, value in tensors.items():
         if key.startswith("model.") and ".expert_" in key and not isinstance(value, DTensor):
-            name, _, expert = key[len("model."):].rpartition(".expert_")
+            name, _, expert = key[len("model.") :].rpartition(".expert_")
             sums.setdefault(name, {})[expert] = tensor_crc32(value)
     return sums
 
@@ -177,8 +199,11 @@ class CheckpointManager:
         # and an async save's thread never shares a group with the training step; it waits no longer than
         # any other collective (parallel.timeout_seconds), so a stalled rank fails a save with a named error
         self.timeout_seconds = ctx.timeout_seconds
-        self.group = (dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=ctx.timeout_seconds))
-                      if ctx.is_distributed else None)
+        self.group = (
+            dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=ctx.timeout_seconds))
+            if ctx.is_distributed
+            else None
+        )
         self._thread: Optional[threading.Thread] = None
         self._thread_error: Optional[BaseException] = None
         self.last_save_seconds = 0.0
@@ -211,14 +236,19 @@ class CheckpointManager:
 
     def _refuse_nonfinite(self, tensors: dict, step: int) -> None:
         """Raise on every rank, before anything is written, if any rank's state holds nan or inf."""
-        found = [(rank, key) for rank, key in enumerate(self._gather(first_nonfinite(tensors),
-                                                                     f"finiteness of step {step}")) if key]
+        found = [
+            (rank, key)
+            for rank, key in enumerate(self._gather(first_nonfinite(tensors), f"finiteness of step {step}"))
+            if key
+        ]
         if found:
             rank, key = found[0]
             previous = resolve_checkpoint(self.root)
-            raise CheckpointError(f"step {step} was not saved: {key} holds nan or inf (rank {rank}); the last good "
-                                  f"checkpoint {previous or '(none yet)'} is kept: resume from it with a lower "
-                                  f"--train.lr or --train.grad_clip")
+            raise CheckpointError(
+                f"step {step} was not saved: {key} holds nan or inf (rank {rank}); the last good "
+                f"checkpoint {previous or '(none yet)'} is kept: resume from it with a lower "
+                f"--train.lr or --train.grad_clip"
+            )
 
     def wait(self) -> None:
         """Block until an async save has committed; raise its error if it failed."""
@@ -239,8 +269,9 @@ class CheckpointManager:
                 shutil.rmtree(stale)
             partial.mkdir()
         self._barrier(f"clearing {partial.name}")
-        writer = FileSystemWriter(partial, single_file_per_rank=True, sync_files=True,
-                                  thread_count=self.thread_count, overwrite=True)
+        writer = FileSystemWriter(
+            partial, single_file_per_rank=True, sync_files=True, thread_count=self.thread_count, overwrite=True
+        )
         try:
             with _quiet_single_process(self.group is None):
                 dcp.save(tensors, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
@@ -249,8 +280,10 @@ class CheckpointManager:
         own_files = sorted(partial.glob(f"__{rank}_*"))
         if rank == 0:
             own_files.append(partial / METADATA)
-        report = {"files": {path.name: dict(zip(("bytes", "crc32"), file_crc32(path))) for path in own_files},
-                  "experts": expert_checksums_of(tensors)}
+        report = {
+            "files": {path.name: dict(zip(("bytes", "crc32"), file_crc32(path))) for path in own_files},
+            "experts": expert_checksums_of(tensors),
+        }
         reports = self._gather(report, f"file checksums of step {step}")
         error = None
         if rank == 0:
@@ -264,16 +297,21 @@ class CheckpointManager:
         self.last_save_seconds = time.perf_counter() - start
         if self.verbose:
             size = sum(info["bytes"] for report in reports for info in report["files"].values())
-            print(f"checkpoint: step {step} saved to {final} ({size / 2**20:.1f} MiB, "
-                  f"{self.last_save_seconds:.2f} s{', async' if self.async_save else ''})", flush=True)
+            print(
+                f"checkpoint: step {step} saved to {final} ({size / 2**20:.1f} MiB, "
+                f"{self.last_save_seconds:.2f} s{', async' if self.async_save else ''})",
+                flush=True,
+            )
 
     def _give_up(self, partial: Path, step: int, why: str) -> None:
         """A save that failed: its partial folder goes (disk space back), the committed steps stay."""
         if self.ctx.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         previous = resolve_checkpoint(self.root)
-        raise CheckpointError(f"saving step {step} failed ({why}); nothing was committed and "
-                              f"{previous or 'no earlier checkpoint'} is intact")
+        raise CheckpointError(
+            f"saving step {step} failed ({why}); nothing was committed and "
+            f"{previous or 'no earlier checkpoint'} is intact"
+        )
 
     def _commit(self, partial: Path, final: Path, extras: dict, reports: list[dict]) -> None:
         files, experts = {}, {}
@@ -283,10 +321,19 @@ class CheckpointManager:
                 experts.setdefault(name, {}).update(sums)
         if self.run_id is None:
             self.run_id = new_run_id()
-        manifest = {"format_version": FORMAT_VERSION, **extras, "run_id": self.run_id, "config": self.config.to_dict(),
-                    "world_size": self.ctx.world_size, "expert_parallel_size": self.ctx.expert_parallel_size,
-                    "files": files, "expert_checksums": experts, "tokenizer": tokenizer_fingerprint(self.config),
-                    "torch_version": torch.__version__, "saved_at": time.time()}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            **extras,
+            "run_id": self.run_id,
+            "config": self.config.to_dict(),
+            "world_size": self.ctx.world_size,
+            "expert_parallel_size": self.ctx.expert_parallel_size,
+            "files": files,
+            "expert_checksums": experts,
+            "tokenizer": tokenizer_fingerprint(self.config),
+            "torch_version": torch.__version__,
+            "saved_at": time.time(),
+        }
         write_json_durably(partial / MANIFEST, manifest)
         fsync_directory(partial)
         if final.exists():  # the same step saved again (a resumed run): the new one replaces it
@@ -328,29 +375,46 @@ class CheckpointManager:
         self.run_id = run_of(manifest)
         self.verify(directory, manifest)
         template = trainer.state_dict()
-        targets, rng = read_tensors(directory, manifest, template, trainer.model, trainer.optimizer,
-                                    self.ctx.rank, self.group)
-        optimizer = {"state": targets.optimizer_state,
-                     "param_groups": restore_param_groups(template["optimizer"]["param_groups"],
-                                                          manifest["optimizer_param_groups"])}
-        trainer.load_state_dict({"step": manifest["step"], "tokens_seen": manifest["tokens_seen"],
-                                 "model": targets.model, "optimizer": optimizer,
-                                 "train_reader": manifest["train_reader"], "rng": rng})
+        targets, rng = read_tensors(
+            directory, manifest, template, trainer.model, trainer.optimizer, self.ctx.rank, self.group
+        )
+        optimizer = {
+            "state": targets.optimizer_state,
+            "param_groups": restore_param_groups(
+                template["optimizer"]["param_groups"], manifest["optimizer_param_groups"]
+            ),
+        }
+        trainer.load_state_dict(
+            {
+                "step": manifest["step"],
+                "tokens_seen": manifest["tokens_seen"],
+                "model": targets.model,
+                "optimizer": optimizer,
+                "train_reader": manifest["train_reader"],
+                "rng": rng,
+            }
+        )
         if self.verbose:
-            print(f"checkpoint: resumed from {directory} (step {manifest['step']}, saved at world size "
-                  f"{manifest['world_size']} / EP {manifest['expert_parallel_size']}, loaded at "
-                  f"{self.ctx.world_size} / EP {self.ctx.expert_parallel_size}, {time.perf_counter() - start:.2f} s)",
-                  flush=True)
+            print(
+                f"checkpoint: resumed from {directory} (step {manifest['step']}, saved at world size "
+                f"{manifest['world_size']} / EP {manifest['expert_parallel_size']}, loaded at "
+                f"{self.ctx.world_size} / EP {self.ctx.expert_parallel_size}, {time.perf_counter() - start:.2f} s)",
+                flush=True,
+            )
 
     def verify(self, directory: Path, manifest: dict) -> None:
         """Check every file's size and crc32, the files split over the ranks; all ranks raise alike."""
         names = sorted(manifest["files"])
-        mine = {name: manifest["files"][name] for name in names[self.ctx.rank::self.ctx.world_size]}
-        problems = [p for report in self._gather(verify_files(directory, mine), f"verifying {directory.name}")
-                    for p in report]
+        mine = {name: manifest["files"][name] for name in names[self.ctx.rank :: self.ctx.world_size]}
+        problems = [
+            p for report in self._gather(verify_files(directory, mine), f"verifying {directory.name}") for p in report
+        ]
         if problems:
-            raise CheckpointError(f"checkpoint {directory} is damaged:\n  " + "\n  ".join(problems)
-                                  + "\nload an older step (see the step_* folders) or re-save it")
+            raise CheckpointError(
+                f"checkpoint {directory} is damaged:\n  "
+                + "\n  ".join(problems)
+                + "\nload an older step (see the step_* folders) or re-save it"
+            )
 
     # ------------------------------------------------------------------------------------------------
     # collectives on the checkpoint group (no-ops in a single process)
@@ -399,8 +463,11 @@ def _quiet_single_process(single: bool):
 
 def saved_tensor_keys(directory: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
     metadata = read_dcp_metadata(directory)
-    return {key: (entry.size, entry.properties.dtype) for key, entry in metadata.state_dict_metadata.items()
-            if isinstance(entry, TensorStorageMetadata)}
+    return {
+        key: (entry.size, entry.properties.dtype)
+        for key, entry in metadata.state_dict_metadata.items()
+        if isinstance(entry, TensorStorageMetadata)
+    }
 
 
 def read_tensors(directory: Path, manifest: dict, template: dict, model, optimizer, rank: int, group=None):
@@ -416,8 +483,13 @@ def read_tensors(directory: Path, manifest: dict, template: dict, model, optimiz
         targets.tensors[f"rng.cuda.rank_{rng_rank}"] = rng["cuda"]
     try:
         with _quiet_single_process(group is None):
-            dcp.load(targets.tensors, storage_reader=SafeFileSystemReader(directory),
-                     planner=TensorsOnlyLoadPlanner(), process_group=group, no_dist=group is None)
+            dcp.load(
+                targets.tensors,
+                storage_reader=SafeFileSystemReader(directory),
+                planner=TensorsOnlyLoadPlanner(),
+                process_group=group,
+                no_dist=group is None,
+            )
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as error:  # DCP's own exception is a BaseException
@@ -432,5 +504,7 @@ def check_expert_checksums(tensors: dict, manifest: dict, directory: Path) -> No
         for expert, crc in sums.items():
             recorded = saved.get(name, {}).get(expert)
             if recorded is not None and recorded != crc:
-                raise CheckpointError(f"expert {expert} of {name} read from {directory} does not match the crc32 "
-                                      f"recorded at save: the checkpoint is corrupt")
+                raise CheckpointError(
+                    f"expert {expert} of {name} read from {directory} does not match the crc32 "
+                    f"recorded at save: the checkpoint is corrupt"
+                )

@@ -7,6 +7,7 @@ run's checkpoints in the same folder are never sorted in with ours. A save of st
 refused before anything is written (`first_nonfinite`), so every committed step is finite and the newest
 one, which pruning always keeps, is the last good state a run can go back to.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,6 +70,8 @@ def other_runs(steps: list[tuple[int, Path]]) -> str:
 
 def fresh_run_refusal(root: Path, steps: list[tuple[int, Path]]) -> str:
     """Why train.resume=false may not start in a folder that holds checkpoints, and what to do instead."""
-    return (f"train.resume=false but {root} already holds checkpoints ({other_runs(steps)}): a new run there "
-            f"would be mixed up with them; pass another --train.out_dir for the new run, or --train.resume=true "
-            f"to continue the newest one")
+    return (
+        f"train.resume=false but {root} already holds checkpoints ({other_runs(steps)}): a new run there "
+        f"would be mixed up with them; pass another --train.out_dir for the new run, or --train.resume=true "
+        f"to continue the newest one"
+    )

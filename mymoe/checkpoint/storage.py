@@ -15,6 +15,7 @@ Loading never unpickles anything that could run code: tensor files go through
 knows DCP's metadata classes and torch dtypes, and non-tensor values (which DCP would unpickle freely)
 are never written or requested: they live in manifest.json.
 """
+
 from __future__ import annotations
 
 import io
@@ -73,8 +74,9 @@ def verify_files(directory: Path, files: dict[str, dict]) -> list[str]:
         if size != expected["bytes"]:
             problems.append(f"{path} is {size} bytes but was saved with {expected['bytes']} (truncated or overwritten)")
         elif crc != expected["crc32"]:
-            problems.append(f"{path} fails its checksum (crc32 {crc:08x}, saved {expected['crc32']:08x}): "
-                            f"the file is corrupt")
+            problems.append(
+                f"{path} fails its checksum (crc32 {crc:08x}, saved {expected['crc32']:08x}): the file is corrupt"
+            )
     return problems
 
 
@@ -103,15 +105,19 @@ def fsync_directory(path: Path) -> None:
 def read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
     if not path.exists():
-        raise CheckpointError(f"{path} is missing: {directory} is not a committed checkpoint (a save that did not "
-                              f"finish leaves no manifest); pick another step or delete the directory")
+        raise CheckpointError(
+            f"{path} is missing: {directory} is not a committed checkpoint (a save that did not "
+            f"finish leaves no manifest); pick another step or delete the directory"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} is not valid JSON ({error}): the manifest is corrupt") from None
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format_version={manifest.get('format_version')!r}; this version of "
-                              f"mymoe reads format {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path} has format_version={manifest.get('format_version')!r}; this version of "
+            f"mymoe reads format {FORMAT_VERSION}"
+        )
     return manifest
 
 
@@ -123,12 +129,24 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Rebuilds DCP's Metadata and nothing else: any other global in the pickle is refused."""
 
     ALLOWED_CLASSES = {
-        ("torch.distributed.checkpoint.metadata", name) for name in (
-            "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-            "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-    } | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-         ("torch.serialization", "_get_layout"),  # turns a layout's name back into torch.strided etc.
-         ("pathlib", "PosixPath"), ("collections", "OrderedDict")}  # the path DCP saved to; plain data
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    } | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # turns a layout's name back into torch.strided etc.
+        ("pathlib", "PosixPath"),
+        ("collections", "OrderedDict"),
+    }  # the path DCP saved to; plain data
 
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED_CLASSES:
@@ -137,8 +155,10 @@ class _MetadataUnpickler(pickle.Unpickler):
             value = getattr(torch, name, None)
             if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
                 return value
-        raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}': a DCP index holds only "
-                                     f"metadata classes, and this one could run code")
+        raise pickle.UnpicklingError(
+            f"refusing to load global '{module}.{name}': a DCP index holds only "
+            f"metadata classes, and this one could run code"
+        )
 
 
 def read_dcp_metadata(directory: Path) -> Metadata:
@@ -169,5 +189,7 @@ class TensorsOnlyLoadPlanner(DefaultLoadPlanner):
     """DCP's load planner, refusing pickled (non-tensor) items, which it would otherwise unpickle freely."""
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        raise CheckpointError(f"checkpoint item '{read_item.dest_index.fqn}' is a pickled object; mymoe "
-                              f"checkpoints hold tensors only and pickled objects are never loaded")
+        raise CheckpointError(
+            f"checkpoint item '{read_item.dest_index.fqn}' is a pickled object; mymoe "
+            f"checkpoints hold tensors only and pickled objects are never loaded"
+        )

@@ -1,4 +1,5 @@
 """Outputs appear whole or not at all: everything is written under a temporary sibling, then renamed."""
+
 from __future__ import annotations
 
 import contextlib

@@ -10,6 +10,7 @@ Routing differs from V3: softmax scores; ``topk_method: greedy`` picks the top k
 n_group / topk_group under softmax); the k scores are never renormalised and are multiplied by
 routed_scaling_factor.
 """
+
 from __future__ import annotations
 
 from mymoe.config import ModelConfig
@@ -25,63 +26,96 @@ COMPUTES = ("mla", "group_limit", "routed_scaling")  # beyond Mixtral's routing 
 def refusals(model: ModelConfig) -> list[str]:
     moe, problems = model.moe, []
     if model.attention_type != "mla":
-        problems.append("attention_type=gqa: DeepSeek-V2 uses multi-head latent attention (train with attention_type: "
-                        "mla; a GQA model with softmax routing exports as mixtral, qwen2_moe or qwen3_moe)")
+        problems.append(
+            "attention_type=gqa: DeepSeek-V2 uses multi-head latent attention (train with attention_type: "
+            "mla; a GQA model with softmax routing exports as mixtral, qwen2_moe or qwen3_moe)"
+        )
         return problems
     if moe.scoring_func != "softmax":
-        problems.append(f"scoring_func={moe.scoring_func!r}: DeepSeek-V2 scores experts with softmax (export as "
-                        f"deepseek_v3)")
+        problems.append(
+            f"scoring_func={moe.scoring_func!r}: DeepSeek-V2 scores experts with softmax (export as deepseek_v3)"
+        )
     if moe.norm_topk_prob and moe.num_experts_per_tok > 1:
-        problems.append("norm_topk_prob=true: DeepSeek-V2 never renormalises the top-k scores (train with "
-                        "norm_topk_prob: false, or export as deepseek_v3 with sigmoid scoring)")
+        problems.append(
+            "norm_topk_prob=true: DeepSeek-V2 never renormalises the top-k scores (train with "
+            "norm_topk_prob: false, or export as deepseek_v3 with sigmoid scoring)"
+        )
     if moe.shared_expert_gate:
         problems.append("shared_expert_gate=true: DeepSeek-V2's shared experts have no gate (try qwen2_moe)")
     shared = moe.n_shared_experts * moe.moe_intermediate_size
     if moe.shared_expert_intermediate_size not in (None, shared):
-        problems.append(f"shared_expert_intermediate_size={moe.shared_expert_intermediate_size}: DeepSeek-V2's shared "
-                        f"experts are n_shared_experts * moe_intermediate_size = {shared} wide")
+        problems.append(
+            f"shared_expert_intermediate_size={moe.shared_expert_intermediate_size}: DeepSeek-V2's shared "
+            f"experts are n_shared_experts * moe_intermediate_size = {shared} wide"
+        )
     return problems + latent_norm_and_rope_problems(model.rms_norm_eps, model.rope_scaling)
 
 
 def config(model: ModelConfig) -> dict:
     moe = model.moe
     limited = moe.n_group > 1 and moe.topk_group < moe.n_group
-    return {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE],
-            "num_key_value_heads": model.num_attention_heads, "head_dim": model.qk_rope_head_dim,
-            "q_lora_rank": model.q_lora_rank, "kv_lora_rank": model.kv_lora_rank,
-            "qk_nope_head_dim": model.qk_nope_head_dim, "qk_rope_head_dim": model.qk_rope_head_dim,
-            "v_head_dim": model.v_head_dim, "attention_bias": False, "mlp_bias": False,
-            "intermediate_size": model.intermediate_size, "first_k_dense_replace": model.first_k_dense_replace,
-            "moe_intermediate_size": moe.moe_intermediate_size, "n_routed_experts": moe.n_routed_experts,
-            "num_experts_per_tok": moe.num_experts_per_tok, "n_shared_experts": moe.n_shared_experts,
-            "routed_scaling_factor": moe.routed_scaling_factor, "norm_topk_prob": False,
-            "topk_method": "group_limited_greedy" if limited else "greedy",
-            "n_group": moe.n_group if limited else None, "topk_group": moe.topk_group if limited else None}
+    return {
+        "model_type": MODEL_TYPE,
+        "architectures": [ARCHITECTURE],
+        "num_key_value_heads": model.num_attention_heads,
+        "head_dim": model.qk_rope_head_dim,
+        "q_lora_rank": model.q_lora_rank,
+        "kv_lora_rank": model.kv_lora_rank,
+        "qk_nope_head_dim": model.qk_nope_head_dim,
+        "qk_rope_head_dim": model.qk_rope_head_dim,
+        "v_head_dim": model.v_head_dim,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "intermediate_size": model.intermediate_size,
+        "first_k_dense_replace": model.first_k_dense_replace,
+        "moe_intermediate_size": moe.moe_intermediate_size,
+        "n_routed_experts": moe.n_routed_experts,
+        "num_experts_per_tok": moe.num_experts_per_tok,
+        "n_shared_experts": moe.n_shared_experts,
+        "routed_scaling_factor": moe.routed_scaling_factor,
+        "norm_topk_prob": False,
+        "topk_method": "group_limited_greedy" if limited else "greedy",
+        "n_group": moe.n_group if limited else None,
+        "topk_group": moe.topk_group if limited else None,
+    }
 
 
 def model_fields(hf: dict) -> tuple[dict, list[str]]:
     method = hf.get("topk_method") or "greedy"
-    problems = latent_norm_and_rope_problems(hf.get("rms_norm_eps", 1e-6),
-                                             hf.get("rope_parameters") or hf.get("rope_scaling"))
+    problems = latent_norm_and_rope_problems(
+        hf.get("rms_norm_eps", 1e-6), hf.get("rope_parameters") or hf.get("rope_scaling")
+    )
     if method not in ("greedy", "group_limited_greedy"):
-        problems.append(f"topk_method={method!r}: transformers' DeepSeek-V2 routes with greedy or "
-                        f"group_limited_greedy only")
+        problems.append(
+            f"topk_method={method!r}: transformers' DeepSeek-V2 routes with greedy or group_limited_greedy only"
+        )
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             problems.append(f"{flag}=true: mymoe's latent attention and MLPs have no biases")
     limited = method == "group_limited_greedy"
     experts = hf.get("n_routed_experts", 64)
-    fields = {"attention_type": "mla", "num_key_value_heads": hf["num_attention_heads"],
-              "q_lora_rank": hf.get("q_lora_rank"), "kv_lora_rank": hf["kv_lora_rank"],
-              "qk_nope_head_dim": hf["qk_nope_head_dim"], "qk_rope_head_dim": hf["qk_rope_head_dim"],
-              "v_head_dim": hf["v_head_dim"], "intermediate_size": hf["intermediate_size"],
-              "first_k_dense_replace": min(hf.get("first_k_dense_replace") or 0, hf["num_hidden_layers"]),
-              "moe": {"n_routed_experts": experts, "num_experts_per_tok": hf.get("num_experts_per_tok") or 6,
-                      "moe_intermediate_size": hf["moe_intermediate_size"],
-                      "n_shared_experts": hf.get("n_shared_experts") or 0, "scoring_func": "softmax",
-                      "norm_topk_prob": False, "routed_scaling_factor": float(hf.get("routed_scaling_factor", 1.0)),
-                      "n_group": (hf.get("n_group") or 1) if limited else 1,
-                      "topk_group": (hf.get("topk_group") or 1) if limited else 1}}
+    fields = {
+        "attention_type": "mla",
+        "num_key_value_heads": hf["num_attention_heads"],
+        "q_lora_rank": hf.get("q_lora_rank"),
+        "kv_lora_rank": hf["kv_lora_rank"],
+        "qk_nope_head_dim": hf["qk_nope_head_dim"],
+        "qk_rope_head_dim": hf["qk_rope_head_dim"],
+        "v_head_dim": hf["v_head_dim"],
+        "intermediate_size": hf["intermediate_size"],
+        "first_k_dense_replace": min(hf.get("first_k_dense_replace") or 0, hf["num_hidden_layers"]),
+        "moe": {
+            "n_routed_experts": experts,
+            "num_experts_per_tok": hf.get("num_experts_per_tok") or 6,
+            "moe_intermediate_size": hf["moe_intermediate_size"],
+            "n_shared_experts": hf.get("n_shared_experts") or 0,
+            "scoring_func": "softmax",
+            "norm_topk_prob": False,
+            "routed_scaling_factor": float(hf.get("routed_scaling_factor", 1.0)),
+            "n_group": (hf.get("n_group") or 1) if limited else 1,
+            "topk_group": (hf.get("topk_group") or 1) if limited else 1,
+        },
+    }
     return fields, problems
 
 

@@ -11,6 +11,7 @@ its residual add, attention_multiplier as the softmax scale instead of 1 / sqrt(
 divided by logits_scaling. It routes by the softmax of the top-k logits, which is our softmax scores
 renormalised over the k chosen (norm_topk_prob); ``intermediate_size`` is the experts' width.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,9 +29,11 @@ def refusals(model: ModelConfig) -> list[str]:
     if moe.scoring_func != "softmax":
         problems.append(f"scoring_func={moe.scoring_func!r}: Granite-MoE scores experts with softmax")
     if not moe.norm_topk_prob or moe.num_experts_per_tok == 1:
-        problems.append(f"norm_topk_prob={moe.norm_topk_prob} with num_experts_per_tok={moe.num_experts_per_tok}: "
-                        f"Granite-MoE takes the softmax of the top-k logits, our renormalised scores only for k > 1 "
-                        f"with norm_topk_prob")
+        problems.append(
+            f"norm_topk_prob={moe.norm_topk_prob} with num_experts_per_tok={moe.num_experts_per_tok}: "
+            f"Granite-MoE takes the softmax of the top-k logits, our renormalised scores only for k > 1 "
+            f"with norm_topk_prob"
+        )
     if moe.n_shared_experts:
         problems.append(f"n_shared_experts={moe.n_shared_experts}: Granite-MoE has no shared experts")
     if model.first_k_dense_replace:
@@ -40,34 +43,55 @@ def refusals(model: ModelConfig) -> list[str]:
 
 def config(model: ModelConfig) -> dict:
     moe = model.moe
-    scale = model.attention_multiplier if model.attention_multiplier is not None else model.head_dim ** -0.5
-    return {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], "intermediate_size": moe.moe_intermediate_size,
-            "num_local_experts": moe.n_routed_experts, "num_experts_per_tok": moe.num_experts_per_tok,
-            "attention_bias": model.attention_bias, "attention_multiplier": scale,
-            "embedding_multiplier": model.embedding_multiplier, "residual_multiplier": model.residual_multiplier,
-            "logits_scaling": model.logits_scaling, "router_aux_loss_coef": moe.router_aux_loss_coef}
+    scale = model.attention_multiplier if model.attention_multiplier is not None else model.head_dim**-0.5
+    return {
+        "model_type": MODEL_TYPE,
+        "architectures": [ARCHITECTURE],
+        "intermediate_size": moe.moe_intermediate_size,
+        "num_local_experts": moe.n_routed_experts,
+        "num_experts_per_tok": moe.num_experts_per_tok,
+        "attention_bias": model.attention_bias,
+        "attention_multiplier": scale,
+        "embedding_multiplier": model.embedding_multiplier,
+        "residual_multiplier": model.residual_multiplier,
+        "logits_scaling": model.logits_scaling,
+        "router_aux_loss_coef": moe.router_aux_loss_coef,
+    }
 
 
 def model_fields(hf: dict) -> tuple[dict, list[str]]:
     k = hf.get("num_experts_per_tok") or 2
-    problems = ["num_experts_per_tok=1: Granite-MoE weights the single expert by 1, ours by its softmax "
-                "probability"] if k == 1 else []
-    fields = {"intermediate_size": hf["intermediate_size"], "attention_bias": bool(hf.get("attention_bias", False)),
-              "attention_multiplier": float(hf.get("attention_multiplier") or 1.0),
-              "embedding_multiplier": float(hf.get("embedding_multiplier") or 1.0),
-              "residual_multiplier": float(hf.get("residual_multiplier") or 1.0),
-              "logits_scaling": float(hf.get("logits_scaling") or 1.0),
-              "moe": {"n_routed_experts": hf.get("num_local_experts") or 8, "num_experts_per_tok": k,
-                      "moe_intermediate_size": hf["intermediate_size"], "scoring_func": "softmax",
-                      "norm_topk_prob": True}}
+    problems = (
+        ["num_experts_per_tok=1: Granite-MoE weights the single expert by 1, ours by its softmax probability"]
+        if k == 1
+        else []
+    )
+    fields = {
+        "intermediate_size": hf["intermediate_size"],
+        "attention_bias": bool(hf.get("attention_bias", False)),
+        "attention_multiplier": float(hf.get("attention_multiplier") or 1.0),
+        "embedding_multiplier": float(hf.get("embedding_multiplier") or 1.0),
+        "residual_multiplier": float(hf.get("residual_multiplier") or 1.0),
+        "logits_scaling": float(hf.get("logits_scaling") or 1.0),
+        "moe": {
+            "n_routed_experts": hf.get("num_local_experts") or 8,
+            "num_experts_per_tok": k,
+            "moe_intermediate_size": hf["intermediate_size"],
+            "scoring_func": "softmax",
+            "norm_topk_prob": True,
+        },
+    }
     return fields, problems
 
 
 def mlp_to_hf(prefix: str, mlp: dict) -> dict:
     base = f"{prefix}.block_sparse_moe"
     gate_up = torch.cat([mlp["experts.w_gate"], mlp["experts.w_up"]], dim=2).transpose(1, 2)  # [E, 2 ffn, hidden]
-    return {f"{base}.router.layer.weight": mlp["gate.weight"], f"{base}.input_linear.weight": gate_up,
-            f"{base}.output_linear.weight": mlp["experts.w_down"].transpose(1, 2)}
+    return {
+        f"{base}.router.layer.weight": mlp["gate.weight"],
+        f"{base}.input_linear.weight": gate_up,
+        f"{base}.output_linear.weight": mlp["experts.w_down"].transpose(1, 2),
+    }
 
 
 def mlp_from_hf(prefix: str, tensors: dict, num_experts: int, is_moe: bool) -> dict:
@@ -78,5 +102,9 @@ def mlp_from_hf(prefix: str, tensors: dict, num_experts: int, is_moe: bool) -> d
     if router is None or gate_up is None or down is None:
         raise KeyError(f"{base}.router.layer.weight / input_linear.weight / output_linear.weight")
     w_gate, w_up = gate_up.transpose(1, 2).chunk(2, dim=2)  # [E, hidden, ffn] each
-    return {"gate.weight": router, "experts.w_gate": w_gate.contiguous(), "experts.w_up": w_up.contiguous(),
-            "experts.w_down": down.transpose(1, 2).contiguous()}
+    return {
+        "gate.weight": router,
+        "experts.w_gate": w_gate.contiguous(),
+        "experts.w_up": w_up.contiguous(),
+        "experts.w_down": down.transpose(1, 2).contiguous(),
+    }

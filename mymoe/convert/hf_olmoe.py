@@ -12,6 +12,7 @@ rotary, then clamps queries, keys and values to [-clip_qkv, clip_qkv] when clip_
 is MoE, with softmax top-k routing renormalised when norm_topk_prob, and no shared expert; its
 ``intermediate_size`` is the experts' width.
 """
+
 from __future__ import annotations
 
 from mymoe.config import ModelConfig
@@ -25,16 +26,22 @@ ATTENTION_OPTIONS = {"attention_bias": (True,), "qk_norm": ("full",), "clip_qkv"
 def refusals(model: ModelConfig) -> list[str]:
     moe, problems = model.moe, []
     if model.qk_norm != "full":
-        problems.append(f"qk_norm={model.qk_norm!r}: every OLMoE attention RMS-normalises its whole query and key "
-                        f"projections (train with qk_norm: full)")
+        problems.append(
+            f"qk_norm={model.qk_norm!r}: every OLMoE attention RMS-normalises its whole query and key "
+            f"projections (train with qk_norm: full)"
+        )
     if model.head_dim * model.num_attention_heads != model.hidden_size:
-        problems.append(f"head_dim={model.head_dim} with {model.num_attention_heads} heads is not hidden_size="
-                        f"{model.hidden_size} wide: OLMoE sizes its query norm by hidden_size")
+        problems.append(
+            f"head_dim={model.head_dim} with {model.num_attention_heads} heads is not hidden_size="
+            f"{model.hidden_size} wide: OLMoE sizes its query norm by hidden_size"
+        )
     if moe.scoring_func != "softmax":
         problems.append(f"scoring_func={moe.scoring_func!r}: OLMoE scores experts with softmax")
     if moe.norm_topk_prob and moe.num_experts_per_tok == 1:
-        problems.append("norm_topk_prob=true with num_experts_per_tok=1: OLMoE renormalises the single weight to 1, "
-                        "ours keeps the probability (set norm_topk_prob: false, which computes the same)")
+        problems.append(
+            "norm_topk_prob=true with num_experts_per_tok=1: OLMoE renormalises the single weight to 1, "
+            "ours keeps the probability (set norm_topk_prob: false, which computes the same)"
+        )
     if moe.n_shared_experts:
         problems.append(f"n_shared_experts={moe.n_shared_experts}: OLMoE has no shared experts (try qwen2_moe)")
     if model.first_k_dense_replace:
@@ -44,10 +51,17 @@ def refusals(model: ModelConfig) -> list[str]:
 
 def config(model: ModelConfig) -> dict:
     moe = model.moe
-    return {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], "intermediate_size": moe.moe_intermediate_size,
-            "num_experts": moe.n_routed_experts, "num_experts_per_tok": moe.num_experts_per_tok,
-            "norm_topk_prob": moe.norm_topk_prob, "attention_bias": model.attention_bias,
-            "clip_qkv": model.clip_qkv, "router_aux_loss_coef": moe.router_aux_loss_coef}
+    return {
+        "model_type": MODEL_TYPE,
+        "architectures": [ARCHITECTURE],
+        "intermediate_size": moe.moe_intermediate_size,
+        "num_experts": moe.n_routed_experts,
+        "num_experts_per_tok": moe.num_experts_per_tok,
+        "norm_topk_prob": moe.norm_topk_prob,
+        "attention_bias": model.attention_bias,
+        "clip_qkv": model.clip_qkv,
+        "router_aux_loss_coef": moe.router_aux_loss_coef,
+    }
 
 
 def model_fields(hf: dict) -> tuple[dict, list[str]]:
@@ -55,17 +69,28 @@ def model_fields(hf: dict) -> tuple[dict, list[str]]:
     norm = bool(hf.get("norm_topk_prob", False))
     problems = []
     if k == 1 and norm:
-        problems.append("norm_topk_prob=true with num_experts_per_tok=1: the weight would be 1, ours keeps the "
-                        "probability")
+        problems.append(
+            "norm_topk_prob=true with num_experts_per_tok=1: the weight would be 1, ours keeps the probability"
+        )
     heads = hf["num_attention_heads"]
     if hf.get("head_dim") and hf["head_dim"] * heads != hf["hidden_size"]:
-        problems.append(f"head_dim={hf['head_dim']} with {heads} heads is not hidden_size wide: transformers' OLMoE "
-                        f"then sizes its q/k norms inconsistently")
-    fields = {"intermediate_size": hf["intermediate_size"], "attention_bias": bool(hf.get("attention_bias", False)),
-              "qk_norm": "full", "clip_qkv": hf.get("clip_qkv"),
-              "moe": {"n_routed_experts": hf.get("num_experts") or hf["num_local_experts"], "num_experts_per_tok": k,
-                      "moe_intermediate_size": hf["intermediate_size"], "scoring_func": "softmax",
-                      "norm_topk_prob": norm}}
+        problems.append(
+            f"head_dim={hf['head_dim']} with {heads} heads is not hidden_size wide: transformers' OLMoE "
+            f"then sizes its q/k norms inconsistently"
+        )
+    fields = {
+        "intermediate_size": hf["intermediate_size"],
+        "attention_bias": bool(hf.get("attention_bias", False)),
+        "qk_norm": "full",
+        "clip_qkv": hf.get("clip_qkv"),
+        "moe": {
+            "n_routed_experts": hf.get("num_experts") or hf["num_local_experts"],
+            "num_experts_per_tok": k,
+            "moe_intermediate_size": hf["intermediate_size"],
+            "scoring_func": "softmax",
+            "norm_topk_prob": norm,
+        },
+    }
     return fields, problems
 
 

@@ -11,6 +11,7 @@ Qwen3-MoE is Qwen2-MoE without the shared expert and with every query and key he
 before rotary (our ``qk_norm: head``, same eps as the other norms); its head_dim is free of
 hidden_size / num_attention_heads. Routing: softmax, top-k, renormalised when norm_topk_prob.
 """
+
 from __future__ import annotations
 
 from mymoe.config import ModelConfig
@@ -25,13 +26,17 @@ ATTENTION_OPTIONS = {"attention_bias": (True,), "qk_norm": ("head",)}
 def refusals(model: ModelConfig) -> list[str]:
     moe, problems = model.moe, []
     if model.qk_norm != "head":
-        problems.append(f"qk_norm={model.qk_norm!r}: every Qwen3-MoE attention RMS-normalises each query and key "
-                        f"head (train with qk_norm: head, or export as mixtral / qwen2_moe)")
+        problems.append(
+            f"qk_norm={model.qk_norm!r}: every Qwen3-MoE attention RMS-normalises each query and key "
+            f"head (train with qk_norm: head, or export as mixtral / qwen2_moe)"
+        )
     if moe.scoring_func != "softmax":
         problems.append(f"scoring_func={moe.scoring_func!r}: Qwen3-MoE scores experts with softmax")
     if moe.norm_topk_prob and moe.num_experts_per_tok == 1:
-        problems.append("norm_topk_prob=true with num_experts_per_tok=1: Qwen3-MoE renormalises the single weight "
-                        "to 1, ours keeps the probability (set norm_topk_prob: false, which computes the same)")
+        problems.append(
+            "norm_topk_prob=true with num_experts_per_tok=1: Qwen3-MoE renormalises the single weight "
+            "to 1, ours keeps the probability (set norm_topk_prob: false, which computes the same)"
+        )
     if moe.n_shared_experts:
         problems.append(f"n_shared_experts={moe.n_shared_experts}: Qwen3-MoE has no shared experts (try qwen2_moe)")
     return problems
@@ -39,12 +44,20 @@ def refusals(model: ModelConfig) -> list[str]:
 
 def config(model: ModelConfig) -> dict:
     moe = model.moe
-    return {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], "intermediate_size": model.intermediate_size,
-            "moe_intermediate_size": moe.moe_intermediate_size, "num_experts": moe.n_routed_experts,
-            "num_experts_per_tok": moe.num_experts_per_tok, "norm_topk_prob": moe.norm_topk_prob,
-            "decoder_sparse_step": 1, "mlp_only_layers": list(range(model.first_k_dense_replace)),
-            "attention_bias": model.attention_bias, "use_sliding_window": False,
-            "router_aux_loss_coef": moe.router_aux_loss_coef}
+    return {
+        "model_type": MODEL_TYPE,
+        "architectures": [ARCHITECTURE],
+        "intermediate_size": model.intermediate_size,
+        "moe_intermediate_size": moe.moe_intermediate_size,
+        "num_experts": moe.n_routed_experts,
+        "num_experts_per_tok": moe.num_experts_per_tok,
+        "norm_topk_prob": moe.norm_topk_prob,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": list(range(model.first_k_dense_replace)),
+        "attention_bias": model.attention_bias,
+        "use_sliding_window": False,
+        "router_aux_loss_coef": moe.router_aux_loss_coef,
+    }
 
 
 def model_fields(hf: dict) -> tuple[dict, list[str]]:
@@ -55,13 +68,22 @@ def model_fields(hf: dict) -> tuple[dict, list[str]]:
     k = hf.get("num_experts_per_tok", 8)
     norm = bool(hf.get("norm_topk_prob", False))
     if k == 1 and norm:
-        problems.append("norm_topk_prob=true with num_experts_per_tok=1: the weight would be 1, ours keeps the "
-                        "probability")
-    fields = {"intermediate_size": hf["intermediate_size"], "first_k_dense_replace": len(dense),
-              "attention_bias": bool(hf.get("attention_bias", False)), "qk_norm": "head",
-              "moe": {"n_routed_experts": hf.get("num_experts") or hf["num_local_experts"], "num_experts_per_tok": k,
-                      "moe_intermediate_size": hf["moe_intermediate_size"], "scoring_func": "softmax",
-                      "norm_topk_prob": norm}}
+        problems.append(
+            "norm_topk_prob=true with num_experts_per_tok=1: the weight would be 1, ours keeps the probability"
+        )
+    fields = {
+        "intermediate_size": hf["intermediate_size"],
+        "first_k_dense_replace": len(dense),
+        "attention_bias": bool(hf.get("attention_bias", False)),
+        "qk_norm": "head",
+        "moe": {
+            "n_routed_experts": hf.get("num_experts") or hf["num_local_experts"],
+            "num_experts_per_tok": k,
+            "moe_intermediate_size": hf["moe_intermediate_size"],
+            "scoring_func": "softmax",
+            "norm_topk_prob": norm,
+        },
+    }
     return fields, problems
 
 

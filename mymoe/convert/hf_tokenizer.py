@@ -9,6 +9,7 @@ byte fallback, user-defined pieces), with no BOS added, as preprocess encodes, p
 tokenizer_config.json; the .model is copied too. That tokenizer is checked on probe texts
 (unicode, emoji, code, runs of whitespace) to give SentencePiece's ids before anything is written.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,20 @@ from pathlib import Path
 from mymoe.checkpoint.storage import CheckpointError
 from mymoe.tokenizer import TokenizerError, is_huggingface, load_tokenizer, special_ids, tokenizer_file
 
-PROBE_TEXTS = ("Hello world.", "  two leading spaces", "trailing  ", "a\n\nb\tc", "naïve café über Straße",
-               "東京とソウル", "emoji 😀🎉🤖 and ZWJ 👩‍💻", "def f(x):\n    return x  + 1  # done\n",
-               "{\"key\": [1, 2, 3]}", "x", " ", "")
+PROBE_TEXTS = (
+    "Hello world.",
+    "  two leading spaces",
+    "trailing  ",
+    "a\n\nb\tc",
+    "naïve café über Straße",
+    "東京とソウル",
+    "emoji 😀🎉🤖 and ZWJ 👩‍💻",
+    "def f(x):\n    return x  + 1  # done\n",
+    '{"key": [1, 2, 3]}',
+    "x",
+    " ",
+    "",
+)
 
 
 def load_checked(path: str | Path, vocab_size: int):
@@ -30,9 +42,11 @@ def load_checked(path: str | Path, vocab_size: int):
     except TokenizerError as error:
         raise CheckpointError(str(error)) from None
     if tokenizer.vocab_size() > vocab_size:
-        raise CheckpointError(f"tokenizer {path} has {tokenizer.vocab_size()} pieces but the model's vocab_size is "
-                              f"{vocab_size}: ids past {vocab_size - 1} have no embedding; pass the tokenizer the "
-                              f"model was trained with")
+        raise CheckpointError(
+            f"tokenizer {path} has {tokenizer.vocab_size()} pieces but the model's vocab_size is "
+            f"{vocab_size}: ids past {vocab_size - 1} have no embedding; pass the tokenizer the "
+            f"model was trained with"
+        )
     return tokenizer
 
 
@@ -50,20 +64,30 @@ def prepare(path: str | Path, vocab_size: int, max_length: int) -> dict:
         if "tokenizer_config.json" not in files:
             files["tokenizer_config.json"] = tokenizer_config(tokenizer, ids, max_length)
         return {"files": files, "ids": ids}
-    files = {"tokenizer.json": sentencepiece_as_tokenizer_json(tokenizer, Path(path)),
-             "tokenizer.model": tokenizer_file(path), "tokenizer_config.json": tokenizer_config(tokenizer, ids, max_length)}
+    files = {
+        "tokenizer.json": sentencepiece_as_tokenizer_json(tokenizer, Path(path)),
+        "tokenizer.model": tokenizer_file(path),
+        "tokenizer_config.json": tokenizer_config(tokenizer, ids, max_length),
+    }
     return {"files": files, "ids": ids}
 
 
 def tokenizer_config(tokenizer, ids: dict, max_length: int) -> bytes:
-    names = {f"{role}_token": tokenizer.id_to_piece(ids[f"{role}_token_id"]) if ids[f"{role}_token_id"] is not None
-             else None for role in ("bos", "eos", "pad")}
+    names = {
+        f"{role}_token": tokenizer.id_to_piece(ids[f"{role}_token_id"]) if ids[f"{role}_token_id"] is not None else None
+        for role in ("bos", "eos", "pad")
+    }
     unk = tokenizer.unk_id() if hasattr(tokenizer, "unk_id") else -1
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **names,
-              "unk_token": tokenizer.id_to_piece(unk) if unk >= 0 else None,
-              # preprocess adds no BOS and our decode cleans up nothing: the same ids and text here
-              "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-              "model_max_length": max_length}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **names,
+        "unk_token": tokenizer.id_to_piece(unk) if unk >= 0 else None,
+        # preprocess adds no BOS and our decode cleans up nothing: the same ids and text here
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+    }
     return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
 
 
@@ -74,8 +98,10 @@ def sentencepiece_as_tokenizer_json(processor, path: Path) -> bytes:
         from tokenizers import Tokenizer
         from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
     except ImportError:
-        raise CheckpointError("writing a SentencePiece tokenizer for transformers needs `pip install transformers "
-                              "tokenizers protobuf`; or export without --tokenizer") from None
+        raise CheckpointError(
+            "writing a SentencePiece tokenizer for transformers needs `pip install transformers "
+            "tokenizers protobuf`; or export without --tokenizer"
+        ) from None
     proto = import_protobuf().ModelProto()
     proto.ParseFromString(path.read_bytes())
     pieces = list(proto.pieces)
@@ -84,17 +110,21 @@ def sentencepiece_as_tokenizer_json(processor, path: Path) -> bytes:
     elif proto.trainer_spec.model_type == 1:  # unigram
         vocab = [(piece.piece, piece.score) for piece in pieces]
     else:
-        raise CheckpointError(f"{path} is a SentencePiece {proto.trainer_spec.model_type} model: transformers "
-                              f"converts bpe and unigram ones; export without --tokenizer")
+        raise CheckpointError(
+            f"{path} is a SentencePiece {proto.trainer_spec.model_type} model: transformers "
+            f"converts bpe and unigram ones; export without --tokenizer"
+        )
     # no BOS or EOS added (no post-processor): the ids preprocess writes for each document
     text = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab).to_str()
     converted = Tokenizer.from_str(text)
     for probe in PROBE_TEXTS:
         ours, theirs = processor.encode(probe), converted.encode(probe).ids
         if ours != theirs:
-            raise CheckpointError(f"{path} cannot be written as a tokenizer.json with the same ids ({probe!r}: "
-                                  f"SentencePiece {ours}, converted {theirs}), so transformers would tokenize "
-                                  f"differently; export without --tokenizer and encode with the .model")
+            raise CheckpointError(
+                f"{path} cannot be written as a tokenizer.json with the same ids ({probe!r}: "
+                f"SentencePiece {ours}, converted {theirs}), so transformers would tokenize "
+                f"differently; export without --tokenizer and encode with the .model"
+            )
     return text.encode()
 
 

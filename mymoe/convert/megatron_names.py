@@ -25,6 +25,7 @@ default rotary layout (rotary_interleaved=False) is the same half-split one we u
 q/k rows is needed. With the Transformer-Engine spec, input_layernorm.weight is instead
 ``self_attention.linear_qkv.layer_norm_weight`` (and a dense layer's pre-MLP norm ``mlp.linear_fc1.layer_norm_weight``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,21 +51,38 @@ def fused_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
 
 def megatron_state_dict(model) -> dict[str, torch.Tensor]:
     config = model.config
-    options = [f"{name}={getattr(config, name)!r}" for name in ("attention_bias", "qkv_bias", "qk_norm", "clip_qkv",
-                                                                 "attention_multiplier", "attention_sinks",
-                                                                 "sliding_window") if getattr(config, name)]
-    options += [f"{name}={getattr(config, name)}" for name in ("embedding_multiplier", "residual_multiplier",
-                                                                "logits_scaling") if getattr(config, name) != 1]
+    options = [
+        f"{name}={getattr(config, name)!r}"
+        for name in (
+            "attention_bias",
+            "qkv_bias",
+            "qk_norm",
+            "clip_qkv",
+            "attention_multiplier",
+            "attention_sinks",
+            "sliding_window",
+        )
+        if getattr(config, name)
+    ]
+    options += [
+        f"{name}={getattr(config, name)}"
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling")
+        if getattr(config, name) != 1
+    ]
     options += [f"moe.{name}=true" for name in ("router_bias", "expert_mlp_bias") if getattr(config.moe, name)]
     if config.moe.expert_activation != "swiglu":
         options.append(f"moe.expert_activation={config.moe.expert_activation}")
     if options:
-        raise CheckpointError(f"{', '.join(options)}: the Megatron-Core names written here have no attention "
-                              f"biases, q/k norms, clamping, sinks, windows, scalings or expert biases; export to "
-                              f"Hugging Face (export-hf) instead")
+        raise CheckpointError(
+            f"{', '.join(options)}: the Megatron-Core names written here have no attention "
+            f"biases, q/k norms, clamping, sinks, windows, scalings or expert biases; export to "
+            f"Hugging Face (export-hf) instead"
+        )
     state = model.state_dict()
-    out = {"embedding.word_embeddings.weight": state["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": state["model.norm.weight"]}
+    out = {
+        "embedding.word_embeddings.weight": state["model.embed_tokens.weight"],
+        "decoder.final_layernorm.weight": state["model.norm.weight"],
+    }
     if not config.tie_word_embeddings:
         out["output_layer.weight"] = state["lm_head.weight"]
     for n, block in enumerate(model.model.layers):
@@ -72,13 +90,16 @@ def megatron_state_dict(model) -> dict[str, torch.Tensor]:
         out[f"{theirs}.input_layernorm.weight"] = state[f"{ours}.input_layernorm.weight"]
         out[f"{theirs}.pre_mlp_layernorm.weight"] = state[f"{ours}.post_attention_layernorm.weight"]
         out[f"{theirs}.self_attention.linear_qkv.weight"] = fused_qkv(
-            *(state[f"{ours}.self_attn.{p}_proj.weight"] for p in "qkv"), config.num_attention_heads,
-            config.num_key_value_heads)
+            *(state[f"{ours}.self_attn.{p}_proj.weight"] for p in "qkv"),
+            config.num_attention_heads,
+            config.num_key_value_heads,
+        )
         out[f"{theirs}.self_attention.linear_proj.weight"] = state[f"{ours}.self_attn.o_proj.weight"]
         mlp = f"{ours}.mlp"
         if not block.is_moe:
-            out[f"{theirs}.mlp.linear_fc1.weight"] = torch.cat((state[f"{mlp}.gate_proj.weight"],
-                                                                state[f"{mlp}.up_proj.weight"]))
+            out[f"{theirs}.mlp.linear_fc1.weight"] = torch.cat(
+                (state[f"{mlp}.gate_proj.weight"], state[f"{mlp}.up_proj.weight"])
+            )
             out[f"{theirs}.mlp.linear_fc2.weight"] = state[f"{mlp}.down_proj.weight"]
             continue
         out[f"{theirs}.mlp.router.weight"] = state[f"{mlp}.gate.weight"]
@@ -90,8 +111,9 @@ def megatron_state_dict(model) -> dict[str, torch.Tensor]:
             out[f"{expert}.linear_fc2.weight"] = w_down[e].T
         if block.mlp.shared_experts is not None:
             shared = f"{mlp}.shared_experts"
-            out[f"{theirs}.mlp.shared_experts.linear_fc1.weight"] = torch.cat((state[f"{shared}.gate_proj.weight"],
-                                                                               state[f"{shared}.up_proj.weight"]))
+            out[f"{theirs}.mlp.shared_experts.linear_fc1.weight"] = torch.cat(
+                (state[f"{shared}.gate_proj.weight"], state[f"{shared}.up_proj.weight"])
+            )
             out[f"{theirs}.mlp.shared_experts.linear_fc2.weight"] = state[f"{shared}.down_proj.weight"]
             if block.mlp.shared_expert_gate is not None:
                 out[f"{theirs}.mlp.shared_experts.gate_weight"] = state[f"{mlp}.shared_expert_gate.weight"]

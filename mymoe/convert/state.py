@@ -4,6 +4,7 @@
 `model`, `optimizer`), so the CheckpointManager reads and writes it like a real run: same files, same
 checks. It builds no data reader and runs no forward pass; the reader state passes through untouched.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,8 +42,14 @@ class TrainingState:
         self.rng: dict = {"cpu": torch.get_rng_state(), "cuda": None}
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "train_reader": self.train_reader, "rng": self.rng}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "train_reader": self.train_reader,
+            "rng": self.rng,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
@@ -80,11 +87,19 @@ def read_whole_checkpoint(directory: Path, manifest: dict, config: Config) -> tu
     template = {"model": state.model.state_dict()}
     targets, rng = read_tensors(directory, manifest, template, state.model, state.optimizer, rank=0)
     saved = state.optimizer.state_dict()
-    state.load_state_dict({
-        "step": manifest["step"], "tokens_seen": manifest["tokens_seen"], "model": targets.model,
-        "optimizer": {"state": targets.optimizer_state,
-                      "param_groups": restore_param_groups(saved["param_groups"], manifest["optimizer_param_groups"])},
-        "train_reader": manifest["train_reader"], "rng": rng})
+    state.load_state_dict(
+        {
+            "step": manifest["step"],
+            "tokens_seen": manifest["tokens_seen"],
+            "model": targets.model,
+            "optimizer": {
+                "state": targets.optimizer_state,
+                "param_groups": restore_param_groups(saved["param_groups"], manifest["optimizer_param_groups"]),
+            },
+            "train_reader": manifest["train_reader"],
+            "rng": rng,
+        }
+    )
     return state, read_rng_tensors(directory)
 
 
@@ -94,7 +109,7 @@ def read_rng_tensors(directory: Path) -> dict[str, torch.Tensor]:
     tensors = {key: torch.empty(shape, dtype=torch.uint8) for key, shape in keys.items()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(tensors, storage_reader=SafeFileSystemReader(directory), planner=TensorsOnlyLoadPlanner(),
-                 no_dist=True)
+        dcp.load(
+            tensors, storage_reader=SafeFileSystemReader(directory), planner=TensorsOnlyLoadPlanner(), no_dist=True
+        )
     return tensors
-

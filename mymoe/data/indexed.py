@@ -74,12 +74,14 @@ class IndexedTokens:
                     f"{prefix}.idx (make them with `python -m data_tools preprocess`)"
                 )
         if os.path.getsize(idx_path(prefix)) == 0:  # np.memmap would say only "cannot mmap an empty file"
-            raise ValueError(f"{idx_path(prefix)} is empty (0 bytes): a write was interrupted; rebuild it with "
-                             f"`python -m data_tools preprocess`")
+            raise ValueError(
+                f"{idx_path(prefix)} is empty (0 bytes): a write was interrupted; rebuild it with "
+                f"`python -m data_tools preprocess`"
+            )
         index = np.memmap(idx_path(prefix), dtype=np.uint8, mode="r")
         if index.size < _HEADER_BYTES or bytes(index[:9]) != INDEX_MAGIC:
             raise ValueError(f"{idx_path(prefix)} is not a Megatron index file (bad magic bytes)")
-        version, = index[9:17].view("<u8")
+        (version,) = index[9:17].view("<u8")
         if version != INDEX_VERSION:
             raise ValueError(f"{idx_path(prefix)} has index version {version}; only 1 is known")
         code = int(index[17])

@@ -185,9 +185,7 @@ def build_train_reader(
     shuffle: bool = True,
 ) -> PackedTokenReader:
     """See the module docstring of `mymoe.data` for the contract."""
-    return PackedTokenReader(
-        prefixes, weights, seq_len, micro_batch_size, dp_rank, dp_world_size, seed, shuffle
-    )
+    return PackedTokenReader(prefixes, weights, seq_len, micro_batch_size, dp_rank, dp_world_size, seed, shuffle)
 
 
 def _check_arguments(prefixes, weights, seq_len, micro_batch_size, dp_rank, dp_world_size):

@@ -1,4 +1,5 @@
 """Grouped-query self-attention over torch's scaled_dot_product_attention, and its KV cache."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -34,17 +35,18 @@ class KVCache:
             self.keys, self.values, self.length = keys, values, new_length
             return keys, values
         if new_length > self.max_length:
-            raise ValueError(f"KV cache of max_length={self.max_length} cannot hold {new_length} positions: "
-                             f"allocate it with a larger max_length")
+            raise ValueError(
+                f"KV cache of max_length={self.max_length} cannot hold {new_length} positions: "
+                f"allocate it with a larger max_length"
+            )
         if self.keys is None:
             # keys and values may differ in width (MLA caches its latent and its rotated key part)
             self.keys = keys.new_empty(*keys.shape[:2], self.max_length, keys.shape[-1])
             self.values = values.new_empty(*values.shape[:2], self.max_length, values.shape[-1])
-        self.keys[:, :, self.length:new_length] = keys
-        self.values[:, :, self.length:new_length] = values
+        self.keys[:, :, self.length : new_length] = keys
+        self.values[:, :, self.length : new_length] = values
         self.length = new_length
         return self.keys[:, :, :new_length], self.values[:, :, :new_length]
-
 
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (a rejected speculative draft)."""
@@ -67,10 +69,21 @@ class Attention(nn.Module):
     ``sliding_window`` lets a query see only the keys less than that many positions back (GPT-OSS).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, qkv_bias: bool = False,
-                 out_bias: bool = False, qk_norm: Optional[str] = None, clip_qkv: Optional[float] = None,
-                 eps: float = 1e-6, scale: Optional[float] = None, sinks: bool = False,
-                 sliding_window: Optional[int] = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        qk_norm: Optional[str] = None,
+        clip_qkv: Optional[float] = None,
+        eps: float = 1e-6,
+        scale: Optional[float] = None,
+        sinks: bool = False,
+        sliding_window: Optional[int] = None,
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -89,8 +102,14 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(head_dim if per_head else num_kv_heads * head_dim, eps)
         self.prefix = None  # prefix tuning (mymoe.peft): trainable keys and values every query sees
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
         """hidden [B, S, d]; cos, sin [B, S, head_dim]; mask [B, 1, S, past + S] bool (True = may attend)
         or None for plain causal attention over this call's tokens (and the whole cache when S == 1)."""
         batch, seq, _ = hidden.shape
@@ -121,10 +140,10 @@ class Attention(nn.Module):
             out = attention_with_sinks(queries, keys, values, mask, self.sinks, self.scale)
         else:
             is_causal = mask is None and seq > 1
-            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, is_causal=is_causal,
-                                                 scale=self.scale)
+            out = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=mask, is_causal=is_causal, scale=self.scale
+            )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
-
 
     def _with_prefix(self, keys, values, mask, seq: int):
         """Prepend the prefix positions (no rotary: they have no place in the sequence), visible to all."""
@@ -162,8 +181,9 @@ def attention_with_sinks(queries, keys, values, mask, sinks: torch.Tensor, scale
     return probs.to(values.dtype) @ values
 
 
-def build_attention_mask(attention_mask: Optional[torch.Tensor], past_length: int, seq_len: int,
-                         device) -> Optional[torch.Tensor]:
+def build_attention_mask(
+    attention_mask: Optional[torch.Tensor], past_length: int, seq_len: int, device
+) -> Optional[torch.Tensor]:
     """The boolean mask [B or 1, 1, S, past + S] for SDPA, built once per forward for every layer.
 
     attention_mask [B, past + S] marks real tokens with 1 and padding with 0 (left padding included).
@@ -178,8 +198,10 @@ def build_attention_mask(attention_mask: Optional[torch.Tensor], past_length: in
     allowed = (key_slot <= query_slot)[None, None]  # [1, 1, S, past + S]
     if attention_mask is not None:
         if attention_mask.shape[-1] != total:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions but the cache and "
-                             f"input hold {total}: pass the mask of the whole sequence so far")
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions but the cache and "
+                f"input hold {total}: pass the mask of the whole sequence so far"
+            )
         allowed = allowed & attention_mask.bool()[:, None, None, :]
         # a padding query before any real token would see no key at all, and an all-masked softmax row
         # is NaN; let it see itself (its output is never used, but NaN would poison the MoE statistics)

@@ -4,6 +4,7 @@ The rotary variants (none, linear, dynamic NTK, YaRN) follow the formulas of Hug
 ``transformers.modeling_rope_utils`` line for line, so a model exported to Mixtral, Qwen2-MoE or DeepSeek
 names produces the same logits there.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,9 @@ class RotaryEmbedding(nn.Module):
     model across devices without a buffer, and dynamic NTK needs the current length anyway.
     """
 
-    def __init__(self, head_dim: int, max_position_embeddings: int, theta: float = 10000.0,
-                 scaling: Optional[dict] = None):
+    def __init__(
+        self, head_dim: int, max_position_embeddings: int, theta: float = 10000.0, scaling: Optional[dict] = None
+    ):
         super().__init__()
         self.head_dim = head_dim
         self.max_position_embeddings = max_position_embeddings
@@ -117,12 +119,12 @@ class RotaryEmbedding(nn.Module):
             seq_len = torch.clamp(seq_len, min=self.max_position_embeddings)
             ratio = self.factor * seq_len / self.max_position_embeddings - (self.factor - 1)
             base = self.theta * ratio ** (self.head_dim / (self.head_dim - 2))
-            return 1.0 / (base ** exponents)
-        theta_powers = self.theta ** exponents
+            return 1.0 / (base**exponents)
+        theta_powers = self.theta**exponents
         if self.kind == "linear":
             return 1.0 / theta_powers / self.factor  # same as dividing positions by factor
         if self.kind == "yarn":
-            ramp = (torch.arange(self.head_dim // 2, dtype=torch.float32, device=device) - self.yarn_low)
+            ramp = torch.arange(self.head_dim // 2, dtype=torch.float32, device=device) - self.yarn_low
             ramp = torch.clamp(ramp / (self.yarn_high - self.yarn_low), 0, 1)
             extrapolation_weight = 1 - ramp
             interpolated, extrapolated = 1.0 / (self.factor * theta_powers), 1.0 / theta_powers

@@ -13,6 +13,7 @@ expands the cached latent through kv_b_proj again (the simple form; absorbing kv
 and output projections saves that work at inference and computes the same thing).
 Module names follow Hugging Face's DeepseekV3Attention.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,8 +62,14 @@ class MultiHeadLatentAttention(nn.Module):
         """What the cache holds per token and layer: the latent and the shared rotated key part."""
         return self.kv_lora_rank + self.rope_dim
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
         """hidden [B, S, d]; cos, sin [B, S, qk_rope_head_dim]; mask and cache as for Attention."""
         batch, seq, _ = hidden.shape
         if self.q_lora_rank is None:
@@ -84,6 +91,7 @@ class MultiHeadLatentAttention(nn.Module):
         keys = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
         queries = torch.cat([q_nope, q_rope], dim=-1)
         is_causal = mask is None and seq > 1
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, is_causal=is_causal,
-                                             scale=self.scale)  # [B, heads, S, v_head_dim]
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, is_causal=is_causal, scale=self.scale
+        )  # [B, heads, S, v_head_dim]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.v_head_dim))

@@ -10,6 +10,7 @@ draft model: each main forward verifies the previous draft and the head proposes
 step of two tokens through the main model yields two tokens when the draft was right and one when it
 was not. Only the main model's argmax is ever emitted, so the output is the plain greedy output.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -88,4 +89,4 @@ def speculative_greedy(model, input_ids: torch.Tensor, max_new_tokens: int) -> S
             new_tokens, verified_hidden = choice[:, :1], step.hidden[:, :1]
         tokens = torch.cat([tokens, new_tokens], dim=1)
         draft = model.mtp_draft(verified_hidden, new_tokens, start=position, cache=mtp_cache)
-    return SpeculativeResult(tokens[:, :prompt_length + max_new_tokens], drafts, accepted)
+    return SpeculativeResult(tokens[:, : prompt_length + max_new_tokens], drafts, accepted)

@@ -5,6 +5,7 @@ post_attention_layernorm -> mlp (dense SwiGLU for the first ``first_k_dense_repl
 layer after) -> residual -> norm -> lm_head. Module names follow Hugging Face (Mixtral, Qwen2-MoE,
 DeepSeek-V3) so state dicts convert by renaming little.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,13 +55,20 @@ class Block(nn.Module):
         if config.attention_type == "mla":
             self.self_attn = MultiHeadLatentAttention(config)
         else:
-            self.self_attn = Attention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                                       config.head_dim, qkv_bias=config.attention_bias or config.qkv_bias,
-                                       out_bias=config.attention_bias, qk_norm=config.qk_norm,
-                                       clip_qkv=config.clip_qkv, eps=config.rms_norm_eps,
-                                       scale=config.attention_multiplier, sinks=config.attention_sinks,
-                                       sliding_window=config.sliding_window if layer_is_sliding(config, layer_index)
-                                       else None)
+            self.self_attn = Attention(
+                config.hidden_size,
+                config.num_attention_heads,
+                config.num_key_value_heads,
+                config.head_dim,
+                qkv_bias=config.attention_bias or config.qkv_bias,
+                out_bias=config.attention_bias,
+                qk_norm=config.qk_norm,
+                clip_qkv=config.clip_qkv,
+                eps=config.rms_norm_eps,
+                scale=config.attention_multiplier,
+                sinks=config.attention_sinks,
+                sliding_window=config.sliding_window if layer_is_sliding(config, layer_index) else None,
+            )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = layer_index >= config.first_k_dense_replace
         self.residual_multiplier = config.residual_multiplier
@@ -188,9 +196,15 @@ class MoECausalLM(nn.Module):
     # ------------------------------------------------------------------------------------------------
     # forward and loss
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                past_key_values: Optional[list] = None, use_cache: bool = False) -> CausalLMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        past_key_values: Optional[list] = None,
+        use_cache: bool = False,
+    ) -> CausalLMOutput:
         """input_ids, labels [B, S]; attention_mask [B, past + S] with 1 = token, 0 = padding (left padding
         allowed); past_key_values: the list of KVCache returned by an earlier call with use_cache=True."""
         if use_cache and past_key_values is None:
@@ -207,8 +221,14 @@ class MoECausalLM(nn.Module):
             mtp_loss = causal_lm_loss(self.lm_head(mtp_hidden), labels[:, 1:])
             moe_aux = moe_aux + ([mtp_aux] if mtp_aux is not None else [])
         aux_loss = sum((aux.aux_loss for aux in moe_aux), hidden.new_zeros((), dtype=torch.float32))
-        output = CausalLMOutput(logits=logits, aux_loss=aux_loss, router_stats=[aux.stats for aux in moe_aux],
-                                past_key_values=past_key_values, hidden=hidden, mtp_loss=mtp_loss)
+        output = CausalLMOutput(
+            logits=logits,
+            aux_loss=aux_loss,
+            router_stats=[aux.stats for aux in moe_aux],
+            past_key_values=past_key_values,
+            hidden=hidden,
+            mtp_loss=mtp_loss,
+        )
         if labels is not None:
             output.lm_loss = causal_lm_loss(logits, labels)
             output.loss = training_loss(output, self.config.mtp_loss_weight)
@@ -275,25 +295,54 @@ class MoECausalLM(nn.Module):
     # generation
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
-                 generator: Optional[torch.Generator] = None, attention_mask: Optional[torch.Tensor] = None,
-                 use_cache: bool = True, eos_token_id: Optional[int] = None,
-                 vocab_limit: Optional[int] = None) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        repetition_penalty: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        use_cache: bool = True,
+        eos_token_id: Optional[int] = None,
+        vocab_limit: Optional[int] = None,
+    ) -> torch.Tensor:
         """Continue each prompt of input_ids [B, S] by up to max_new_tokens; returns [B, S + new].
 
         The tokens of ``stream``, collected: see there for the arguments.
         """
-        steps = self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, generator,
-                            attention_mask, use_cache, eos_token_id, vocab_limit)
+        steps = self.stream(
+            input_ids,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            generator,
+            attention_mask,
+            use_cache,
+            eos_token_id,
+            vocab_limit,
+        )
         return torch.cat([input_ids] + [next_token[:, None] for next_token in steps], dim=1)
 
     @torch.no_grad()
-    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-               top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
-               generator: Optional[torch.Generator] = None, attention_mask: Optional[torch.Tensor] = None,
-               use_cache: bool = True, eos_token_id: Optional[int] = None,
-               vocab_limit: Optional[int] = None) -> Iterator[torch.Tensor]:
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        repetition_penalty: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        use_cache: bool = True,
+        eos_token_id: Optional[int] = None,
+        vocab_limit: Optional[int] = None,
+    ) -> Iterator[torch.Tensor]:
         """Yield each step's next token of every row [B] as it is sampled: the one decode loop, behind
         ``generate`` and the ``mymoe.generate`` command line.
 
@@ -310,16 +359,18 @@ class MoECausalLM(nn.Module):
                 attention_mask = None  # no padding: let attention use its causal fast path
             cache = None
             if use_cache:
-                cache = [KVCache(max_length=prompt_length + max_new_tokens)
-                         for _ in range(self.config.num_hidden_layers)]
+                cache = [
+                    KVCache(max_length=prompt_length + max_new_tokens) for _ in range(self.config.num_hidden_layers)
+                ]
             finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
             tokens, step_input = input_ids, input_ids
             for _ in range(max_new_tokens):
                 logits = self(step_input, attention_mask=attention_mask, past_key_values=cache).logits[:, -1].float()
                 if vocab_limit is not None:
                     logits[:, vocab_limit:] = float("-inf")
-                next_token = sample_next_token(logits, tokens, attention_mask, temperature, top_k, top_p,
-                                               repetition_penalty, generator)  # [B]
+                next_token = sample_next_token(
+                    logits, tokens, attention_mask, temperature, top_k, top_p, repetition_penalty, generator
+                )  # [B]
                 if eos_token_id is not None:
                     next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
                     finished |= next_token == eos_token_id
@@ -345,8 +396,7 @@ def training_loss(output: CausalLMOutput, mtp_loss_weight: float, aux_loss_scale
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over positions whose label is not -100 (0 when there are none), in fp32."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                             reduction="sum")
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     return losses / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
@@ -358,7 +408,9 @@ def sample_next_token(logits, tokens, attention_mask, temperature, top_k, top_p,
     reaches top_p (always at least one token).
     """
     if repetition_penalty != 1.0:
-        real = torch.ones_like(tokens, dtype=logits.dtype) if attention_mask is None else attention_mask.to(logits.dtype)
+        real = (
+            torch.ones_like(tokens, dtype=logits.dtype) if attention_mask is None else attention_mask.to(logits.dtype)
+        )
         seen = torch.zeros_like(logits).scatter_add_(1, tokens, real) > 0  # [B, V]
         penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
         logits = torch.where(seen, penalised, logits)

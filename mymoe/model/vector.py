@@ -9,6 +9,7 @@ Each row is one token and the whole batch one routing group, so capacity counts 
 sequence-level balance loss sees the batch as a single sequence. For regression, classification heads,
 or as a drop-in for an MLP whose input space splits into regions that want different maps.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -29,12 +30,21 @@ class VectorMoEOutput:
 
 
 class VectorMoE(nn.Module):
-    def __init__(self, in_features: int, out_features: int, hidden_size: int, moe: MoEConfig,
-                 num_layers: int = 1, init_std: float = 0.02):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden_size: int,
+        moe: MoEConfig,
+        num_layers: int = 1,
+        init_std: float = 0.02,
+    ):
         super().__init__()
         if min(in_features, out_features, hidden_size, num_layers) <= 0:
-            raise ValueError(f"in_features={in_features}, out_features={out_features}, hidden_size={hidden_size} "
-                             f"and num_layers={num_layers} must all be positive")
+            raise ValueError(
+                f"in_features={in_features}, out_features={out_features}, hidden_size={hidden_size} "
+                f"and num_layers={num_layers} must all be positive"
+            )
         self.in_features, self.out_features, self.hidden_size = in_features, out_features, hidden_size
         self.num_layers, self.moe_config, self.init_std = num_layers, moe, init_std
         self.input_proj = nn.Linear(in_features, hidden_size)
@@ -46,8 +56,14 @@ class VectorMoE(nn.Module):
     def architecture(self) -> dict:
         """Plain values that rebuild this model with ``VectorMoE.from_architecture``: saved beside the
         weights, so a file of tensors, strings and numbers describes the whole model."""
-        return {"in_features": self.in_features, "out_features": self.out_features, "hidden_size": self.hidden_size,
-                "num_layers": self.num_layers, "init_std": self.init_std, "moe": asdict(self.moe_config)}
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "init_std": self.init_std,
+            "moe": asdict(self.moe_config),
+        }
 
     @classmethod
     def from_architecture(cls, architecture: dict) -> "VectorMoE":
@@ -57,8 +73,9 @@ class VectorMoE(nn.Module):
     def forward(self, inputs: torch.Tensor) -> VectorMoEOutput:
         """inputs [N, in_features] -> VectorMoEOutput with output [N, out_features]."""
         if inputs.dim() != 2:
-            raise ValueError(f"inputs of shape {tuple(inputs.shape)} must be [N, in_features]; flatten the "
-                             f"leading dimensions first")
+            raise ValueError(
+                f"inputs of shape {tuple(inputs.shape)} must be [N, in_features]; flatten the leading dimensions first"
+            )
         hidden = self.input_proj(inputs)  # [N, hidden]
         aux_loss = hidden.new_zeros(())
         stats = []

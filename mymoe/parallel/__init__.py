@@ -13,6 +13,7 @@
 
 Model code never imports torch.distributed: it only calls the dispatcher it is handed.
 """
+
 from mymoe.parallel.agree import ConfigMismatchError, agree_on_config
 from mymoe.parallel.collectives import CollectiveError
 from mymoe.parallel.dedup_dispatch import DedupAllToAllDispatcher
@@ -24,7 +25,20 @@ from mymoe.parallel.parallelize import parallelize
 from mymoe.parallel.startup import init_distributed, shutdown
 
 __all__ = [
-    "AllGatherDispatcher", "AllToAllDispatcher", "CollectiveError", "ConfigMismatchError", "DedupAllToAllDispatcher",
-    "LaunchInfo", "ParallelContext", "agree_on_config", "build_context", "clip_grad_norm_", "detect_launch", "global_grad_norm",
-    "init_distributed", "parallelize", "reduce_gradients", "shutdown",
+    "AllGatherDispatcher",
+    "AllToAllDispatcher",
+    "CollectiveError",
+    "ConfigMismatchError",
+    "DedupAllToAllDispatcher",
+    "LaunchInfo",
+    "ParallelContext",
+    "agree_on_config",
+    "build_context",
+    "clip_grad_norm_",
+    "detect_launch",
+    "global_grad_norm",
+    "init_distributed",
+    "parallelize",
+    "reduce_gradients",
+    "shutdown",
 ]

@@ -8,6 +8,7 @@ collective and its purpose, so a user reads "all_to_all_single (MoE dispatch, la
 The autograd Functions move rows between ranks; each backward is the reverse movement:
 all-to-all <-> reverse all-to-all, all-gather <-> reduce-scatter.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,14 +34,16 @@ def named_collective(name: str, timeout_seconds: Optional[float] = None):
             after = f" after {timeout_seconds:g} s" if timeout_seconds else ""
             raise CollectiveError(
                 f"{name} timed out{after}: a rank died or stalled (if a rank is merely slow, raise "
-                f"parallel.timeout_seconds). Backend said: {backend_said}") from error
+                f"parallel.timeout_seconds). Backend said: {backend_said}"
+            ) from error
         raise CollectiveError(
-            f"{name} failed: a rank probably died or left early (its connection closed). "
-            f"Backend said: {backend_said}") from error
+            f"{name} failed: a rank probably died or left early (its connection closed). Backend said: {backend_said}"
+        ) from error
 
 
-def all_reduce(tensor: torch.Tensor, name: str, timeout_seconds: Optional[float] = None, op: str = "sum",
-               group=None) -> torch.Tensor:
+def all_reduce(
+    tensor: torch.Tensor, name: str, timeout_seconds: Optional[float] = None, op: str = "sum", group=None
+) -> torch.Tensor:
     """All-reduce `tensor` in place over `group` (default: the world) as named_collective `name` says;
     op is "sum" or "max". Returns the tensor."""
     with named_collective(name, timeout_seconds):
@@ -48,8 +51,9 @@ def all_reduce(tensor: torch.Tensor, name: str, timeout_seconds: Optional[float]
     return tensor
 
 
-def _all_to_all(rows: torch.Tensor, output_splits: list, input_splits: list, group, name: str,
-                timeout_seconds: Optional[float]) -> torch.Tensor:
+def _all_to_all(
+    rows: torch.Tensor, output_splits: list, input_splits: list, group, name: str, timeout_seconds: Optional[float]
+) -> torch.Tensor:
     received = rows.new_empty((sum(output_splits),) + tuple(rows.shape[1:]))
     with named_collective(f"all_to_all_single ({name})", timeout_seconds):
         dist.all_to_all_single(received, rows.contiguous(), output_splits, input_splits, group=group)
@@ -67,13 +71,15 @@ class AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = _all_to_all(grad, ctx.input_splits, ctx.output_splits, ctx.group, f"{ctx.name}, backward",
-                           ctx.timeout_seconds)
+        grad = _all_to_all(
+            grad, ctx.input_splits, ctx.output_splits, ctx.group, f"{ctx.name}, backward", ctx.timeout_seconds
+        )
         return grad, None, None, None, None, None
 
 
-def all_to_all(rows, output_splits: list, input_splits: list, group, name: str,
-               timeout_seconds: Optional[float] = None) -> torch.Tensor:
+def all_to_all(
+    rows, output_splits: list, input_splits: list, group, name: str, timeout_seconds: Optional[float] = None
+) -> torch.Tensor:
     return AllToAll.apply(rows, output_splits, input_splits, group, name, timeout_seconds)
 
 
@@ -145,5 +151,5 @@ def _run_bucket(bucket: list, fn, device: torch.device) -> None:
     fn(flat)
     offset = 0
     for tensor in bucket:
-        tensor.detach().copy_(flat[offset: offset + tensor.numel()].view_as(tensor))
+        tensor.detach().copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
         offset += tensor.numel()

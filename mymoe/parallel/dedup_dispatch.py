@@ -16,6 +16,7 @@ traffic shrinks from tokens * k rows to tokens * (distinct ranks per token) rows
 The weights travel in the same differentiable all-to-all as the hidden states, so their gradient (the
 router's) comes back through its backward.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,8 +58,11 @@ class DedupAllToAllDispatcher(GroupDispatcher):
         sent_rank, sent_token = goes_to.any(-1).nonzero(as_tuple=True)  # rank-major, then token order
         rows_per_rank = torch.bincount(sent_rank, minlength=self.group_size)
         slot_mask = goes_to[sent_rank, sent_token]  # [sent, k]
-        local_ids = torch.where(slot_mask, expert_indices[sent_token] - sent_rank.unsqueeze(1) * self.num_local_experts,
-                                torch.full_like(slot_mask, -1, dtype=expert_indices.dtype))
+        local_ids = torch.where(
+            slot_mask,
+            expert_indices[sent_token] - sent_rank.unsqueeze(1) * self.num_local_experts,
+            torch.full_like(slot_mask, -1, dtype=expert_indices.dtype),
+        )
         weights = expert_weights[sent_token] * slot_mask  # [sent, k], zero where the slot is elsewhere
         # one all-to-all carries everything: the ids travel as the raw bits of hidden's dtype (a float
         # conversion would not be exact beyond 256 experts in bf16)
@@ -67,11 +71,12 @@ class DedupAllToAllDispatcher(GroupDispatcher):
 
         input_splits = rows_per_rank.tolist()
         output_splits = self._exchange_counts(rows_per_rank)
-        received = all_to_all(packed, output_splits, input_splits, self.group, f"MoE dispatch, {self.name}",
-                              self.timeout_seconds)  # [received, hidden + 2k]
+        received = all_to_all(
+            packed, output_splits, input_splits, self.group, f"MoE dispatch, {self.name}", self.timeout_seconds
+        )  # [received, hidden + 2k]
         received_hidden = received[:, :hidden_size]
-        received_weights = received[:, hidden_size:hidden_size + top_k]
-        id_bits = received[:, hidden_size + top_k:].detach().contiguous()
+        received_weights = received[:, hidden_size : hidden_size + top_k]
+        id_bits = received[:, hidden_size + top_k :].detach().contiguous()
         received_ids = id_bits.view(_SAME_WIDTH_INT[received.element_size()]).long()  # [received, k], -1: not here
 
         flat_ids = received_ids.reshape(-1)
@@ -88,7 +93,13 @@ class DedupAllToAllDispatcher(GroupDispatcher):
         return batch, handle
 
     def combine(self, per_received, handle: DedupHandle):
-        returned = all_to_all(per_received, handle.input_splits, handle.output_splits, self.group,
-                              f"MoE combine, {self.name}", self.timeout_seconds)
+        returned = all_to_all(
+            per_received,
+            handle.input_splits,
+            handle.output_splits,
+            self.group,
+            f"MoE combine, {self.name}",
+            self.timeout_seconds,
+        )
         out = returned.new_zeros(handle.num_tokens, returned.shape[-1])
         return out.index_add(0, handle.sent_token, returned)

@@ -8,6 +8,7 @@ which one it holds:
 
 Capacity is applied by the layer before dispatch, on each rank's own tokens, so these only move rows.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ class GroupDispatcher:
         self.group = group
         self.group_size = dist.get_world_size(group)
         self.num_experts = num_experts
-        self.first_local_expert, self.num_local_experts = owned_experts(num_experts, self.group_size,
-                                                                        dist.get_rank(group))
+        self.first_local_expert, self.num_local_experts = owned_experts(
+            num_experts, self.group_size, dist.get_rank(group)
+        )
         self.name = name
         self.timeout_seconds = timeout_seconds
 
@@ -65,18 +67,19 @@ class AllToAllDispatcher(GroupDispatcher):
         return received.view(self.group_size, self.num_local_experts)
 
     def dispatch(self, hidden, expert_indices, expert_weights, keep):
-        rows, tokens_per_expert, permutation = permute(hidden, expert_indices, expert_weights, keep,
-                                                       self.num_experts)
+        rows, tokens_per_expert, permutation = permute(hidden, expert_indices, expert_weights, keep, self.num_experts)
         received_counts = self._exchange_counts(tokens_per_expert)  # [source rank, local expert]
         input_splits = tokens_per_expert.view(self.group_size, self.num_local_experts).sum(1).tolist()
         output_splits = received_counts.sum(1).tolist()
-        received = all_to_all(rows, output_splits, input_splits, self.group, f"MoE dispatch, {self.name}",
-                              self.timeout_seconds)
+        received = all_to_all(
+            rows, output_splits, input_splits, self.group, f"MoE dispatch, {self.name}", self.timeout_seconds
+        )
         # received rows are source-major; the experts need expert-major, so sort by local expert (stable
         # keeps each expert's rows in source-rank order)
         local_expert_of_row = torch.repeat_interleave(
             torch.arange(self.num_local_experts, device=received_counts.device).repeat(self.group_size),
-            received_counts.reshape(-1))
+            received_counts.reshape(-1),
+        )
         expert_major_order = torch.argsort(local_expert_of_row, stable=True).to(received.device)
         handle = AllToAllHandle(permutation, input_splits, output_splits)
         # the experts read the received rows in expert-major order and write their outputs back in
@@ -84,8 +87,14 @@ class AllToAllDispatcher(GroupDispatcher):
         return ExpertBatch(received, received_counts.sum(0), row_index=expert_major_order), handle
 
     def combine(self, expert_output, handle: AllToAllHandle):
-        returned = all_to_all(expert_output, handle.input_splits, handle.output_splits, self.group,
-                              f"MoE combine, {self.name}", self.timeout_seconds)
+        returned = all_to_all(
+            expert_output,
+            handle.input_splits,
+            handle.output_splits,
+            self.group,
+            f"MoE combine, {self.name}",
+            self.timeout_seconds,
+        )
         return unpermute(returned, handle.permutation)
 
 
@@ -105,8 +114,9 @@ class AllGatherDispatcher(GroupDispatcher):
 
     def _gather(self, tensor: torch.Tensor, padded_tokens: int, what: str) -> torch.Tensor:
         padding = tensor.new_zeros((padded_tokens - tensor.shape[0],) + tuple(tensor.shape[1:]))
-        return AllGather.apply(torch.cat([tensor, padding]), self.group, f"{what}, MoE dispatch, {self.name}",
-                               self.timeout_seconds)
+        return AllGather.apply(
+            torch.cat([tensor, padding]), self.group, f"{what}, MoE dispatch, {self.name}", self.timeout_seconds
+        )
 
     def dispatch(self, hidden, expert_indices, expert_weights, keep):
         num_tokens = hidden.shape[0]
@@ -122,8 +132,9 @@ class AllGatherDispatcher(GroupDispatcher):
         all_weights = self._gather(expert_weights, padded_tokens, "expert weights")  # [group * padded, k]
         local_indices = all_indices - self.first_local_expert
         mine = (local_indices >= 0) & (local_indices < self.num_local_experts)
-        source_token, row_weight, tokens_per_expert = sort_by_expert(local_indices, all_weights, mine,
-                                                                     self.num_local_experts)
+        source_token, row_weight, tokens_per_expert = sort_by_expert(
+            local_indices, all_weights, mine, self.num_local_experts
+        )
         # the experts add their weighted outputs into [group * padded, hidden]: my experts' share of
         # every gathered token
         batch = ExpertBatch(all_hidden, tokens_per_expert, row_index=source_token, row_weight=row_weight)

@@ -6,6 +6,7 @@ over MPI. srun sets SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID; rank 0
 step's node list and the port is derived from the job id, so every task computes the same pair without
 talking. A process with none of these is a single process (world size 1).
 """
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,14 @@ def detect_launch(environ: Optional[Mapping[str, str]] = None) -> LaunchInfo:
         return LaunchInfo("torchrun", _int(environ, "RANK"), _int(environ, "WORLD_SIZE"), local_rank, addr, port)
     if "OMPI_COMM_WORLD_RANK" in environ:
         local_rank = _first_int(environ, ("OMPI_COMM_WORLD_LOCAL_RANK",), 0)
-        return LaunchInfo("openmpi", _int(environ, "OMPI_COMM_WORLD_RANK"), _int(environ, "OMPI_COMM_WORLD_SIZE"),
-                          local_rank, addr, port)
+        return LaunchInfo(
+            "openmpi",
+            _int(environ, "OMPI_COMM_WORLD_RANK"),
+            _int(environ, "OMPI_COMM_WORLD_SIZE"),
+            local_rank,
+            addr,
+            port,
+        )
     if "PMI_RANK" in environ:
         local_rank = _first_int(environ, ("MPI_LOCALRANKID", "PMI_LOCAL_RANK"), 0)
         return LaunchInfo("mpich", _int(environ, "PMI_RANK"), _int(environ, "PMI_SIZE"), local_rank, addr, port)
@@ -69,13 +76,15 @@ def detect_launch(environ: Optional[Mapping[str, str]] = None) -> LaunchInfo:
     if "SLURM_PROCID" in environ and "SLURM_STEP_NUM_TASKS" in environ:
         world_size = _int(environ, "SLURM_STEP_NUM_TASKS")
         if addr is None:
-            nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") \
-                or environ.get("SLURM_NODELIST")
+            nodelist = (
+                environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+            )
             addr = first_slurm_host(nodelist) if nodelist else "127.0.0.1"
         if port is None:
             port = slurm_port(environ.get("SLURM_JOB_ID", environ.get("SLURM_JOBID", "0")))
-        return LaunchInfo("slurm", _int(environ, "SLURM_PROCID"), world_size,
-                          _first_int(environ, ("SLURM_LOCALID",), 0), addr, port)
+        return LaunchInfo(
+            "slurm", _int(environ, "SLURM_PROCID"), world_size, _first_int(environ, ("SLURM_LOCALID",), 0), addr, port
+        )
     return LaunchInfo("single", 0, 1, 0, addr, port)
 
 
@@ -111,7 +120,7 @@ def _expand_host(pattern: str) -> list[str]:
     match = re.search(r"\[([^\]]*)\]", pattern)
     if match is None:
         return [pattern]
-    head, tail = pattern[: match.start()], pattern[match.end():]
+    head, tail = pattern[: match.start()], pattern[match.end() :]
     names = []
     for part in match.group(1).split(","):
         if "-" in part:
@@ -126,8 +135,9 @@ def first_slurm_host(nodelist: str) -> str:
     """First host of a SLURM node list, through `scontrol show hostnames` when it exists."""
     if shutil.which("scontrol"):
         try:
-            result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                                    timeout=30, check=True)
+            result = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+            )
             hosts = result.stdout.split()
             if hosts:
                 return hosts[0]
@@ -153,7 +163,8 @@ def agree_master_over_mpi(launch: LaunchInfo) -> LaunchInfo:
         raise RuntimeError(
             f"launched by {launch.launcher} (rank {launch.rank} of {launch.world_size}) without MASTER_ADDR and "
             f"MASTER_PORT: install mpi4py (pip install mpi4py) so rank 0 can share its address, or export both "
-            f"variables to every rank (mpirun -x MASTER_ADDR=host0 -x MASTER_PORT=29500 ...)") from None
+            f"variables to every rank (mpirun -x MASTER_ADDR=host0 -x MASTER_PORT=29500 ...)"
+        ) from None
     comm = MPI.COMM_WORLD
     if comm.Get_size() != launch.world_size:
         raise RuntimeError(f"MPI reports {comm.Get_size()} ranks but the environment says {launch.world_size}")

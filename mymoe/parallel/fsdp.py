@@ -23,6 +23,7 @@ experts on each rank, when E_local is a multiple of the expert-data-parallel siz
 over 16 ranks) it is sharded on dim 1, inside each expert, so its memory still shrinks with every rank
 added (torchtitan does the same). The checkpoint layout handles both (mymoe/checkpoint/layout.py).
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,8 +63,10 @@ def expert_shard_dim(shape: tuple, group_size: int) -> int:
 
 def expert_placement(group_size: int):
     """shard_placement_fn that applies expert_shard_dim to expert parameters and dim 0 to the rest."""
+
     def placement(param: nn.Parameter) -> Shard:
         return Shard(expert_shard_dim(tuple(param.shape), group_size) if getattr(param, "is_expert", False) else 0)
+
     return placement
 
 
@@ -84,17 +87,26 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext, parallel: ParallelConfig)
     if not ctx.is_distributed:
         return model
     dense_mesh, expert_mesh = data_parallel_meshes(ctx)
-    common = {"mp_policy": MixedPrecisionPolicy(param_dtype=DTYPES[parallel.fsdp_param_dtype],
-                                                reduce_dtype=DTYPES[parallel.fsdp_reduce_dtype]),
-              # pinned host memory makes the copies to the GPU asynchronous; there is none to pin for on CPU
-              "offload_policy": (CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda") if parallel.fsdp_cpu_offload
-                                 else OffloadPolicy())}
+    common = {
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=DTYPES[parallel.fsdp_param_dtype], reduce_dtype=DTYPES[parallel.fsdp_reduce_dtype]
+        ),
+        # pinned host memory makes the copies to the GPU asynchronous; there is none to pin for on CPU
+        "offload_policy": (
+            CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda") if parallel.fsdp_cpu_offload else OffloadPolicy()
+        ),
+    }
     reshard = parallel.fsdp_reshard_after_forward
     for layer in model.iter_moe_layers() if ctx.expert_parallel_size > 1 else ():
         # experts on their own mesh; with EP = 1 they share the world's and go with their block, in one gather
         edp = ctx.expert_data_parallel_size
-        fully_shard(layer.experts, mesh=expert_mesh, reshard_after_forward=reshard,
-                    shard_placement_fn=expert_placement(edp), **common)
+        fully_shard(
+            layer.experts,
+            mesh=expert_mesh,
+            reshard_after_forward=reshard,
+            shard_placement_fn=expert_placement(edp),
+            **common,
+        )
         layer.experts.set_gradient_divide_factor(float(ctx.world_size))
         # gloo has no pre-multiplied sum: divide before and after a plain sum (a group of one rank
         # reduces nothing and divides once by itself)
@@ -102,8 +114,13 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext, parallel: ParallelConfig)
             layer.experts.set_force_sum_reduction_for_comms(True)
     blocks = sharded_blocks(model)
     for block in blocks:
-        fully_shard(block, mesh=dense_mesh, reshard_after_forward=reshard,
-                    shard_placement_fn=expert_placement(ctx.world_size), **common)
+        fully_shard(
+            block,
+            mesh=dense_mesh,
+            reshard_after_forward=reshard,
+            shard_placement_fn=expert_placement(ctx.world_size),
+            **common,
+        )
     fully_shard(model, mesh=dense_mesh, reshard_after_forward=False, **common)
     # FSDP replaces each parameter by a sharded one; the marker the optimizer groups, the gradient norm
     # and the checkpoint read must come along
@@ -113,8 +130,8 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext, parallel: ParallelConfig)
     if parallel.fsdp_prefetch > 0:
         ahead = parallel.fsdp_prefetch
         for index, block in enumerate(blocks):
-            block.set_modules_to_forward_prefetch(blocks[index + 1:index + 1 + ahead])
-            block.set_modules_to_backward_prefetch(blocks[max(index - ahead, 0):index][::-1])
+            block.set_modules_to_forward_prefetch(blocks[index + 1 : index + 1 + ahead])
+            block.set_modules_to_backward_prefetch(blocks[max(index - ahead, 0) : index][::-1])
     return model
 
 

@@ -14,6 +14,7 @@ of squares of expert gradients is summed over the ep group. Under FSDP (fsdp.py)
 shard that no other rank holds (dense over the world, experts over edp within each ep slice), so the sum
 of squares of the local shards is summed over the world.
 """
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ With world size 4 and expert_parallel_size 2:
 
 Rank r holds global experts [ep_rank * E / ep, (ep_rank + 1) * E / ep) where ep_rank = r % ep.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -22,8 +23,9 @@ def owned_experts(num_experts: int, expert_parallel_size: int, expert_parallel_r
     """(first global expert index, number of experts) an expert-parallel rank holds: contiguous blocks of
     num_experts / expert_parallel_size in rank order. The one statement of who owns which expert."""
     if num_experts % expert_parallel_size:
-        raise ValueError(f"num_experts={num_experts} must be divisible by the expert-parallel size "
-                         f"{expert_parallel_size}")
+        raise ValueError(
+            f"num_experts={num_experts} must be divisible by the expert-parallel size {expert_parallel_size}"
+        )
     per_rank = num_experts // expert_parallel_size
     return expert_parallel_rank * per_rank, per_rank
 
@@ -70,8 +72,15 @@ class ParallelContext:
         return owned_experts(num_experts, self.expert_parallel_size, self.expert_parallel_rank)
 
 
-def build_context(expert_parallel_size: int, *, device: torch.device, timeout_seconds: float,
-                  launcher: str = "torchrun", local_rank: int = 0, dispatcher: str = "alltoall") -> ParallelContext:
+def build_context(
+    expert_parallel_size: int,
+    *,
+    device: torch.device,
+    timeout_seconds: float,
+    launcher: str = "torchrun",
+    local_rank: int = 0,
+    dispatcher: str = "alltoall",
+) -> ParallelContext:
     """Make the ep and edp groups over an initialised default process group (collective: every rank calls).
 
     expert_parallel_size must divide the world size; config.validate has checked it before any collective.
@@ -80,15 +89,25 @@ def build_context(expert_parallel_size: int, *, device: torch.device, timeout_se
     if world_size % expert_parallel_size:
         raise ValueError(f"expert_parallel_size={expert_parallel_size} must divide the world size {world_size}")
     timeout = datetime.timedelta(seconds=timeout_seconds)
-    ep_group, _ = dist.new_subgroups_by_enumeration(expert_parallel_ranks(world_size, expert_parallel_size),
-                                                    timeout=timeout)
-    edp_group, _ = dist.new_subgroups_by_enumeration(expert_data_parallel_ranks(world_size, expert_parallel_size),
-                                                     timeout=timeout)
+    ep_group, _ = dist.new_subgroups_by_enumeration(
+        expert_parallel_ranks(world_size, expert_parallel_size), timeout=timeout
+    )
+    edp_group, _ = dist.new_subgroups_by_enumeration(
+        expert_data_parallel_ranks(world_size, expert_parallel_size), timeout=timeout
+    )
     return ParallelContext(
-        rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=dist.get_backend(),
-        timeout_seconds=timeout_seconds, launcher=launcher,
-        expert_parallel_size=expert_parallel_size, expert_parallel_rank=rank % expert_parallel_size,
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=device,
+        backend=dist.get_backend(),
+        timeout_seconds=timeout_seconds,
+        launcher=launcher,
+        expert_parallel_size=expert_parallel_size,
+        expert_parallel_rank=rank % expert_parallel_size,
         expert_parallel_group=ep_group,
         expert_data_parallel_size=world_size // expert_parallel_size,
-        expert_data_parallel_rank=rank // expert_parallel_size, expert_data_parallel_group=edp_group,
-        dispatcher=dispatcher)
+        expert_data_parallel_rank=rank // expert_parallel_size,
+        expert_data_parallel_group=edp_group,
+        dispatcher=dispatcher,
+    )

@@ -7,6 +7,7 @@ gets a dispatcher over the expert-parallel group. Dense parameters and buffers a
 rank 0, and expert parameters from the first rank of each expert-data-parallel group, so replicas agree
 even when ranks were seeded differently.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,10 @@ from mymoe.parallel.groups import ParallelContext
 
 # one per value of parallel.dispatcher (config.DispatcherName); each satisfies model.moe.dispatch.Dispatcher
 DISPATCHERS: dict[DispatcherName, type[GroupDispatcher]] = {
-    "alltoall": AllToAllDispatcher, "alltoall_dedup": DedupAllToAllDispatcher, "allgather": AllGatherDispatcher}
+    "alltoall": AllToAllDispatcher,
+    "alltoall_dedup": DedupAllToAllDispatcher,
+    "allgather": AllGatherDispatcher,
+}
 
 
 def parallelize(model: torch.nn.Module, ctx: ParallelContext) -> torch.nn.Module:
@@ -30,9 +34,12 @@ def parallelize(model: torch.nn.Module, ctx: ParallelContext) -> torch.nn.Module
         dispatcher_class = DISPATCHERS[ctx.dispatcher]
         module_names = {id(module): name for name, module in model.named_modules()}
         for layer in model.iter_moe_layers():
-            dispatcher = dispatcher_class(ctx.expert_parallel_group, layer.experts.num_global_experts,
-                                          name=module_names.get(id(layer), "moe"),
-                                          timeout_seconds=ctx.timeout_seconds)
+            dispatcher = dispatcher_class(
+                ctx.expert_parallel_group,
+                layer.experts.num_global_experts,
+                name=module_names.get(id(layer), "moe"),
+                timeout_seconds=ctx.timeout_seconds,
+            )
             layer.experts.shard(dispatcher.first_local_expert, dispatcher.num_local_experts)
             layer.set_dispatcher(dispatcher)
     if ctx.is_distributed:

@@ -1,4 +1,5 @@
 """Start-up and shut-down: environment -> validated config -> process group -> agreed config -> groups."""
+
 from __future__ import annotations
 
 import datetime
@@ -15,7 +16,7 @@ from mymoe.parallel.groups import ParallelContext, build_context
 
 
 def resolve_backend(backend: str) -> str:
-    """"auto" is nccl when CUDA is there and gloo otherwise; an explicit choice is checked."""
+    """ "auto" is nccl when CUDA is there and gloo otherwise; an explicit choice is checked."""
     if backend == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
@@ -37,8 +38,13 @@ def _agent_store(launch: LaunchInfo, timeout_seconds: float):
     read the dead workers' gloo addresses left in it and fail with "Connection refused".
     """
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False,
-                          timeout=datetime.timedelta(seconds=timeout_seconds))
+    store = dist.TCPStore(
+        launch.master_addr,
+        launch.master_port,
+        launch.world_size,
+        is_master=False,
+        timeout=datetime.timedelta(seconds=timeout_seconds),
+    )
     return dist.PrefixStore(f"mymoe/attempt_{attempt}", store)
 
 
@@ -61,8 +67,13 @@ def init_distributed(config: Config, launch: Optional[LaunchInfo] = None) -> Par
         if problem is not None:
             raise problem
         device = _device(resolve_backend(config.parallel.backend), launch.local_rank)
-        return ParallelContext(launcher=launch.launcher, local_rank=launch.local_rank, device=device,
-                               timeout_seconds=config.parallel.timeout_seconds, dispatcher=config.parallel.dispatcher)
+        return ParallelContext(
+            launcher=launch.launcher,
+            local_rank=launch.local_rank,
+            device=device,
+            timeout_seconds=config.parallel.timeout_seconds,
+            dispatcher=config.parallel.dispatcher,
+        )
     # a broken parallel section must not stop this rank from joining and hearing the verdict
     parallel = config.parallel if problem is None else ParallelConfig()
     backend = resolve_backend(parallel.backend)
@@ -72,21 +83,41 @@ def init_distributed(config: Config, launch: Optional[LaunchInfo] = None) -> Par
         if launch.launcher in ("openmpi", "mpich"):
             launch = agree_master_over_mpi(launch)
         if launch.launcher == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            dist.init_process_group(backend, store=_agent_store(launch, timeout), rank=launch.rank,
-                                    world_size=launch.world_size, timeout=datetime.timedelta(seconds=timeout))
+            dist.init_process_group(
+                backend,
+                store=_agent_store(launch, timeout),
+                rank=launch.rank,
+                world_size=launch.world_size,
+                timeout=datetime.timedelta(seconds=timeout),
+            )
         elif launch.launcher == "torchrun":  # torchrun-style variables without the agent: rank 0 hosts the store
-            dist.init_process_group(backend, init_method="env://", rank=launch.rank, world_size=launch.world_size,
-                                    timeout=datetime.timedelta(seconds=timeout))
+            dist.init_process_group(
+                backend,
+                init_method="env://",
+                rank=launch.rank,
+                world_size=launch.world_size,
+                timeout=datetime.timedelta(seconds=timeout),
+            )
         else:
-            dist.init_process_group(backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-                                    rank=launch.rank, world_size=launch.world_size,
-                                    timeout=datetime.timedelta(seconds=timeout))
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                rank=launch.rank,
+                world_size=launch.world_size,
+                timeout=datetime.timedelta(seconds=timeout),
+            )
     try:
         agree_on_config(config, device, timeout_seconds=timeout)
         if problem is not None:
             raise problem
-        return build_context(parallel.expert_parallel_size, device=device, timeout_seconds=timeout,
-                             launcher=launch.launcher, local_rank=launch.local_rank, dispatcher=parallel.dispatcher)
+        return build_context(
+            parallel.expert_parallel_size,
+            device=device,
+            timeout_seconds=timeout,
+            launcher=launch.launcher,
+            local_rank=launch.local_rank,
+            dispatcher=parallel.dispatcher,
+        )
     except BaseException:
         shutdown()
         raise

@@ -1,4 +1,5 @@
 """Command line of the training job (also installed as ``mymoe-train``)."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,10 +12,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="mymoe-train",
         description="Train an MoE language model with expert and data parallelism. Any --section.key=value "
-                    "after the options overrides the YAML config (e.g. --parallel.expert_parallel_size=2).")
+        "after the options overrides the YAML config (e.g. --parallel.expert_parallel_size=2).",
+    )
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
-    parser.add_argument("--deepspeed", default=None, metavar="JSON",
-                        help="train through DeepSpeed with this config (e.g. configs/ds_zero1.json)")
+    parser.add_argument(
+        "--deepspeed",
+        default=None,
+        metavar="JSON",
+        help="train through DeepSpeed with this config (e.g. configs/ds_zero1.json)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)

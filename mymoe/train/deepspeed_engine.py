@@ -20,6 +20,7 @@ Checkpoints go through the same CheckpointManager: ``ZeroOptimizerView`` shows Z
 state per model parameter, in the native optimizer's groups, so a checkpoint saved on either path
 resumes on the other.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,20 +46,26 @@ def load_deepspeed_config(path: str, config: Config, world_size: int) -> dict:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {error}") from None
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2):
-        raise ConfigError(f"{path}: zero_optimization.stage={stage} is not supported: DeepSpeed allows MoE only up to "
-                          f"stage 2, and stage 0 adds nothing to the native path; use configs/ds_zero1.json or "
-                          f"configs/ds_zero2.json")
+        raise ConfigError(
+            f"{path}: zero_optimization.stage={stage} is not supported: DeepSpeed allows MoE only up to "
+            f"stage 2, and stage 0 adds nothing to the native path; use configs/ds_zero1.json or "
+            f"configs/ds_zero2.json"
+        )
     for key in ("optimizer", "scheduler", "fp16"):
         if key in ds_config:
-            raise ConfigError(f"{path}: remove '{key}': the optimizer, schedule and precision come from the "
-                              f"MyMoE config (train.lr, train.warmup_steps, train.precision)")
+            raise ConfigError(
+                f"{path}: remove '{key}': the optimizer, schedule and precision come from the "
+                f"MyMoE config (train.lr, train.warmup_steps, train.precision)"
+            )
     train = config.train
     # Our config is the single source of truth for batch, accumulation and clipping, so both paths agree.
-    ds_config.update(train_micro_batch_size_per_gpu=train.micro_batch_size,
-                     gradient_accumulation_steps=train.gradient_accumulation_steps,
-                     train_batch_size=train.micro_batch_size * train.gradient_accumulation_steps * world_size,
-                     gradient_clipping=train.grad_clip,
-                     bf16={"enabled": train.precision == "bf16"})
+    ds_config.update(
+        train_micro_batch_size_per_gpu=train.micro_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        train_batch_size=train.micro_batch_size * train.gradient_accumulation_steps * world_size,
+        gradient_clipping=train.grad_clip,
+        bf16={"enabled": train.precision == "bf16"},
+    )
     ds_config.setdefault("zero_allow_untested_optimizer", True)
     ds_config.setdefault("steps_per_print", 10**9)
     return ds_config
@@ -97,14 +104,17 @@ def initialize_deepspeed(model: torch.nn.Module, config: Config, ctx, path: str)
     from deepspeed.utils import groups
 
     if not ctx.is_distributed:
-        raise ConfigError("--deepspeed needs a launcher (torchrun, deepspeed, mpirun or srun) with at least 2 "
-                          "processes; for one process train without --deepspeed")
+        raise ConfigError(
+            "--deepspeed needs a launcher (torchrun, deepspeed, mpirun or srun) with at least 2 "
+            "processes; for one process train without --deepspeed"
+        )
     ds_config = load_deepspeed_config(path, config, ctx.world_size)
     deepspeed.init_distributed(dist_backend=ctx.backend)  # joins the process group we already made
     if f"ep_size_{ctx.expert_parallel_size}" not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ctx.expert_parallel_size)
-    optimizer = build_optimizer(moe_param_groups(model, config.train.weight_decay, ctx.expert_parallel_size),
-                                config.train)
+    optimizer = build_optimizer(
+        moe_param_groups(model, config.train.weight_decay, ctx.expert_parallel_size), config.train
+    )
     with _engine_sees_moe_layers():
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, ds_optimizer
@@ -143,8 +153,10 @@ class ZeroOptimizerView:
         if step is not None:
             self._link_state()
             for index, param in enumerate(self._parameters()):
-                state[index] = {"step": torch.as_tensor(step).clone(),
-                                **{key: safe_get_full_optimizer_state(param, key) for key in self.MOMENTS}}
+                state[index] = {
+                    "step": torch.as_tensor(step).clone(),
+                    **{key: safe_get_full_optimizer_state(param, key) for key in self.MOMENTS},
+                }
         groups, start = [], 0
         for group in self.param_groups:
             indices = list(range(start, start + len(group["params"])))

@@ -1,5 +1,6 @@
 """The errors a run ends with as one line (the CLI prints the message, no traceback): each names the bad
 input or the failed step and what to do. Anything else is a bug and keeps its traceback."""
+
 from __future__ import annotations
 
 from mymoe.checkpoint.storage import CheckpointError

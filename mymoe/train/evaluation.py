@@ -2,6 +2,7 @@
 lm loss summed over the scored tokens of some batches, in eval mode, under the run's autocast. Both commands
 report its token-weighted mean and exp of it, so they agree on the same batches of the same weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,9 +39,14 @@ def perplexity(loss: float) -> float:
 
 
 @torch.no_grad()
-def sum_lm_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], config: Config,
-                device: torch.device, stop_requested: Optional[Callable[[], bool]] = None,
-                after_batch: Optional[Callable[[LossSum], None]] = None) -> Optional[LossSum]:
+def sum_lm_loss(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    config: Config,
+    device: torch.device,
+    stop_requested: Optional[Callable[[], bool]] = None,
+    after_batch: Optional[Callable[[LossSum], None]] = None,
+) -> Optional[LossSum]:
     """The lm loss of `model` over (input_ids, labels) batches, in eval mode (capacity at
     eval_capacity_factor, no router noise); None when `stop_requested()` turns true between batches.
     The model's training mode is restored afterwards."""

@@ -10,6 +10,7 @@ run with a TrainingError. The checkpoint manager refuses to save non-finite stat
 (checkpoint/retention.py),
 so the last good checkpoint is never pruned in favour of a broken one.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -56,11 +57,13 @@ def locate_nonfinite(model: torch.nn.Module, forward, input_ids, labels) -> str:
         def hook(grad):
             if not gradients and _nonfinite([grad]):
                 gradients.append(f"the gradient of {name}")
+
         return hook
 
     handles = [module.register_forward_hook(forward_hook) for module in model.modules()]
-    handles += [param.register_hook(gradient_hook(name)) for name, param in model.named_parameters()
-                if param.requires_grad]
+    handles += [
+        param.register_hook(gradient_hook(name)) for name, param in model.named_parameters() if param.requires_grad
+    ]
     try:
         forward(input_ids, labels=labels).loss.backward()
     finally:
@@ -86,9 +89,11 @@ class NonFiniteGuard:
             self.skipped = []
             return
         self.skipped.append(step)
-        logger.write(f"WARNING step {step}: loss {metrics['loss']} / gradient norm {metrics['grad_norm']} "
-                     f"is not finite; the step was skipped (no optimizer update), {len(self.skipped)} of "
-                     f"train.max_nonfinite_steps={self.max_consecutive} in a row")
+        logger.write(
+            f"WARNING step {step}: loss {metrics['loss']} / gradient norm {metrics['grad_norm']} "
+            f"is not finite; the step was skipped (no optimizer update), {len(self.skipped)} of "
+            f"train.max_nonfinite_steps={self.max_consecutive} in a row"
+        )
         if len(self.skipped) < self.max_consecutive:
             return
         where = self.diagnose(trainer)
@@ -96,7 +101,8 @@ class NonFiniteGuard:
             f"steps {self.skipped[0]}-{self.skipped[-1]} all had a non-finite loss or gradient norm; the first nan "
             f"or inf is in {where}. Stopped without saving, so the last checkpoint is the last good state: resume "
             f"from it with a lower --train.lr (now {trainer.config.train.lr:g}) or --train.grad_clip, or check the "
-            f"data and model.rms_norm_eps")
+            f"data and model.rms_norm_eps"
+        )
 
     @staticmethod
     def diagnose(trainer) -> str:

@@ -1,7 +1,8 @@
 """Render expert load over training as a heatmap: one panel per MoE layer, experts x steps.
 
-    python -m mymoe.train.heatmap runs/tiny/metrics.jsonl -o runs/tiny/expert_load.png
+python -m mymoe.train.heatmap runs/tiny/metrics.jsonl -o runs/tiny/expert_load.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,14 +39,19 @@ def render(metrics_path: str, output: str) -> str:
     # one colour scale for every layer, so panels compare; a panel stays readable from 4 to 256 experts
     vmax = max(float(share.max()), 2.0 / num_experts)
     panel_height = min(max(0.18 * num_experts, 1.2), 3.0)
-    fig, axes = plt.subplots(num_layers, 1, figsize=(10, 1.0 + panel_height * num_layers), squeeze=False,
-                             sharex=True)
+    fig, axes = plt.subplots(num_layers, 1, figsize=(10, 1.0 + panel_height * num_layers), squeeze=False, sharex=True)
     half_step = (steps[-1] - steps[0]) / max(len(steps) - 1, 1) / 2
     for layer in range(num_layers):
         ax = axes[layer, 0]
-        image = ax.imshow(share[:, layer, :].T, aspect="auto", interpolation="nearest", cmap="viridis",
-                          extent=(steps[0] - half_step, steps[-1] + half_step, num_experts - 0.5, -0.5),
-                          vmin=0, vmax=vmax)
+        image = ax.imshow(
+            share[:, layer, :].T,
+            aspect="auto",
+            interpolation="nearest",
+            cmap="viridis",
+            extent=(steps[0] - half_step, steps[-1] + half_step, num_experts - 0.5, -0.5),
+            vmin=0,
+            vmax=vmax,
+        )
         ax.set_ylabel(f"MoE layer {layer}\nexpert")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(num_experts, 8)))
     axes[-1, 0].set_xlabel("step")

@@ -7,6 +7,7 @@ process's (an earlier run in the same interpreter), or when it carries this laun
 restarting its workers after a failure, a SLURM requeue). A lock from another host that is still alive
 cannot be checked from here: the message says which file to delete if that job is gone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,8 +77,10 @@ def try_lock(out_dir: Path) -> tuple[bool, str]:
                 holder = {}  # half-written by a job that died at once
             reason = stale_reason(holder) if holder else "it is unreadable"
             if not reason:
-                return False, (f"train.out_dir={out_dir} is in use by another job ({describe(holder)}): wait for it "
-                               f"to end, or pass another --train.out_dir (if that job is gone, delete {path})")
+                return False, (
+                    f"train.out_dir={out_dir} is in use by another job ({describe(holder)}): wait for it "
+                    f"to end, or pass another --train.out_dir (if that job is gone, delete {path})"
+                )
             note = f"taking over the stale lock {path} ({reason})"
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

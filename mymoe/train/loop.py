@@ -7,6 +7,7 @@
 With ``--deepspeed`` the middle (reduction, clipping, step, ZeRO partitioning) is DeepSpeed's engine;
 everything else is the same code.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,15 +76,19 @@ def check_data(config: Config) -> None:
     train/preflight.py (pure: call it on every rank)."""
     data = config.data
     if not data.train_prefixes:
-        raise ConfigError("data.train_prefixes is empty: preprocess a corpus with `python -m data_tools preprocess` "
-                          "and pass --data.train_prefixes=[path/prefix]")
+        raise ConfigError(
+            "data.train_prefixes is empty: preprocess a corpus with `python -m data_tools preprocess` "
+            "and pass --data.train_prefixes=[path/prefix]"
+        )
     for field_name, prefixes in (("train_prefixes", data.train_prefixes), ("valid_prefixes", data.valid_prefixes)):
         for prefix in prefixes:
             missing = [suffix for suffix in (".bin", ".idx") if not Path(f"{prefix}{suffix}").is_file()]
             if missing:
-                raise ConfigError(f"data.{field_name}: {prefix}{' and '.join(missing)} not found (a prefix names "
-                                  f"a .bin/.idx pair without the suffix; make one with `python -m data_tools "
-                                  f"preprocess --output {prefix} ...`)")
+                raise ConfigError(
+                    f"data.{field_name}: {prefix}{' and '.join(missing)} not found (a prefix names "
+                    f"a .bin/.idx pair without the suffix; make one with `python -m data_tools "
+                    f"preprocess --output {prefix} ...`)"
+                )
     check_inputs(config)
 
 
@@ -92,8 +97,13 @@ def build_reader(config: Config, ctx: ParallelContext, split: str):
     data-parallel for the tokens they feed in, whichever experts they hold. The "valid" split is read
     in file order, so each evaluation sees the same batches; None when there is no held-out split."""
     data, train = config.data, config.train
-    common = dict(seq_len=data.seq_len, micro_batch_size=train.micro_batch_size, dp_rank=ctx.rank,
-                  dp_world_size=ctx.world_size, seed=train.seed)
+    common = dict(
+        seq_len=data.seq_len,
+        micro_batch_size=train.micro_batch_size,
+        dp_rank=ctx.rank,
+        dp_world_size=ctx.world_size,
+        seed=train.seed,
+    )
     if split == "valid":
         return build_train_reader(data.valid_prefixes, None, shuffle=False, **common) if data.valid_prefixes else None
     return build_train_reader(data.train_prefixes, data.train_weights, **common)
@@ -101,15 +111,22 @@ def build_reader(config: Config, ctx: ParallelContext, split: str):
 
 def check_engine(config: Config, deepspeed_config: Optional[str]) -> None:
     if deepspeed_config is not None and config.parallel.fsdp:
-        raise ConfigError(f"--deepspeed {deepspeed_config} and parallel.fsdp=true both partition the training "
-                          f"state and cannot be combined: drop --deepspeed, or set --parallel.fsdp=false")
+        raise ConfigError(
+            f"--deepspeed {deepspeed_config} and parallel.fsdp=true both partition the training "
+            f"state and cannot be combined: drop --deepspeed, or set --parallel.fsdp=false"
+        )
 
 
 class Trainer:
     """Holds everything a step needs; `state_dict`/`load_state_dict` are the checkpoint seam."""
 
-    def __init__(self, config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] = None,
-                 init_from: Optional[str] = None):
+    def __init__(
+        self,
+        config: Config,
+        ctx: ParallelContext,
+        deepspeed_config: Optional[str] = None,
+        init_from: Optional[str] = None,
+    ):
         check_data(config)
         check_engine(config, deepspeed_config)
         self.config, self.ctx = config, ctx
@@ -120,8 +137,14 @@ class Trainer:
             load_initial_weights(self.model, config, init_from)
         parallelize(self.model, ctx)
         if config.peft.enabled:  # after sharding, so expert adapters match the experts this rank holds
-            apply_peft(self.model, config.peft.lora_rank, config.peft.lora_alpha, config.peft.lora_targets,
-                       config.peft.prefix_length, seed=train.seed)
+            apply_peft(
+                self.model,
+                config.peft.lora_rank,
+                config.peft.lora_alpha,
+                config.peft.lora_targets,
+                config.peft.prefix_length,
+                seed=train.seed,
+            )
         self.model.to(ctx.device)
         if config.parallel.fsdp:  # after the adapters exist, so FSDP shards them with the rest
             apply_fsdp(self.model, ctx, config.parallel)
@@ -132,12 +155,14 @@ class Trainer:
             # checkpoints see ZeRO's partitioned state per parameter, as the native optimizer holds it
             self.optimizer = ZeroOptimizerView(self.model, stepping_optimizer, train.weight_decay)
         else:
-            stepping_optimizer = self.optimizer = build_optimizer(parameter_groups(self.model, train.weight_decay),
-                                                                  train)
+            stepping_optimizer = self.optimizer = build_optimizer(
+                parameter_groups(self.model, train.weight_decay), train
+            )
         self.forward = self.engine if self.engine is not None else self.model
         self.train_reader = build_reader(config, ctx, "train")
-        self.tokens_per_step = (train.micro_batch_size * config.data.seq_len * train.gradient_accumulation_steps
-                                * ctx.world_size)
+        self.tokens_per_step = (
+            train.micro_batch_size * config.data.seq_len * train.gradient_accumulation_steps * ctx.world_size
+        )
         self.total_steps = total_steps(train, self.tokens_per_step)
         self.schedule = Schedule(stepping_optimizer, train, self.total_steps)
         self.step = 0
@@ -147,10 +172,17 @@ class Trainer:
 
     # --- the checkpoint seam -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "train_reader": self.train_reader.state_dict(),
-                "rng": {"cpu": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "train_reader": self.train_reader.state_dict(),
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            },
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
@@ -237,8 +269,9 @@ class Trainer:
         if valid_reader is None:
             return None
         batches = (valid_reader.next_batch() for _ in range(self.config.train.eval_steps))
-        summed = sum_lm_loss(self.model, batches, self.config, self.ctx.device,
-                             stop.requested if stop is not None else None)
+        summed = sum_lm_loss(
+            self.model, batches, self.config, self.ctx.device, stop.requested if stop is not None else None
+        )
         if summed is None:
             return None
         return float(world_mean(torch.tensor([summed.loss]), self.ctx, "evaluation loss")[0])
@@ -262,8 +295,9 @@ def run(config: Config, deepspeed_config: Optional[str] = None, progress: bool =
         shutdown()
 
 
-def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] = None,
-          progress: bool = True) -> TrainResult:
+def train(
+    config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] = None, progress: bool = True
+) -> TrainResult:
     checkpoints = checkpoint_manager(config, ctx)
     resuming = checkpoints.latest() is not None
     if resuming and not config.train.resume:  # every rank got the same answer from latest()
@@ -272,15 +306,22 @@ def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] 
     if resuming:
         checkpoints.load_latest(trainer)
     train_config, out_dir = config.train, Path(config.train.out_dir)
-    logger = MetricsLogger(str(out_dir), trainer.total_steps, enabled=ctx.rank == 0,
-                           dead_expert_window=train_config.dead_expert_window, start_step=trainer.step,
-                           progress=progress)
+    logger = MetricsLogger(
+        str(out_dir),
+        trainer.total_steps,
+        enabled=ctx.rank == 0,
+        dead_expert_window=train_config.dead_expert_window,
+        start_step=trainer.step,
+        progress=progress,
+    )
     model = trainer.model
     through = f" (DeepSpeed {deepspeed_config})" if deepspeed_config else (" (FSDP)" if config.parallel.fsdp else "")
-    logger.write(f"model: {model.num_parameters() / 1e6:.2f}M parameters "
-                 f"({model.num_parameters(active_only=True) / 1e6:.2f}M active); world {ctx.world_size} = "
-                 f"EP {ctx.expert_parallel_size} x EDP {ctx.expert_data_parallel_size}{through}; "
-                 f"{trainer.tokens_per_step:,} tokens/step; steps {trainer.step} -> {trainer.total_steps}; logs in {out_dir}")
+    logger.write(
+        f"model: {model.num_parameters() / 1e6:.2f}M parameters "
+        f"({model.num_parameters(active_only=True) / 1e6:.2f}M active); world {ctx.world_size} = "
+        f"EP {ctx.expert_parallel_size} x EDP {ctx.expert_data_parallel_size}{through}; "
+        f"{trainer.tokens_per_step:,} tokens/step; steps {trainer.step} -> {trainer.total_steps}; logs in {out_dir}"
+    )
     flops_per_token = model.flops_per_token(config.data.seq_len)
     peak = peak_flops_per_second(ctx.device) * ctx.world_size
     result = TrainResult(steps=trainer.step, out_dir=str(out_dir))
@@ -294,13 +335,16 @@ def train(config: Config, ctx: ParallelContext, deepspeed_config: Optional[str] 
         logger.close()
     result.steps, result.tokens_seen = trainer.step, trainer.tokens_seen
     final = f"{result.losses[-1]:.4f}" if result.losses else "n/a (nothing left to train)"
-    logger.write(f"trained to step {trainer.step} ({trainer.tokens_seen:,} tokens); final loss {final}; "
-                 f"metrics in {out_dir / 'metrics.jsonl'}; checkpoint in {checkpoints.root}")
+    logger.write(
+        f"trained to step {trainer.step} ({trainer.tokens_seen:,} tokens); final loss {final}; "
+        f"metrics in {out_dir / 'metrics.jsonl'}; checkpoint in {checkpoints.root}"
+    )
     return result
 
 
-def train_steps(trainer: Trainer, checkpoints, logger, result: TrainResult, stop: GracefulStop,
-                flops_per_token: float, peak: float) -> None:
+def train_steps(
+    trainer: Trainer, checkpoints, logger, result: TrainResult, stop: GracefulStop, flops_per_token: float, peak: float
+) -> None:
     """Steps until the run is finished or a signal asks every rank to stop.
 
     A step's metrics stay on the device until a step that logs, evaluates or checkpoints (or the last):
@@ -321,8 +365,9 @@ def train_steps(trainer: Trainer, checkpoints, logger, result: TrainResult, stop
         step = trainer.step
         unread.append((step, metrics))
         evaluating = train_config.eval_interval and (step % train_config.eval_interval == 0 or trainer.finished())
-        checkpointing = (train_config.checkpoint_interval and step % train_config.checkpoint_interval == 0
-                         and not trainer.finished())
+        checkpointing = (
+            train_config.checkpoint_interval and step % train_config.checkpoint_interval == 0 and not trainer.finished()
+        )
         if step % train_config.log_interval == 0 or trainer.finished() or evaluating or checkpointing:
             report(trainer, unread, since, guard, logger, result, flops_per_token, peak)
             unread = []
@@ -335,8 +380,10 @@ def train_steps(trainer: Trainer, checkpoints, logger, result: TrainResult, stop
                 logger.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity:.2f}")
         if stop.requested():  # the caller saves the last checkpoint
             report(trainer, unread, since, guard, logger, result, flops_per_token, peak)
-            logger.write(f"{stop.signal_name or 'a signal on another rank'}: stopping after step {step}, "
-                         f"saving a checkpoint to resume from")
+            logger.write(
+                f"{stop.signal_name or 'a signal on another rank'}: stopping after step {step}, "
+                f"saving a checkpoint to resume from"
+            )
             return
         if checkpointing:
             checkpoints.save(trainer)
@@ -344,8 +391,16 @@ def train_steps(trainer: Trainer, checkpoints, logger, result: TrainResult, stop
             since = time.perf_counter()
 
 
-def report(trainer: Trainer, unread: list, since: float, guard: NonFiniteGuard, logger, result: TrainResult,
-           flops_per_token: float, peak: float) -> None:
+def report(
+    trainer: Trainer,
+    unread: list,
+    since: float,
+    guard: NonFiniteGuard,
+    logger,
+    result: TrainResult,
+    flops_per_token: float,
+    peak: float,
+) -> None:
     """Read the unread steps' metrics in one copy; record, log (at log_interval and the last step) and guard
     each in order. tokens/s is the mean since the first of them began: a step that does not read the device
     returns before its work is done, so one step's own time would mean little."""
@@ -359,10 +414,24 @@ def report(trainer: Trainer, unread: list, since: float, guard: NonFiniteGuard, 
         result.losses.append(metrics["loss"])
         logger.observe_experts(step, metrics["expert_loads"])
         if step % log_interval == 0 or step == trainer.total_steps:
-            scalars = {key: metrics[key] for key in ("loss", "lm_loss", "aux_loss", "z_loss", "load_balancing_loss",
-                                                     "lr", "aux_loss_scale", "grad_norm")}
-            scalars.update(tokens_per_second=tokens_per_second, tokens_seen=trainer.tokens_seen,
-                           mfu=flops_per_token * tokens_per_second / peak,
-                           dropped_fraction=sum(metrics["dropped"]) / max(len(metrics["dropped"]), 1))
+            scalars = {
+                key: metrics[key]
+                for key in (
+                    "loss",
+                    "lm_loss",
+                    "aux_loss",
+                    "z_loss",
+                    "load_balancing_loss",
+                    "lr",
+                    "aux_loss_scale",
+                    "grad_norm",
+                )
+            }
+            scalars.update(
+                tokens_per_second=tokens_per_second,
+                tokens_seen=trainer.tokens_seen,
+                mfu=flops_per_token * tokens_per_second / peak,
+                dropped_fraction=sum(metrics["dropped"]) / max(len(metrics["dropped"]), 1),
+            )
             logger.log(step, scalars, metrics["expert_loads"], metrics["dropped"])
         guard.observe(trainer, metrics, logger, step)  # after the log, so the skipped steps are in it

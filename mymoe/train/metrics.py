@@ -6,6 +6,7 @@ TensorBoard. Per-layer expert loads go to both as well: a TensorBoard histogram 
 buckets are the experts (the bar of expert e is its token count), and the raw counts in the JSON lines,
 which is what ``python -m mymoe.train.heatmap`` renders.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,16 @@ from typing import Optional
 import torch
 
 # bf16 tensor-core peaks by device name, the MFU denominator on GPUs
-GPU_PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("A10", 125e12),
-                  ("V100", 125e12), ("4090", 165e12), ("3090", 71e12))
+GPU_PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40", 181e12),
+    ("A10", 125e12),
+    ("V100", 125e12),
+    ("4090", 165e12),
+    ("3090", 71e12),
+)
 
 
 def peak_flops_per_second(device: torch.device) -> float:
@@ -52,11 +61,26 @@ class StepMetrics(Mapping):
 
     LOSSES = ("loss", "lm_loss", "aux_loss", "z_loss", "load_balancing_loss")
 
-    def __init__(self, losses: torch.Tensor, dropped: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor,
-                 expert_loads: torch.Tensor, lr: float, aux_loss_scale: float):
+    def __init__(
+        self,
+        losses: torch.Tensor,
+        dropped: torch.Tensor,
+        grad_norm: torch.Tensor,
+        skipped: torch.Tensor,
+        expert_loads: torch.Tensor,
+        lr: float,
+        aux_loss_scale: float,
+    ):
         # one float64 vector: [losses, dropped per layer, grad_norm, skipped, loads of every layer]
-        self.packed = torch.cat([losses.double(), dropped.double(), grad_norm.double().view(1),
-                                 skipped.double().view(1), expert_loads.double().flatten()])
+        self.packed = torch.cat(
+            [
+                losses.double(),
+                dropped.double(),
+                grad_norm.double().view(1),
+                skipped.double().view(1),
+                expert_loads.double().flatten(),
+            ]
+        )
         self.num_layers = dropped.numel()
         self.expert_loads_shape = tuple(expert_loads.shape)
         self.host = {"lr": lr, "aux_loss_scale": aux_loss_scale}
@@ -73,13 +97,14 @@ class StepMetrics(Mapping):
     def _fill(self, row: list[float]) -> None:
         losses, layers = len(self.LOSSES), self.num_layers
         values = dict(zip(self.LOSSES, row[:losses]), **self.host)
-        values["dropped"] = row[losses:losses + layers]
+        values["dropped"] = row[losses : losses + layers]
         values["grad_norm"], skipped = row[losses + layers], row[losses + layers + 1]
         values["skipped"] = skipped > 0
-        loads = row[losses + layers + 2:]
+        loads = row[losses + layers + 2 :]
         experts = self.expert_loads_shape[1] if len(self.expert_loads_shape) == 2 else 0
-        values["expert_loads"] = [loads[layer * experts:(layer + 1) * experts]
-                                  for layer in range(self.expert_loads_shape[0])]
+        values["expert_loads"] = [
+            loads[layer * experts : (layer + 1) * experts] for layer in range(self.expert_loads_shape[0])
+        ]
         self.values = values
 
     def _read(self) -> dict:
@@ -118,15 +143,18 @@ class ExpertHealth:
             for expert, load in enumerate(layer_loads):
                 key = (layer, expert)
                 self.idle_steps[key] = self.idle_steps.get(key, 0) + 1 if load == 0 else 0
-                self.saturated_steps[key] = (self.saturated_steps.get(key, 0) + 1
-                                             if load > self.saturation * fair else 0)
-                for kind, counter in (("dead (no tokens)", self.idle_steps),
-                                      (f"saturated (over {self.saturation:g}x its fair share)", self.saturated_steps)):
+                self.saturated_steps[key] = self.saturated_steps.get(key, 0) + 1 if load > self.saturation * fair else 0
+                for kind, counter in (
+                    ("dead (no tokens)", self.idle_steps),
+                    (f"saturated (over {self.saturation:g}x its fair share)", self.saturated_steps),
+                ):
                     if counter[key] >= self.window and (kind, key) not in self.warned:
                         self.warned.add((kind, key))
-                        messages.append(f"step {step}: expert {expert} of MoE layer {layer} has been {kind} for "
-                                        f"{self.window} steps; consider a larger model.moe.router_aux_loss_coef, "
-                                        f"bias balancing (model.moe.bias_update_rate) or router noise")
+                        messages.append(
+                            f"step {step}: expert {expert} of MoE layer {layer} has been {kind} for "
+                            f"{self.window} steps; consider a larger model.moe.router_aux_loss_coef, "
+                            f"bias balancing (model.moe.bias_update_rate) or router noise"
+                        )
         return messages
 
 
@@ -153,8 +181,15 @@ def drop_records_after(path: Path, step: int) -> None:
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str, total_steps: int, enabled: bool, dead_expert_window: int = 20,
-                 start_step: int = 0, progress: bool = True):
+    def __init__(
+        self,
+        out_dir: str,
+        total_steps: int,
+        enabled: bool,
+        dead_expert_window: int = 20,
+        start_step: int = 0,
+        progress: bool = True,
+    ):
         self.enabled = enabled
         self.health = ExpertHealth(dead_expert_window)
         self.bar = self.writer = self.jsonl = None
@@ -171,11 +206,17 @@ class MetricsLogger:
             from tqdm import tqdm
 
             # the bar's own rate and remaining time are the ETA; loss and tokens/s ride in the postfix
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                            file=sys.stderr)
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
+            )
 
-    def log(self, step: int, scalars: dict, expert_loads: Optional[list[list[float]]] = None,
-            dropped: Optional[list[float]] = None) -> None:
+    def log(
+        self,
+        step: int,
+        scalars: dict,
+        expert_loads: Optional[list[list[float]]] = None,
+        dropped: Optional[list[float]] = None,
+    ) -> None:
         """Write scalars, and optionally per-layer expert loads [layer][expert] and dropped fractions."""
         if not self.enabled:
             return
@@ -199,9 +240,16 @@ class MetricsLogger:
             return
         experts = torch.arange(len(loads), dtype=torch.float64)
         self.writer.add_histogram_raw(
-            tag, min=0.0, max=float(len(loads) - 1), num=float(counts.sum()), sum=float((experts * counts).sum()),
-            sum_squares=float((experts.square() * counts).sum()), bucket_limits=(experts + 0.5).tolist(),
-            bucket_counts=counts.tolist(), global_step=step)
+            tag,
+            min=0.0,
+            max=float(len(loads) - 1),
+            num=float(counts.sum()),
+            sum=float((experts * counts).sum()),
+            sum_squares=float((experts.square() * counts).sum()),
+            bucket_limits=(experts + 0.5).tolist(),
+            bucket_counts=counts.tolist(),
+            global_step=step,
+        )
 
     def observe_experts(self, step: int, expert_loads: list[list[float]]) -> None:
         """Warn (on the console and in the JSON lines) about experts dead or saturated for a window."""

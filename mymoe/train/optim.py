@@ -1,4 +1,5 @@
 """The warmup + cosine learning-rate schedule and the aux-loss ramp (AdamW and its groups: mymoe.optim)."""
+
 from __future__ import annotations
 
 import math

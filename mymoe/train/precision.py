@@ -1,4 +1,5 @@
 """The compute precision of a training step: bf16 autocast where the config and the device ask for it."""
+
 import contextlib
 
 import torch

@@ -7,6 +7,7 @@ beyond the vocabulary is an IndexError in the embedding, a device-side assert on
 Pure and rank-independent (every rank reaches the same verdict); what was scanned once is remembered by
 path, size and modification time, so calling it again is free.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,9 +35,11 @@ def check_positions(config: Config) -> None:
     m = config.model
     positions = int(m.max_position_embeddings * ((m.rope_scaling or {}).get("factor") or 1))
     if config.data.seq_len > positions:
-        raise ConfigError(f"data.seq_len={config.data.seq_len} is longer than the model's positions "
-                          f"(model.max_position_embeddings={m.max_position_embeddings}): lower --data.seq_len or "
-                          f"raise --model.max_position_embeddings")
+        raise ConfigError(
+            f"data.seq_len={config.data.seq_len} is longer than the model's positions "
+            f"(model.max_position_embeddings={m.max_position_embeddings}): lower --data.seq_len or "
+            f"raise --model.max_position_embeddings"
+        )
 
 
 def token_range(prefix: str) -> tuple[int, int, int]:
@@ -51,8 +54,8 @@ def token_range(prefix: str) -> tuple[int, int, int]:
             raise ConfigError(f"{error}") from None
         tokens = dataset.tokens
         chunk = 1 << 26
-        low = min((int(tokens[i:i + chunk].min()) for i in range(0, len(tokens), chunk)), default=0)
-        high = max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)
+        low = min((int(tokens[i : i + chunk].min()) for i in range(0, len(tokens), chunk)), default=0)
+        high = max((int(tokens[i : i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)
         _scanned[key] = (low, high, dataset.num_tokens)
     return _scanned[key]
 
@@ -63,13 +66,17 @@ def check_prefixes(config: Config) -> None:
         for prefix in getattr(config.data, field_name):
             low, high, count = token_range(prefix)
             if count - 1 < seq_len:
-                raise ConfigError(f"data.{field_name}: {prefix}.bin holds {count} tokens, fewer than data.seq_len + 1 "
-                                  f"= {seq_len + 1}, so it yields no sample: lower --data.seq_len or add data")
+                raise ConfigError(
+                    f"data.{field_name}: {prefix}.bin holds {count} tokens, fewer than data.seq_len + 1 "
+                    f"= {seq_len + 1}, so it yields no sample: lower --data.seq_len or add data"
+                )
             if high >= vocab_size or low < 0:
                 bad = high if high >= vocab_size else low
-                raise ConfigError(f"data.{field_name}: {prefix}.bin holds token id {bad}, outside model.vocab_size="
-                                  f"{vocab_size} (ids 0..{vocab_size - 1}): the data was tokenized with another "
-                                  f"vocabulary; re-tokenize it or set --model.vocab_size={high + 1} or more")
+                raise ConfigError(
+                    f"data.{field_name}: {prefix}.bin holds token id {bad}, outside model.vocab_size="
+                    f"{vocab_size} (ids 0..{vocab_size - 1}): the data was tokenized with another "
+                    f"vocabulary; re-tokenize it or set --model.vocab_size={high + 1} or more"
+                )
 
 
 def check_tokenizer(config: Config) -> None:
@@ -77,23 +84,30 @@ def check_tokenizer(config: Config) -> None:
     if not path:
         return
     if not Path(path).is_file():
-        raise ConfigError(f"data.tokenizer={path} does not exist: give the sentencepiece .model the data was "
-                          f"tokenized with (python -m data_tools train-tokenizer makes one), or leave it unset")
+        raise ConfigError(
+            f"data.tokenizer={path} does not exist: give the sentencepiece .model the data was "
+            f"tokenized with (python -m data_tools train-tokenizer makes one), or leave it unset"
+        )
     import sentencepiece
 
     try:
         pieces = sentencepiece.SentencePieceProcessor(model_file=str(path)).vocab_size()
     except (RuntimeError, OSError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"data.tokenizer={path} is not a sentencepiece model ({first}): give the .model file "
-                          f"written by the tokenizer trainer") from None
+        raise ConfigError(
+            f"data.tokenizer={path} is not a sentencepiece model ({first}): give the .model file "
+            f"written by the tokenizer trainer"
+        ) from None
     if pieces > config.model.vocab_size:
-        raise ConfigError(f"data.tokenizer={path} has {pieces} pieces but model.vocab_size={config.model.vocab_size}: "
-                          f"set --model.vocab_size={pieces} or more")
+        raise ConfigError(
+            f"data.tokenizer={path} has {pieces} pieces but model.vocab_size={config.model.vocab_size}: "
+            f"set --model.vocab_size={pieces} or more"
+        )
 
 
 def parameters_per_rank(config: Config) -> int:
     """Parameters one rank holds: the dense ones and its share of the experts (the model built on meta)."""
+
     class Shapes(MoECausalLM):
         def reset_parameters(self) -> None:  # only the shapes are wanted (and meta tensors cannot be drawn)
             pass
@@ -136,4 +150,5 @@ def check_memory(config: Config) -> None:
             f"this run needs about {needed / 2**30:.1f} GiB per process but has {available / 2**30:.1f} GiB of "
             f"{what}: lower --data.seq_len={config.data.seq_len} or --train.micro_batch_size="
             f"{config.train.micro_batch_size} (raising train.gradient_accumulation_steps keeps the batch), or "
-            f"turn on --model.gradient_checkpointing=true")
+            f"turn on --model.gradient_checkpointing=true"
+        )

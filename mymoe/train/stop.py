@@ -14,6 +14,7 @@ backward are abandoned (StopNow, raised in the main thread; the trainer rewinds 
 to the step boundary) and the boundary state is saved, well inside the grace period of torchrun or SLURM;
 a third signal acts at once.
 """
+
 from __future__ import annotations
 
 import signal

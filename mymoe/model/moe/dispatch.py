@@ -15,6 +15,7 @@ ranks share the experts: a dispatcher only moves the rows it is told to keep.
 This module holds the pure permutation math and the single-process dispatcher. The all-to-all and
 all-gather dispatchers live in ``mymoe.parallel`` so that model code never imports torch.distributed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,8 +53,7 @@ class Permutation:
     num_tokens: int
 
 
-def sort_by_expert(expert_indices: torch.Tensor, expert_weights: torch.Tensor, keep: torch.Tensor,
-                   num_experts: int):
+def sort_by_expert(expert_indices: torch.Tensor, expert_weights: torch.Tensor, keep: torch.Tensor, num_experts: int):
     """The kept assignments in expert order: (source token [kept], weight [kept], tokens_per_expert [experts])."""
     top_k = expert_indices.shape[1]
     flat_experts = expert_indices.reshape(-1)
@@ -67,8 +67,13 @@ def sort_by_expert(expert_indices: torch.Tensor, expert_weights: torch.Tensor, k
     return source_token, expert_weights.reshape(-1)[order], tokens_per_expert
 
 
-def permute(hidden: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
-            keep: torch.Tensor, num_experts: int):
+def permute(
+    hidden: torch.Tensor,
+    expert_indices: torch.Tensor,
+    expert_weights: torch.Tensor,
+    keep: torch.Tensor,
+    num_experts: int,
+):
     """Sort the kept assignments by expert and copy their rows.
 
     Returns rows [kept, hidden], tokens_per_expert [num_experts] and the Permutation to undo it.
@@ -95,8 +100,9 @@ class Dispatcher(Protocol):
     num_local_experts: int  # experts this process computes
     first_local_expert: int  # global index of the first of them
 
-    def dispatch(self, hidden: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
-                 keep: torch.Tensor) -> tuple[ExpertBatch, Any]:
+    def dispatch(
+        self, hidden: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor, keep: torch.Tensor
+    ) -> tuple[ExpertBatch, Any]:
         """hidden [tokens, hidden], expert_indices / expert_weights / keep [tokens, k] -> (the local experts'
         work, a handle for combine)."""
         ...
@@ -116,8 +122,9 @@ class LocalDispatcher:
         self.first_local_expert = 0
 
     def dispatch(self, hidden, expert_indices, expert_weights, keep):
-        source_token, row_weight, tokens_per_expert = sort_by_expert(expert_indices, expert_weights, keep,
-                                                                     self.num_experts)
+        source_token, row_weight, tokens_per_expert = sort_by_expert(
+            expert_indices, expert_weights, keep, self.num_experts
+        )
         return ExpertBatch(hidden, tokens_per_expert, source_token, row_weight), None
 
     def combine(self, expert_output, handle=None):

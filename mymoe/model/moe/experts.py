@@ -9,6 +9,7 @@ row strides that are not a multiple of 16 bytes, GPUs older than sm90) or when f
 Every expert parameter carries ``param.is_expert = True``: the one marker the optimizer groups, the
 expert-data-parallel gradient reduction and checkpoint resharding look for.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -177,8 +178,9 @@ def _rows(source: torch.Tensor, index: Optional[torch.Tensor], first_row: int, e
     return source.index_select(0, index[first_row:end_row])
 
 
-def _scatter(out: torch.Tensor, index: Optional[torch.Tensor], first_row: int, end_row: int,
-             values: torch.Tensor) -> None:
+def _scatter(
+    out: torch.Tensor, index: Optional[torch.Tensor], first_row: int, end_row: int, values: torch.Tensor
+) -> None:
     if index is None:
         out[first_row:end_row] = values
     else:
@@ -198,9 +200,17 @@ class GroupedExperts(nn.Module):
     ones starting at global index ``first_expert`` out of ``num_global_experts``.
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, init_std: float = 0.02,
-                 bias: bool = False, activation: str = "swiglu", swiglu_alpha: float = 1.702,
-                 swiglu_limit: float = 7.0):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        init_std: float = 0.02,
+        bias: bool = False,
+        activation: str = "swiglu",
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
+    ):
         super().__init__()
         self.num_experts = num_experts
         self.num_global_experts = num_experts
@@ -239,9 +249,10 @@ class GroupedExperts(nn.Module):
             raise ValueError(
                 f"cannot shard experts [{first_expert}, {first_expert + num_local}): this module holds global "
                 f"experts [{self.first_expert}, {self.first_expert + self.num_experts}); shard a full-size "
-                f"module with first_expert = rank * num_local")
+                f"module with first_expert = rank * num_local"
+            )
         for name in ("w_gate", "w_up", "w_down") + self.bias_names:
-            kept = getattr(self, name).detach()[start:start + num_local].clone()
+            kept = getattr(self, name).detach()[start : start + num_local].clone()
             setattr(self, name, self._expert_parameter(kept))
         self.first_expert = first_expert
         self.num_experts = num_local
@@ -253,8 +264,10 @@ class GroupedExperts(nn.Module):
     def forward(self, batch: ExpertBatch) -> torch.Tensor:
         """Run every row of the batch through its expert; returns [batch.out_rows, hidden] (see ExpertBatch)."""
         if batch.tokens_per_expert.numel() != self.num_experts:
-            raise ValueError(f"tokens_per_expert has {batch.tokens_per_expert.numel()} entries but this module "
-                             f"holds {self.num_experts} experts: shard the experts to the dispatcher's local experts")
+            raise ValueError(
+                f"tokens_per_expert has {batch.tokens_per_expert.numel()} entries but this module "
+                f"holds {self.num_experts} experts: shard the experts to the dispatcher's local experts"
+            )
         if self.bias_names or self.activation != "swiglu":
             return self._forward_per_expert(batch)
         # a custom autograd Function is invisible to autocast, so cast to its dtype here as nn.Linear would be
@@ -262,14 +275,16 @@ class GroupedExperts(nn.Module):
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else batch.source.dtype
         source = batch.source.to(dtype).contiguous()
         weights = [w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down)]
-        use_grouped_mm = self.use_grouped_mm and grouped_mm_supported(dtype, source.device, self.hidden_size,
-                                                                       self.intermediate_size)
+        use_grouped_mm = self.use_grouped_mm and grouped_mm_supported(
+            dtype, source.device, self.hidden_size, self.intermediate_size
+        )
         # one host read of the counts per layer: chunk boundaries must be known to slice the rows
         counts = batch.tokens_per_expert.tolist()
         bytes_per_row = (3 * self.hidden_size + 6 * self.intermediate_size) * source.element_size()
         max_chunk_rows = max(1, self.chunk_bytes // bytes_per_row)
-        return _GatherSwiGLUScatter.apply(source, batch.row_index, batch.row_weight, *weights, counts,
-                                          batch.out_rows, max_chunk_rows, use_grouped_mm)
+        return _GatherSwiGLUScatter.apply(
+            source, batch.row_index, batch.row_weight, *weights, counts, batch.out_rows, max_chunk_rows, use_grouped_mm
+        )
 
     def _forward_per_expert(self, batch: ExpertBatch) -> torch.Tensor:
         """GPT-OSS's experts in plain autograd, one expert at a time: biases and the clamped activation are
@@ -296,5 +311,7 @@ class GroupedExperts(nn.Module):
         return expert_out.new_zeros(batch.out_rows, self.hidden_size).index_add(0, batch.row_index, expert_out)
 
     def extra_repr(self) -> str:
-        return (f"experts {self.first_expert}..{self.first_expert + self.num_experts - 1} of "
-                f"{self.num_global_experts}, hidden={self.hidden_size}, ffn={self.intermediate_size}")
+        return (
+            f"experts {self.first_expert}..{self.first_expert + self.num_experts - 1} of "
+            f"{self.num_global_experts}, hidden={self.hidden_size}, ffn={self.intermediate_size}"
+        )

@@ -8,6 +8,7 @@ Capacity is decided once, on this rank's own tokens, before dispatch; its math a
 assignments that overflow it (dropped, spilled to another expert, or sent to the null expert) are
 ``overflow.py``'s.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,10 +42,16 @@ class MoEAux:
     @property
     def stats(self) -> dict:
         """The router statistics of this layer as a plain dict, for logging."""
-        return {"tokens_per_expert": self.tokens_per_expert, "dropped_fraction": self.dropped_fraction,
-                "max_load_ratio": self.max_load_ratio, "load_balancing_loss": self.load_balancing_loss,
-                "seq_aux_loss": self.seq_aux_loss, "z_loss": self.z_loss,
-                "spilled_fraction": self.spilled_fraction, "null_fraction": self.null_fraction}
+        return {
+            "tokens_per_expert": self.tokens_per_expert,
+            "dropped_fraction": self.dropped_fraction,
+            "max_load_ratio": self.max_load_ratio,
+            "load_balancing_loss": self.load_balancing_loss,
+            "seq_aux_loss": self.seq_aux_loss,
+            "z_loss": self.z_loss,
+            "spilled_fraction": self.spilled_fraction,
+            "null_fraction": self.null_fraction,
+        }
 
 
 def _in_backward() -> bool:
@@ -54,16 +61,24 @@ def _in_backward() -> bool:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, hidden_size: int, moe: MoEConfig, dispatcher: Optional[Dispatcher] = None,
-                 init_std: float = 0.02):
+    def __init__(
+        self, hidden_size: int, moe: MoEConfig, dispatcher: Optional[Dispatcher] = None, init_std: float = 0.02
+    ):
         super().__init__()
         self.moe = moe
         self.num_experts = moe.n_routed_experts
         self.top_k = moe.num_experts_per_tok
         self.gate = Router(hidden_size, moe, init_std)
-        self.experts = GroupedExperts(moe.n_routed_experts, hidden_size, moe.moe_intermediate_size, init_std,
-                                      bias=moe.expert_mlp_bias, activation=moe.expert_activation,
-                                      swiglu_alpha=moe.swiglu_alpha, swiglu_limit=moe.swiglu_limit)
+        self.experts = GroupedExperts(
+            moe.n_routed_experts,
+            hidden_size,
+            moe.moe_intermediate_size,
+            init_std,
+            bias=moe.expert_mlp_bias,
+            activation=moe.expert_activation,
+            swiglu_alpha=moe.swiglu_alpha,
+            swiglu_limit=moe.swiglu_limit,
+        )
         self.shared_experts = None
         self.shared_expert_gate = None
         if moe.n_shared_experts > 0:
@@ -85,14 +100,18 @@ class MoELayer(nn.Module):
 
     def _check_dispatcher(self, dispatcher: Dispatcher) -> None:
         if dispatcher.num_experts != self.num_experts:
-            raise ValueError(f"dispatcher routes {dispatcher.num_experts} experts but the layer has "
-                             f"n_routed_experts={self.num_experts}")
+            raise ValueError(
+                f"dispatcher routes {dispatcher.num_experts} experts but the layer has "
+                f"n_routed_experts={self.num_experts}"
+            )
         held = (self.experts.first_expert, self.experts.num_experts)
         wanted = (dispatcher.first_local_expert, dispatcher.num_local_experts)
         if held != wanted:
-            raise ValueError(f"the experts hold {held[1]} experts from global index {held[0]} but the dispatcher "
-                             f"serves {wanted[1]} from {wanted[0]}: call "
-                             f"layer.experts.shard({wanted[0]}, {wanted[1]}) before set_dispatcher")
+            raise ValueError(
+                f"the experts hold {held[1]} experts from global index {held[0]} but the dispatcher "
+                f"serves {wanted[1]} from {wanted[0]}: call "
+                f"layer.experts.shard({wanted[0]}, {wanted[1]}) before set_dispatcher"
+            )
 
     def capacity(self, num_tokens: int) -> Optional[int]:
         """Slots per expert for this many local tokens in the current mode; None when dropless."""
@@ -109,13 +128,19 @@ class MoELayer(nn.Module):
         routing = self.gate(tokens, batch_shape)
 
         capacity = self.capacity(tokens.shape[0])
-        placement = place_assignments(routing.expert_indices, routing.expert_weights, routing.selection_scores,
-                                      capacity=capacity, drop_policy=self.moe.drop_policy,
-                                      overflow_policy=self.moe.overflow_policy,
-                                      min_tokens_per_sequence_kept=self.moe.min_tokens_per_sequence_kept,
-                                      batch_shape=batch_shape)
-        batch, handle = self.dispatcher.dispatch(tokens, placement.expert_indices, routing.expert_weights,
-                                                 placement.keep)
+        placement = place_assignments(
+            routing.expert_indices,
+            routing.expert_weights,
+            routing.selection_scores,
+            capacity=capacity,
+            drop_policy=self.moe.drop_policy,
+            overflow_policy=self.moe.overflow_policy,
+            min_tokens_per_sequence_kept=self.moe.min_tokens_per_sequence_kept,
+            batch_shape=batch_shape,
+        )
+        batch, handle = self.dispatcher.dispatch(
+            tokens, placement.expert_indices, routing.expert_weights, placement.keep
+        )
         expert_output = self.experts(batch)
         output = self.dispatcher.combine(expert_output, handle).to(hidden.dtype)
 
@@ -127,8 +152,9 @@ class MoELayer(nn.Module):
 
         aux = self._aux(routing, placement)
         if self.training and not _in_backward():
-            self._pending_load = aux.tokens_per_expert if self._pending_load is None else (
-                self._pending_load + aux.tokens_per_expert)
+            self._pending_load = (
+                aux.tokens_per_expert if self._pending_load is None else (self._pending_load + aux.tokens_per_expert)
+            )
         return output.view(hidden.shape), aux
 
     @torch.no_grad()
@@ -141,9 +167,17 @@ class MoELayer(nn.Module):
         null_fraction = placement.null.float().mean()
         dropped_fraction = (~keep & ~placement.null).float().mean()
         max_load_ratio = load.max() / load.mean().clamp(min=1e-9)
-        return MoEAux(routing.aux_loss, tokens_per_expert, dropped_fraction, max_load_ratio,
-                      routing.load_balancing_loss, routing.seq_aux_loss, routing.z_loss,
-                      placement.spilled.float().mean(), null_fraction)
+        return MoEAux(
+            routing.aux_loss,
+            tokens_per_expert,
+            dropped_fraction,
+            max_load_ratio,
+            routing.load_balancing_loss,
+            routing.seq_aux_loss,
+            routing.z_loss,
+            placement.spilled.float().mean(),
+            null_fraction,
+        )
 
     def pending_load(self) -> torch.Tensor:
         """Kept assignments per global expert summed over the training forwards since the last bias update."""

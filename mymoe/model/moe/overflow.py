@@ -30,6 +30,7 @@ assignment, so every sequence keeps at least n tokens routed. An expert then hol
 max(capacity, its protected assignments); a value at least the sequence length means no first choice is
 ever dropped. Inputs without a batch dimension form one sequence.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,16 +46,21 @@ DROP_POLICIES = typing.get_args(DropPolicy)
 OVERFLOW_POLICIES = typing.get_args(OverflowPolicy)
 
 
-def compute_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: Optional[float],
-                     min_capacity: int = 0) -> Optional[int]:
+def compute_capacity(
+    num_tokens: int, num_experts: int, top_k: int, capacity_factor: Optional[float], min_capacity: int = 0
+) -> Optional[int]:
     """Slots per expert for one rank's tokens; None means dropless."""
     if capacity_factor is None:
         return None
     return max(int(math.ceil(capacity_factor * num_tokens * top_k / num_experts)), min_capacity)
 
 
-def priority_order(expert_indices: torch.Tensor, expert_weights: torch.Tensor, policy: DropPolicy = "probs",
-                   protected: Optional[torch.Tensor] = None) -> torch.Tensor:
+def priority_order(
+    expert_indices: torch.Tensor,
+    expert_weights: torch.Tensor,
+    policy: DropPolicy = "probs",
+    protected: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Flat assignment indices (token * k + choice) in the order they claim expert slots, best first.
 
     policy "probs": highest weight first. policy "position": GShard order, every token's first choice
@@ -75,9 +81,14 @@ def priority_order(expert_indices: torch.Tensor, expert_weights: torch.Tensor, p
     return order
 
 
-def capacity_keep_mask(expert_indices: torch.Tensor, expert_weights: torch.Tensor, num_experts: int,
-                       capacity: Optional[int], policy: DropPolicy = "probs",
-                       protected: Optional[torch.Tensor] = None) -> torch.Tensor:
+def capacity_keep_mask(
+    expert_indices: torch.Tensor,
+    expert_weights: torch.Tensor,
+    num_experts: int,
+    capacity: Optional[int],
+    policy: DropPolicy = "probs",
+    protected: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Which of the [tokens, k] assignments fit in their expert's capacity.
 
     Each expert takes its assignments in ``priority_order`` until `capacity` are kept. Protected
@@ -111,8 +122,9 @@ class Placement:
     null: torch.Tensor  # [tokens, k] bool, sent to the null expert
 
 
-def protected_first_choices(expert_weights: torch.Tensor, batch_shape: Optional[tuple],
-                            per_sequence: int) -> Optional[torch.Tensor]:
+def protected_first_choices(
+    expert_weights: torch.Tensor, batch_shape: Optional[tuple], per_sequence: int
+) -> Optional[torch.Tensor]:
     """[tokens, k] bool: the first choices of each sequence's `per_sequence` highest-weight tokens."""
     if per_sequence <= 0:
         return None
@@ -127,8 +139,9 @@ def protected_first_choices(expert_weights: torch.Tensor, batch_shape: Optional[
     return protected
 
 
-def spill_overflow(expert_indices: torch.Tensor, keep: torch.Tensor, selection_scores: torch.Tensor,
-                   capacity: int, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def spill_overflow(
+    expert_indices: torch.Tensor, keep: torch.Tensor, selection_scores: torch.Tensor, capacity: int, order: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Move overflowing assignments to experts with room, in the rounds the module docstring describes.
 
     order: flat assignment indices in priority order (``priority_order``). Returns the new expert_indices
@@ -174,9 +187,17 @@ def spill_overflow(expert_indices: torch.Tensor, keep: torch.Tensor, selection_s
     return flat_experts.view(shape), flat_keep.view(shape), spilled.view(shape)
 
 
-def place_assignments(expert_indices: torch.Tensor, expert_weights: torch.Tensor, selection_scores: torch.Tensor, *,
-                      capacity: Optional[int], drop_policy: DropPolicy = "probs", overflow_policy: OverflowPolicy = "drop",
-                      min_tokens_per_sequence_kept: int = 0, batch_shape: Optional[tuple] = None) -> Placement:
+def place_assignments(
+    expert_indices: torch.Tensor,
+    expert_weights: torch.Tensor,
+    selection_scores: torch.Tensor,
+    *,
+    capacity: Optional[int],
+    drop_policy: DropPolicy = "probs",
+    overflow_policy: OverflowPolicy = "drop",
+    min_tokens_per_sequence_kept: int = 0,
+    batch_shape: Optional[tuple] = None,
+) -> Placement:
     """Capacity, protection and the overflow policy applied to one rank's [tokens, k] assignments
     (expert_indices, expert_weights; selection_scores [tokens, experts] rank the spill targets).
     batch_shape (batch, seq) tells min_tokens_per_sequence_kept where sequences end."""

@@ -11,6 +11,7 @@ Losses returned for logging, unweighted, and summed with their coefficients into
 - z_loss (ST-MoE): mean over tokens of logsumexp(logits)^2, keeps logits small.
 For sigmoid scoring the "probability" P is the score normalised over the experts (DeepSeek-V3's s').
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -97,17 +98,26 @@ class Router(nn.Module):
         losses = {}
         aux_loss = logits.new_zeros(())
         for name, coefficient, loss_fn in (
-                ("load_balancing", moe.router_aux_loss_coef, lambda: self._load_balancing_loss(probs, expert_indices)),
-                ("seq_aux", moe.seq_aux_loss_coef, lambda: self._seq_aux_loss(probs, expert_indices, batch_shape)),
-                ("z", moe.router_z_loss_coef, lambda: torch.logsumexp(logits, dim=-1).square().mean())):
+            ("load_balancing", moe.router_aux_loss_coef, lambda: self._load_balancing_loss(probs, expert_indices)),
+            ("seq_aux", moe.seq_aux_loss_coef, lambda: self._seq_aux_loss(probs, expert_indices, batch_shape)),
+            ("z", moe.router_z_loss_coef, lambda: torch.logsumexp(logits, dim=-1).square().mean()),
+        ):
             # a loss that does not train is still reported, but builds no graph
             with torch.set_grad_enabled(torch.is_grad_enabled() and coefficient > 0):
                 loss = loss_fn()
             if coefficient > 0:
                 aux_loss = aux_loss + coefficient * loss
             losses[name] = loss.detach()
-        return RoutingResult(expert_indices, expert_weights, logits, aux_loss, losses["load_balancing"],
-                             losses["seq_aux"], losses["z"], selection_scores)
+        return RoutingResult(
+            expert_indices,
+            expert_weights,
+            logits,
+            aux_loss,
+            losses["load_balancing"],
+            losses["seq_aux"],
+            losses["z"],
+            selection_scores,
+        )
 
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         if self.moe.scoring_func == "sigmoid":
@@ -163,5 +173,7 @@ class Router(nn.Module):
         self.expert_bias += rate * torch.sign(load.mean() - load)
 
     def extra_repr(self) -> str:
-        return (f"experts={self.num_experts}, top_k={self.top_k}, scoring={self.moe.scoring_func}, "
-                f"groups={self.moe.topk_group}/{self.moe.n_group}")
+        return (
+            f"experts={self.num_experts}, top_k={self.top_k}, scoring={self.moe.scoring_func}, "
+            f"groups={self.moe.topk_group}/{self.moe.n_group}"
+        )
