@@ -17,7 +17,7 @@ from mymoe.data.reader import FileOrderBatches
 from mymoe.load import load_model
 from mymoe.tokenizer import TokenizerError, load_tokenizer
 from mymoe.train.evaluation import LossSum, perplexity, sum_lm_loss
-from mymoe.train.preflight import token_range
+from mymoe.train.preflight import check_prefix as check_prefix_as_training
 
 ONE_LINE_ERRORS = (CheckpointError, ConfigError, TokenizerError)
 
@@ -117,19 +117,15 @@ def check_positions(model_config, seq_len: int) -> None:
 
 def check_prefix(prefix: str, seq_len: int, vocab_size: int) -> None:
     """The checks training makes of a prefix: a sample's worth of tokens, every id inside the vocabulary."""
-    low, high, count = token_range(prefix)
-    if count - 1 < seq_len:
-        raise ConfigError(
-            f"--data {prefix}: {prefix}.bin holds {count} tokens, fewer than seq_len + 1 = {seq_len + 1}, "
-            f"so it yields no sample: pass a smaller --seq-len"
-        )
-    if high >= vocab_size or low < 0:
-        bad = high if high >= vocab_size else low
-        raise ConfigError(
-            f"--data {prefix}: {prefix}.bin holds token id {bad}, outside the model's vocabulary of "
-            f"{vocab_size} (ids 0..{vocab_size - 1}): the data was tokenized with another tokenizer "
-            f"than this model's"
-        )
+    check_prefix_as_training(
+        prefix,
+        seq_len,
+        vocab_size,
+        f"--data {prefix}",
+        "seq_len",
+        "pass a smaller --seq-len",
+        "the data was tokenized with another tokenizer than this model's",
+    )
 
 
 def load_checked_tokenizer(path: str, vocab_size: int):

@@ -64,19 +64,35 @@ def check_prefixes(config: Config) -> None:
     vocab_size, seq_len = config.model.vocab_size, config.data.seq_len
     for field_name in ("train_prefixes", "valid_prefixes"):
         for prefix in getattr(config.data, field_name):
-            low, high, count = token_range(prefix)
-            if count - 1 < seq_len:
-                raise ConfigError(
-                    f"data.{field_name}: {prefix}.bin holds {count} tokens, fewer than data.seq_len + 1 "
-                    f"= {seq_len + 1}, so it yields no sample: lower --data.seq_len or add data"
-                )
-            if high >= vocab_size or low < 0:
-                bad = high if high >= vocab_size else low
-                raise ConfigError(
-                    f"data.{field_name}: {prefix}.bin holds token id {bad}, outside model.vocab_size="
-                    f"{vocab_size} (ids 0..{vocab_size - 1}): the data was tokenized with another "
-                    f"vocabulary; re-tokenize it or set --model.vocab_size={high + 1} or more"
-                )
+            check_prefix(
+                prefix,
+                seq_len,
+                vocab_size,
+                f"data.{field_name}",
+                "data.seq_len",
+                "lower --data.seq_len or add data",
+                "the data was tokenized with another vocabulary; re-tokenize it or set "
+                "--model.vocab_size={needed} or more",
+            )
+
+
+def check_prefix(
+    prefix: str, seq_len: int, vocab_size: int, where: str, seq_len_name: str, seq_len_fix: str, vocab_fix: str
+) -> None:
+    """A prefix yields at least one sample and every id is inside the vocabulary (training's and evaluation's
+    check); `vocab_fix` may name {needed}, the vocabulary size the data asks for."""
+    low, high, count = token_range(prefix)
+    if count - 1 < seq_len:
+        raise ConfigError(
+            f"{where}: {prefix}.bin holds {count} tokens, fewer than {seq_len_name} + 1 = {seq_len + 1}, so it "
+            f"yields no sample: {seq_len_fix}"
+        )
+    if high >= vocab_size or low < 0:
+        bad = high if high >= vocab_size else low
+        raise ConfigError(
+            f"{where}: {prefix}.bin holds token id {bad}, outside model.vocab_size={vocab_size} (ids "
+            f"0..{vocab_size - 1}): " + vocab_fix.format(needed=high + 1)
+        )
 
 
 def check_tokenizer(config: Config) -> None:
