@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from mymoe.config import ModelConfig
 from mymoe.convert.hf_deepseek_v3 import attention_from_hf, attention_to_hf  # noqa: F401 (hf.py calls them)
-from mymoe.convert.hf_deepseek_v3 import latent_norm_and_rope_problems, mlp_to_hf as v3_mlp_to_hf
+from mymoe.convert.hf_deepseek_v3 import latent_attention_fields, latent_norm_and_rope_problems
+from mymoe.convert.hf_deepseek_v3 import mlp_to_hf as v3_mlp_to_hf
 from mymoe.convert.hf_experts import dense_mlp_from_hf, experts_from_hf
 
 ARCHITECTURE = "DeepseekV2ForCausalLM"
@@ -95,15 +96,7 @@ def model_fields(hf: dict) -> tuple[dict, list[str]]:
     limited = method == "group_limited_greedy"
     experts = hf.get("n_routed_experts", 64)
     fields = {
-        "attention_type": "mla",
-        "num_key_value_heads": hf["num_attention_heads"],
-        "q_lora_rank": hf.get("q_lora_rank"),
-        "kv_lora_rank": hf["kv_lora_rank"],
-        "qk_nope_head_dim": hf["qk_nope_head_dim"],
-        "qk_rope_head_dim": hf["qk_rope_head_dim"],
-        "v_head_dim": hf["v_head_dim"],
-        "intermediate_size": hf["intermediate_size"],
-        "first_k_dense_replace": min(hf.get("first_k_dense_replace") or 0, hf["num_hidden_layers"]),
+        **latent_attention_fields(hf),
         "moe": {
             "n_routed_experts": experts,
             "num_experts_per_tok": hf.get("num_experts_per_tok") or 6,

@@ -125,6 +125,21 @@ def config(model: ModelConfig) -> dict:
     }
 
 
+def latent_attention_fields(hf: dict) -> dict:
+    """Our model fields for a DeepSeek config's latent attention and dense layers (V2 and V3 alike)."""
+    return {
+        "attention_type": "mla",
+        "num_key_value_heads": hf["num_attention_heads"],
+        "q_lora_rank": hf.get("q_lora_rank"),
+        "kv_lora_rank": hf["kv_lora_rank"],
+        "qk_nope_head_dim": hf["qk_nope_head_dim"],
+        "qk_rope_head_dim": hf["qk_rope_head_dim"],
+        "v_head_dim": hf["v_head_dim"],
+        "intermediate_size": hf["intermediate_size"],
+        "first_k_dense_replace": min(hf.get("first_k_dense_replace") or 0, hf["num_hidden_layers"]),
+    }
+
+
 def model_fields(hf: dict) -> tuple[dict, list[str]]:
     experts = hf.get("n_routed_experts", 256)
     n_group, topk_group = hf.get("n_group") or 1, hf.get("topk_group") or 1
@@ -141,15 +156,7 @@ def model_fields(hf: dict) -> tuple[dict, list[str]]:
     if k == 1 and norm:
         problems.append("norm_topk_prob=true with num_experts_per_tok=1: the weight would be 1, ours keeps the score")
     fields = {
-        "attention_type": "mla",
-        "num_key_value_heads": hf["num_attention_heads"],
-        "q_lora_rank": hf.get("q_lora_rank"),
-        "kv_lora_rank": hf["kv_lora_rank"],
-        "qk_nope_head_dim": hf["qk_nope_head_dim"],
-        "qk_rope_head_dim": hf["qk_rope_head_dim"],
-        "v_head_dim": hf["v_head_dim"],
-        "intermediate_size": hf["intermediate_size"],
-        "first_k_dense_replace": min(hf.get("first_k_dense_replace") or 0, hf["num_hidden_layers"]),
+        **latent_attention_fields(hf),
         "moe": {
             "n_routed_experts": experts,
             "num_experts_per_tok": k,
