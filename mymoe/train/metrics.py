@@ -256,8 +256,14 @@ class MetricsLogger:
         if not self.enabled:
             return
         for message in self.health.observe(step, expert_loads):
-            self.write(f"WARNING {message}", stream=sys.stderr)
-            self.jsonl.write(json.dumps({"step": step, "warning": message}) + "\n")
+            self.event(step, "warning", message)
+
+    def event(self, step: int, kind: str, message: str) -> None:
+        """Something that happened (a warning, a revived expert): on the console and in the JSON lines."""
+        if not self.enabled:
+            return
+        self.write(f"{kind.upper()} {message}", stream=sys.stderr)
+        self.jsonl.write(json.dumps({"step": step, kind: message}) + "\n")
 
     def progress(self, step: int, loss: float, tokens_per_second: float) -> None:
         if self.bar is not None:
