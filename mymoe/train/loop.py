@@ -250,12 +250,12 @@ class Trainer:
             step_if_finite(self.optimizer, finite)
             skipped = ~finite
             self.optimizer.zero_grad(set_to_none=True)
-        expert_loads = self.update_expert_biases()
+        expert_loads, expert_rows = self.update_expert_biases()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         if self.reviver is not None:
             self.revivals += self.reviver.observe(self.step, expert_loads)
-        return StepMetrics(means[:5], means[5:], grad_norm, skipped, expert_loads, lr, aux_scale)
+        return StepMetrics(means[:5], means[5:], grad_norm, skipped, expert_loads, expert_rows, lr, aux_scale)
 
     def abandon_step(self) -> None:
         """Undo a step stopped before its optimizer update: data position and RNG back at the step boundary."""
@@ -265,19 +265,25 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
         self.resume_point = None
 
-    def update_expert_biases(self) -> torch.Tensor:
-        """Sum every layer's load over all ranks in one collective, update the aux-loss-free biases on the
-        device, return the loads [layers, experts] for logging."""
+    def update_expert_biases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum every layer's load over all ranks, and gather the rows each rank's experts computed, in one
+        collective; update the aux-loss-free biases on the device; return (loads [layers, experts], rows
+        [layers, ranks]) for logging."""
         layers = list(self.model.iter_moe_layers())
+        ctx = self.ctx
         if not layers:
-            return torch.zeros(0, 0, device=self.ctx.device)
+            return torch.zeros(0, 0, device=ctx.device), torch.zeros(0, ctx.world_size, device=ctx.device)
         # [layers, experts], this rank's tokens
-        loads = torch.stack([layer.pending_load().to(self.ctx.device, torch.float32) for layer in layers])
-        if self.ctx.is_distributed:
-            all_reduce(loads, "all_reduce (expert loads of every MoE layer, world)", self.ctx.timeout_seconds)
+        loads = torch.stack([layer.pending_load().to(ctx.device, torch.float32) for layer in layers])
+        rows = torch.zeros(len(layers), ctx.world_size, device=ctx.device)  # [layers, ranks], this rank's column
+        rows[:, ctx.rank] = torch.stack([layer.pending_rows().to(ctx.device, torch.float32) for layer in layers])
+        packed = torch.cat([loads, rows], dim=1)
+        if ctx.is_distributed:
+            all_reduce(packed, "all_reduce (expert loads and rows of every MoE layer, world)", ctx.timeout_seconds)
+        loads, rows = packed.split([loads.shape[1], ctx.world_size], dim=1)
         for layer, load in zip(layers, loads):
             layer.update_expert_bias(load)
-        return loads
+        return loads, rows
 
     def evaluate(self, stop: Optional[GracefulStop] = None) -> Optional[float]:
         """Mean lm loss over the first eval_steps batches of the held-out split (the same ones every time);
@@ -450,7 +456,7 @@ def report(
                 mfu=flops_per_token * tokens_per_second / peak,
                 dropped_fraction=sum(metrics["dropped"]) / max(len(metrics["dropped"]), 1),
             )
-            logger.log(step, scalars, metrics["expert_loads"], metrics["dropped"])
+            logger.log(step, scalars, metrics["expert_loads"], metrics["dropped"], metrics["expert_rows"])
         guard.observe(trainer, metrics, logger, step)  # after the log, so the skipped steps are in it
     for revival in trainer.revivals:
         logger.event(revival.step, "revived", revival.message(trainer.config.train.revival_window))
