@@ -36,6 +36,7 @@ QKNorm = Literal["head", "full"]  # per head (Qwen3) or over the whole projectio
 DispatcherName = Literal["alltoall", "alltoall_dedup", "allgather"]  # mymoe.parallel.parallelize.DISPATCHERS
 Backend = Literal["auto", "gloo", "nccl", "mpi"]
 Precision = Literal["auto", "fp32", "bf16"]
+RevivalInit = Literal["live", "fresh"]  # mymoe.train.revival
 FSDPDtype = Literal["fp32", "bf16"]  # FSDP2 MixedPrecisionPolicy: bf16 compute / reduction on GPU
 
 # Field metadata: the field changes the shape or meaning of the weights, so a checkpoint saved with another
@@ -211,6 +212,14 @@ class TrainConfig:
     # a single process stopped by a signal abandons a step still running this long after it (torchrun and
     # SLURM kill at 30 s); 0 waits for the step boundary
     stop_timeout_seconds: float = 20.0
+    # dead-expert revival (mymoe/train/revival.py), off by default: at the end of each window of
+    # revival_window steps, an expert whose tokens over it are under revival_threshold x its fair share is
+    # re-initialised: "live" a noisy copy (revival_noise x each tensor's std) of a busy expert, "fresh" anew
+    revive_dead_experts: bool = False
+    revival_window: int = 100
+    revival_threshold: float = 0.01
+    revival_init: RevivalInit = "live"
+    revival_noise: float = 0.01
 
 
 @dataclass
@@ -664,6 +673,12 @@ def validate_train(tr: TrainConfig) -> None:
         raise ConfigError(f"train.max_tokens={tr.max_tokens} must be positive (or null for no token limit)")
     if tr.warmup_steps < 0 or tr.max_steps < 0 or tr.grad_clip < 0:
         raise ConfigError("train.warmup_steps, train.max_steps and train.grad_clip must be >= 0")
+    if tr.revival_window <= 0 or not 0 < tr.revival_threshold <= 1 or tr.revival_noise < 0:
+        raise ConfigError(
+            f"train.revival_window={tr.revival_window}, train.revival_threshold={tr.revival_threshold} and "
+            f"train.revival_noise={tr.revival_noise} need window >= 1 step, 0 < threshold <= 1 (a share of the "
+            f"fair load) and noise >= 0"
+        )
 
 
 def validate_data(data: DataConfig) -> None:
@@ -685,6 +700,11 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
     validate_parallel(config.parallel, config.model.moe.n_routed_experts, world_size)
     validate_peft(config.peft, config.model.attention_type)
     validate_train(config.train)
+    if config.train.revive_dead_experts and config.peft.enabled:
+        raise ConfigError(
+            "train.revive_dead_experts=true re-initialises base expert weights, which peft (LoRA / prefix "
+            "tuning) keeps frozen: set train.revive_dead_experts=false for adapter training"
+        )
     validate_data(config.data)
     check_values(config)
     return config

@@ -114,16 +114,21 @@ def test_expert_loads_of_every_layer_are_summed_in_one_collective(dataset, tmp_p
     trainer = Trainer(tiny(dataset, tmp_path), ParallelContext())
     trainer.train_step()
     layers = list(trainer.model.iter_moe_layers())
-    for layer in layers:
+    for index, layer in enumerate(layers):
         layer._pending_load = torch.ones(layer.num_experts, dtype=torch.int64)
+        layer._pending_rows = torch.tensor(10 + index)
     calls = []
     monkeypatch.setattr(loop, "all_reduce", lambda tensor, name, *args, **kwargs: calls.append((name, tensor.shape)))
-    trainer.ctx = ParallelContext(world_size=2)  # as if distributed: the collective is recorded, not run
-    loads = trainer.update_expert_biases()
+    trainer.ctx = ParallelContext(rank=1, world_size=2)  # as if distributed: the collective is recorded, not run
+    loads, rows = trainer.update_expert_biases()
     assert calls == [
-        ("all_reduce (expert loads of every MoE layer, world)", torch.Size([len(layers), layers[0].num_experts]))
+        (
+            "all_reduce (expert loads and rows of every MoE layer, world)",
+            torch.Size([len(layers), layers[0].num_experts + 2]),
+        )
     ]
     assert len(layers) > 1 and loads.tolist() == [[1.0] * layers[0].num_experts] * len(layers)
+    assert rows.tolist() == [[0.0, 10.0 + index] for index in range(len(layers))]  # this rank's column
 
 
 def test_seed_controls_the_run_and_gradient_checkpointing_changes_nothing(dataset, tmp_path):
@@ -183,7 +188,14 @@ def test_heatmap_renders_layers_by_experts_over_steps(tmp_path):
     with open(metrics, "w") as f:
         for step in range(1, 21):
             f.write(
-                json.dumps({"step": step, "loss": 1.0, "expert_load": [[step, 20 - step, 10, 10], [5, 5, 25, 5]]})
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": 1.0,
+                        "expert_load": [[step, 20 - step, 10, 10], [5, 5, 25, 5]],
+                        "expert_rows": [[20, 20], [10, 30]],
+                    }
+                )
                 + "\n"
             )
         f.write(json.dumps({"step": 20, "eval/loss": 1.0}) + "\n")

@@ -66,6 +66,18 @@ def test_ep2_trains_tiny_and_the_loss_falls_well_below_its_start(ep2_run):
     assert (out_dir / "checkpoints").is_dir()
 
 
+def test_the_rows_each_rank_computed_are_logged_per_layer(ep2_run):
+    out_dir, _ = ep2_run
+    logged = [r for r in records(out_dir) if "expert_rows" in r]
+    assert len(logged) == 40
+    for record in logged:
+        for loads, rows in zip(record["expert_load"], record["expert_rows"]):
+            assert len(rows) == 2 and min(rows) > 0
+            assert sum(rows) == sum(loads)  # dropless: each kept assignment computed once, by its expert's rank
+            # EP=2 over 4 experts: rank r computes experts 2r and 2r + 1, whoever sent the tokens
+            assert rows == [loads[0] + loads[1], loads[2] + loads[3]]
+
+
 def test_tensorboard_holds_the_promised_scalars_and_expert_histograms(ep2_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -85,6 +97,7 @@ def test_tensorboard_holds_the_promised_scalars_and_expert_histograms(ep2_run):
         "dropped_fraction",
         "dropped_fraction/layer_0",
         "dropped_fraction/layer_1",
+        "busiest_rank_rows_over_mean/layer_0",
         "eval/loss",
         "eval/perplexity",
     }

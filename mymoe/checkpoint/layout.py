@@ -161,6 +161,7 @@ def flatten(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, ran
         "step": int(state["step"]),
         "tokens_seen": int(state["tokens_seen"]),
         "train_reader": state["train_reader"],
+        "loop": state.get("loop", {}),  # the trainer's own bookkeeping (train/loop.py), JSON
         "optimizer_state": optimizer_layout,
         "optimizer_param_groups": param_groups,
         "scheduler": {"step": int(state["step"])},

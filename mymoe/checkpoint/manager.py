@@ -391,6 +391,7 @@ class CheckpointManager:
                 "model": targets.model,
                 "optimizer": optimizer,
                 "train_reader": manifest["train_reader"],
+                "loop": manifest.get("loop", {}),
                 "rng": rng,
             }
         )

@@ -38,6 +38,7 @@ from mymoe.train.metrics import MetricsLogger, StepMetrics, peak_flops_per_secon
 from mymoe.train.optim import Schedule, aux_loss_scale, total_steps
 from mymoe.train.precision import autocast_context
 from mymoe.train.preflight import check_inputs
+from mymoe.train.revival import ExpertReviver, Revival
 from mymoe.train.stop import GracefulStop, StopNow
 
 
@@ -115,6 +116,11 @@ def check_engine(config: Config, deepspeed_config: Optional[str]) -> None:
             f"--deepspeed {deepspeed_config} and parallel.fsdp=true both partition the training "
             f"state and cannot be combined: drop --deepspeed, or set --parallel.fsdp=false"
         )
+    if deepspeed_config is not None and config.train.revive_dead_experts:
+        raise ConfigError(
+            f"--deepspeed {deepspeed_config} keeps its own fp32 copy of the weights, which dead-expert revival "
+            f"does not reach: drop --deepspeed, or set --train.revive_dead_experts=false"
+        )
 
 
 class Trainer:
@@ -168,6 +174,12 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.resume_point = None  # (reader state, RNG) while a step's forward and backward run
+        self.reviver = None
+        if train.revive_dead_experts:
+            self.reviver = ExpertReviver(
+                list(self.model.iter_moe_layers()), self.optimizer, train, ctx, config.model.initializer_range
+            )
+        self.revivals: list[Revival] = []  # done but not reported yet
         self.last_batch = None  # the last micro-batch, which the non-finite guard reruns to find the culprit
 
     # --- the checkpoint seam -------------------------------------------------------------------------
@@ -178,6 +190,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "train_reader": self.train_reader.state_dict(),
+            "loop": {"revival_window_load": self.reviver.state() if self.reviver is not None else None},
             "rng": {
                 "cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
@@ -191,6 +204,8 @@ class Trainer:
             self.optimizer.refresh_master_weights()
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_reader.load_state_dict(state["train_reader"])
+        if self.reviver is not None:
+            self.reviver.load_state(state.get("loop", {}).get("revival_window_load"))
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng"]["cuda"])
@@ -235,10 +250,12 @@ class Trainer:
             step_if_finite(self.optimizer, finite)
             skipped = ~finite
             self.optimizer.zero_grad(set_to_none=True)
-        expert_loads = self.update_expert_biases()
+        expert_loads, expert_rows = self.update_expert_biases()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        return StepMetrics(means[:5], means[5:], grad_norm, skipped, expert_loads, lr, aux_scale)
+        if self.reviver is not None:
+            self.revivals += self.reviver.observe(self.step, expert_loads)
+        return StepMetrics(means[:5], means[5:], grad_norm, skipped, expert_loads, expert_rows, lr, aux_scale)
 
     def abandon_step(self) -> None:
         """Undo a step stopped before its optimizer update: data position and RNG back at the step boundary."""
@@ -248,19 +265,25 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
         self.resume_point = None
 
-    def update_expert_biases(self) -> torch.Tensor:
-        """Sum every layer's load over all ranks in one collective, update the aux-loss-free biases on the
-        device, return the loads [layers, experts] for logging."""
+    def update_expert_biases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum every layer's load over all ranks, and gather the rows each rank's experts computed, in one
+        collective; update the aux-loss-free biases on the device; return (loads [layers, experts], rows
+        [layers, ranks]) for logging."""
         layers = list(self.model.iter_moe_layers())
+        ctx = self.ctx
         if not layers:
-            return torch.zeros(0, 0, device=self.ctx.device)
+            return torch.zeros(0, 0, device=ctx.device), torch.zeros(0, ctx.world_size, device=ctx.device)
         # [layers, experts], this rank's tokens
-        loads = torch.stack([layer.pending_load().to(self.ctx.device, torch.float32) for layer in layers])
-        if self.ctx.is_distributed:
-            all_reduce(loads, "all_reduce (expert loads of every MoE layer, world)", self.ctx.timeout_seconds)
+        loads = torch.stack([layer.pending_load().to(ctx.device, torch.float32) for layer in layers])
+        rows = torch.zeros(len(layers), ctx.world_size, device=ctx.device)  # [layers, ranks], this rank's column
+        rows[:, ctx.rank] = torch.stack([layer.pending_rows().to(ctx.device, torch.float32) for layer in layers])
+        packed = torch.cat([loads, rows], dim=1)
+        if ctx.is_distributed:
+            all_reduce(packed, "all_reduce (expert loads and rows of every MoE layer, world)", ctx.timeout_seconds)
+        loads, rows = packed.split([loads.shape[1], ctx.world_size], dim=1)
         for layer, load in zip(layers, loads):
             layer.update_expert_bias(load)
-        return loads
+        return loads, rows
 
     def evaluate(self, stop: Optional[GracefulStop] = None) -> Optional[float]:
         """Mean lm loss over the first eval_steps batches of the held-out split (the same ones every time);
@@ -433,5 +456,8 @@ def report(
                 mfu=flops_per_token * tokens_per_second / peak,
                 dropped_fraction=sum(metrics["dropped"]) / max(len(metrics["dropped"]), 1),
             )
-            logger.log(step, scalars, metrics["expert_loads"], metrics["dropped"])
+            logger.log(step, scalars, metrics["expert_loads"], metrics["dropped"], metrics["expert_rows"])
         guard.observe(trainer, metrics, logger, step)  # after the log, so the skipped steps are in it
+    for revival in trainer.revivals:
+        logger.event(revival.step, "revived", revival.message(trainer.config.train.revival_window))
+    trainer.revivals = []

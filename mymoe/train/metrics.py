@@ -56,7 +56,8 @@ class StepMetrics(Mapping):
     A step leaves them as tensors so that it never waits on the device; reading any key reads them all in
     one device-to-host copy, and `read_all` reads the metrics of many steps (a log interval's) in one. The
     keys: skipped, loss, lm_loss, aux_loss, z_loss, load_balancing_loss, lr, aux_loss_scale, grad_norm,
-    expert_loads [layer][expert] and dropped [layer].
+    expert_loads [layer][expert], expert_rows [layer][rank] (the rows each rank's experts computed: the
+    busiest rank sets the pace under expert parallelism) and dropped [layer].
     """
 
     LOSSES = ("loss", "lm_loss", "aux_loss", "z_loss", "load_balancing_loss")
@@ -68,10 +69,11 @@ class StepMetrics(Mapping):
         grad_norm: torch.Tensor,
         skipped: torch.Tensor,
         expert_loads: torch.Tensor,
+        expert_rows: torch.Tensor,
         lr: float,
         aux_loss_scale: float,
     ):
-        # one float64 vector: [losses, dropped per layer, grad_norm, skipped, loads of every layer]
+        # one float64 vector: [losses, dropped per layer, grad_norm, skipped, loads of every layer, rows]
         self.packed = torch.cat(
             [
                 losses.double(),
@@ -79,10 +81,12 @@ class StepMetrics(Mapping):
                 grad_norm.double().view(1),
                 skipped.double().view(1),
                 expert_loads.double().flatten(),
+                expert_rows.double().flatten(),
             ]
         )
         self.num_layers = dropped.numel()
         self.expert_loads_shape = tuple(expert_loads.shape)
+        self.expert_rows_shape = tuple(expert_rows.shape)
         self.host = {"lr": lr, "aux_loss_scale": aux_loss_scale}
         self.values: Optional[dict] = None
 
@@ -100,11 +104,13 @@ class StepMetrics(Mapping):
         values["dropped"] = row[losses : losses + layers]
         values["grad_norm"], skipped = row[losses + layers], row[losses + layers + 1]
         values["skipped"] = skipped > 0
-        loads = row[losses + layers + 2 :]
-        experts = self.expert_loads_shape[1] if len(self.expert_loads_shape) == 2 else 0
-        values["expert_loads"] = [
-            loads[layer * experts : (layer + 1) * experts] for layer in range(self.expert_loads_shape[0])
-        ]
+        start = losses + layers + 2
+        for key, (moe_layers, width) in (
+            ("expert_loads", self.expert_loads_shape),
+            ("expert_rows", self.expert_rows_shape),
+        ):
+            values[key] = [row[start + layer * width : start + (layer + 1) * width] for layer in range(moe_layers)]
+            start += moe_layers * width
         self.values = values
 
     def _read(self) -> dict:
@@ -120,6 +126,12 @@ class StepMetrics(Mapping):
 
     def __len__(self) -> int:
         return len(self._read())
+
+
+def busiest_over_mean(rows: list[float]) -> float:
+    """The busiest rank's rows against the mean rank's: 1 is balanced; the step waits on the busiest."""
+    mean = sum(rows) / max(len(rows), 1)
+    return max(rows) / mean if mean > 0 else 1.0
 
 
 class ExpertHealth:
@@ -216,8 +228,10 @@ class MetricsLogger:
         scalars: dict,
         expert_loads: Optional[list[list[float]]] = None,
         dropped: Optional[list[float]] = None,
+        expert_rows: Optional[list[list[float]]] = None,
     ) -> None:
-        """Write scalars, and optionally per-layer expert loads [layer][expert] and dropped fractions."""
+        """Write scalars, and optionally per-layer expert loads [layer][expert], dropped fractions and the rows
+        each rank's experts computed [layer][rank]."""
         if not self.enabled:
             return
         for key, value in scalars.items():
@@ -231,6 +245,10 @@ class MetricsLogger:
             record["dropped_fraction"] = dropped
             for layer, fraction in enumerate(dropped):
                 self.writer.add_scalar(f"dropped_fraction/layer_{layer}", fraction, step)
+        if expert_rows is not None:
+            record["expert_rows"] = expert_rows
+            for layer, rows in enumerate(expert_rows):
+                self.writer.add_scalar(f"busiest_rank_rows_over_mean/layer_{layer}", busiest_over_mean(rows), step)
         self.jsonl.write(json.dumps(record) + "\n")
 
     def _expert_histogram(self, tag: str, loads: list[float], step: int) -> None:
@@ -256,8 +274,14 @@ class MetricsLogger:
         if not self.enabled:
             return
         for message in self.health.observe(step, expert_loads):
-            self.write(f"WARNING {message}", stream=sys.stderr)
-            self.jsonl.write(json.dumps({"step": step, "warning": message}) + "\n")
+            self.event(step, "warning", message)
+
+    def event(self, step: int, kind: str, message: str) -> None:
+        """Something that happened (a warning, a revived expert): on the console and in the JSON lines."""
+        if not self.enabled:
+            return
+        self.write(f"{kind.upper()} {message}", stream=sys.stderr)
+        self.jsonl.write(json.dumps({"step": step, kind: message}) + "\n")
 
     def progress(self, step: int, loss: float, tokens_per_second: float) -> None:
         if self.bar is not None:

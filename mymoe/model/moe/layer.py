@@ -92,6 +92,7 @@ class MoELayer(nn.Module):
         self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(moe.n_routed_experts)
         self._check_dispatcher(self.dispatcher)
         self._pending_load: Optional[torch.Tensor] = None
+        self._pending_rows: Optional[torch.Tensor] = None
 
     def set_dispatcher(self, dispatcher: Dispatcher) -> None:
         """Swap the dispatcher; the experts must already hold exactly its local experts (``experts.shard``)."""
@@ -152,9 +153,12 @@ class MoELayer(nn.Module):
 
         aux = self._aux(routing, placement)
         if self.training and not _in_backward():
-            self._pending_load = (
-                aux.tokens_per_expert if self._pending_load is None else (self._pending_load + aux.tokens_per_expert)
-            )
+            rows = batch.tokens_per_expert.sum()  # the rows this rank's experts computed, from every sender
+            if self._pending_load is None:
+                self._pending_load, self._pending_rows = aux.tokens_per_expert, rows
+            else:
+                self._pending_load = self._pending_load + aux.tokens_per_expert
+                self._pending_rows = self._pending_rows + rows
         return output.view(hidden.shape), aux
 
     @torch.no_grad()
@@ -185,8 +189,14 @@ class MoELayer(nn.Module):
             return torch.zeros(self.num_experts, dtype=torch.int64, device=self.gate.expert_bias.device)
         return self._pending_load
 
+    def pending_rows(self) -> torch.Tensor:
+        """Rows this rank's experts computed over the same forwards (what sets its share of the step's time)."""
+        if self._pending_rows is None:
+            return torch.zeros((), dtype=torch.int64, device=self.gate.expert_bias.device)
+        return self._pending_rows
+
     def update_expert_bias(self, global_load: torch.Tensor) -> None:
         """Apply the aux-loss-free bias update from the step's load (all-reduced over ranks by the trainer)
         and start counting afresh."""
         self.gate.update_bias(global_load)
-        self._pending_load = None
+        self._pending_load = self._pending_rows = None
