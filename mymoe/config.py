@@ -177,6 +177,10 @@ class ParallelConfig:
     fsdp_param_dtype: FSDPDtype = "fp32"  # "bf16": compute in bf16 with fp32 master weights (GPU)
     fsdp_reduce_dtype: FSDPDtype = "fp32"  # dtype of the gradient reduce-scatter
     fsdp_cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory
+    # expert replication (mymoe/parallel/replication.py): extra expert slots per expert-parallel rank holding
+    # copies of busy experts, re-planned from the measured loads every replication_interval steps
+    redundant_experts: int = 0
+    replication_interval: int = 100
 
 
 @dataclass
@@ -638,6 +642,28 @@ def validate_parallel(par: ParallelConfig, num_experts: int, world_size: Optiona
             f"{world_size} (try {_divisors(world_size)}, or launch a multiple of it processes)"
         )
     _validate_fsdp(par)
+    _validate_replication(par)
+
+
+def _validate_replication(par: ParallelConfig) -> None:
+    if par.redundant_experts < 0 or par.replication_interval <= 0:
+        raise ConfigError(
+            f"parallel.redundant_experts={par.redundant_experts} must be >= 0 (0: no copies) and "
+            f"parallel.replication_interval={par.replication_interval} >= 1 step"
+        )
+    if par.redundant_experts == 0:
+        return
+    if par.expert_parallel_size < 2:
+        raise ConfigError(
+            f"parallel.redundant_experts={par.redundant_experts} copies experts between expert-parallel ranks: "
+            f"set parallel.expert_parallel_size >= 2, or parallel.redundant_experts=0"
+        )
+    if par.dispatcher != "alltoall" or par.fsdp:
+        raise ConfigError(
+            f"parallel.redundant_experts={par.redundant_experts} works with parallel.dispatcher=alltoall and "
+            f"the replicated layout (got dispatcher={par.dispatcher}, fsdp={par.fsdp}): set those, or "
+            f"parallel.redundant_experts=0"
+        )
 
 
 def validate_peft(peft: PEFTConfig, attention_type: str) -> None:
@@ -700,6 +726,11 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
     validate_parallel(config.parallel, config.model.moe.n_routed_experts, world_size)
     validate_peft(config.peft, config.model.attention_type)
     validate_train(config.train)
+    if config.parallel.redundant_experts and config.peft.enabled:
+        raise ConfigError(
+            "parallel.redundant_experts copies expert weights without their LoRA adapters: set "
+            "parallel.redundant_experts=0 for adapter training"
+        )
     if config.train.revive_dead_experts and config.peft.enabled:
         raise ConfigError(
             "train.revive_dead_experts=true re-initialises base expert weights, which peft (LoRA / prefix "

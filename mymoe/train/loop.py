@@ -29,6 +29,7 @@ from mymoe.optim import build_optimizer, parameter_groups
 from mymoe.parallel import ParallelContext, clip_grad_norm_, init_distributed, parallelize, reduce_gradients, shutdown
 from mymoe.parallel.collectives import all_reduce
 from mymoe.parallel.fsdp import apply_fsdp, set_gradient_sync
+from mymoe.parallel.replication import Replicator, unreplicated_rows
 from mymoe.peft import apply_peft
 from mymoe.train.deepspeed_engine import ZeroOptimizerView, initialize_deepspeed
 from mymoe.train.evaluation import sum_lm_loss
@@ -116,6 +117,11 @@ def check_engine(config: Config, deepspeed_config: Optional[str]) -> None:
             f"--deepspeed {deepspeed_config} and parallel.fsdp=true both partition the training "
             f"state and cannot be combined: drop --deepspeed, or set --parallel.fsdp=false"
         )
+    if deepspeed_config is not None and config.parallel.redundant_experts:
+        raise ConfigError(
+            f"--deepspeed {deepspeed_config} steps the experts inside its engine, where expert copies' "
+            f"gradients cannot be added home: drop --deepspeed, or set --parallel.redundant_experts=0"
+        )
     if deepspeed_config is not None and config.train.revive_dead_experts:
         raise ConfigError(
             f"--deepspeed {deepspeed_config} keeps its own fp32 copy of the weights, which dead-expert revival "
@@ -152,6 +158,11 @@ class Trainer:
                 seed=train.seed,
             )
         self.model.to(ctx.device)
+        self.replicator = None
+        if config.parallel.redundant_experts:  # on the device, so the copies are born there
+            self.replicator = Replicator(
+                self.model, ctx, config.parallel.redundant_experts, config.parallel.replication_interval
+            )
         if config.parallel.fsdp:  # after the adapters exist, so FSDP shards them with the rest
             apply_fsdp(self.model, ctx, config.parallel)
         torch.manual_seed(train.seed + ctx.rank)  # router noise and the like differ per rank, reproducibly
@@ -190,7 +201,10 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "train_reader": self.train_reader.state_dict(),
-            "loop": {"revival_window_load": self.reviver.state() if self.reviver is not None else None},
+            "loop": {
+                "revival_window_load": self.reviver.state() if self.reviver is not None else None,
+                "replication": self.replicator.state() if self.replicator is not None else None,
+            },
             "rng": {
                 "cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
@@ -204,8 +218,11 @@ class Trainer:
             self.optimizer.refresh_master_weights()
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_reader.load_state_dict(state["train_reader"])
+        loop_state = state.get("loop", {})
         if self.reviver is not None:
-            self.reviver.load_state(state.get("loop", {}).get("revival_window_load"))
+            self.reviver.load_state(loop_state.get("revival_window_load"))
+        if self.replicator is not None:  # the copies of the checkpoint's last placement, from its loads
+            self.replicator.load_state(loop_state.get("replication"))
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng"]["cuda"])
@@ -243,6 +260,8 @@ class Trainer:
             grad_norm = torch.tensor(float(self.engine.get_global_grad_norm() or 0.0), device=ctx.device)
             skipped = torch.zeros((), dtype=torch.bool, device=ctx.device)
         else:
+            if self.replicator is not None:
+                self.replicator.add_replica_grads()
             reduce_gradients(self.model, ctx)
             grad_norm = clip_grad_norm_(self.model, config.train.grad_clip, ctx)
             # both numbers are global, so every rank skips alike (mymoe/train/guard.py)
@@ -255,6 +274,9 @@ class Trainer:
         self.tokens_seen += self.tokens_per_step
         if self.reviver is not None:
             self.revivals += self.reviver.observe(self.step, expert_loads)
+        if self.replicator is not None:  # the owners' new weights (stepped, or revived) into the copies
+            self.replicator.observe(self.step, expert_loads)
+            self.replicator.refresh()
         return StepMetrics(means[:5], means[5:], grad_norm, skipped, expert_loads, expert_rows, lr, aux_scale)
 
     def abandon_step(self) -> None:
@@ -456,7 +478,14 @@ def report(
                 mfu=flops_per_token * tokens_per_second / peak,
                 dropped_fraction=sum(metrics["dropped"]) / max(len(metrics["dropped"]), 1),
             )
-            logger.log(step, scalars, metrics["expert_loads"], metrics["dropped"], metrics["expert_rows"])
+            without = None
+            if trainer.replicator is not None:  # what the ranks would have computed without the copies
+                ctx = trainer.ctx
+                without = [
+                    unreplicated_rows(loads, ctx.expert_parallel_size, ctx.expert_data_parallel_size)
+                    for loads in metrics["expert_loads"]
+                ]
+            logger.log(step, scalars, metrics["expert_loads"], metrics["dropped"], metrics["expert_rows"], without)
         guard.observe(trainer, metrics, logger, step)  # after the log, so the skipped steps are in it
     for revival in trainer.revivals:
         logger.event(revival.step, "revived", revival.message(trainer.config.train.revival_window))

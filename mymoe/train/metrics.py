@@ -229,9 +229,11 @@ class MetricsLogger:
         expert_loads: Optional[list[list[float]]] = None,
         dropped: Optional[list[float]] = None,
         expert_rows: Optional[list[list[float]]] = None,
+        expert_rows_unreplicated: Optional[list[list[float]]] = None,
     ) -> None:
-        """Write scalars, and optionally per-layer expert loads [layer][expert], dropped fractions and the rows
-        each rank's experts computed [layer][rank]."""
+        """Write scalars, and optionally per-layer expert loads [layer][expert], dropped fractions, the rows
+        each rank's experts computed [layer][rank] and, under expert replication, the rows each expert-parallel
+        rank would have computed without copies [layer][ep rank]."""
         if not self.enabled:
             return
         for key, value in scalars.items():
@@ -249,6 +251,12 @@ class MetricsLogger:
             record["expert_rows"] = expert_rows
             for layer, rows in enumerate(expert_rows):
                 self.writer.add_scalar(f"busiest_rank_rows_over_mean/layer_{layer}", busiest_over_mean(rows), step)
+        for layer, rows in enumerate(expert_rows_unreplicated or []):
+            self.writer.add_scalar(
+                f"busiest_rank_rows_over_mean_unreplicated/layer_{layer}", busiest_over_mean(rows), step
+            )
+        if expert_rows_unreplicated is not None:
+            record["expert_rows_unreplicated"] = expert_rows_unreplicated
         self.jsonl.write(json.dumps(record) + "\n")
 
     def _expert_histogram(self, tag: str, loads: list[float], step: int) -> None:

@@ -228,6 +228,9 @@ class GroupedExperts(nn.Module):
         self.bias_names = ("w_gate_bias", "w_up_bias", "w_down_bias") if bias else ()
         for name, width in zip(self.bias_names, (intermediate_size, intermediate_size, hidden_size)):
             setattr(self, name, self._expert_parameter(torch.zeros(num_experts, width)))
+        # copies of other ranks' busy experts computed here after this module's own (expert replication,
+        # mymoe/parallel/replication.py): name -> [slots, ...], plain tensors, in no state dict or optimizer
+        self.replicas: Optional[dict[str, torch.Tensor]] = None
         self.reset_parameters(init_std)
 
     @staticmethod
@@ -257,16 +260,25 @@ class GroupedExperts(nn.Module):
         self.first_expert = first_expert
         self.num_experts = num_local
 
+    def stacked(self, name: str) -> torch.Tensor:
+        """The stacked tensor `name` of every expert computed here: this module's own, then its replicas."""
+        weight = getattr(self, name)
+        return weight if self.replicas is None else torch.cat([weight, self.replicas[name].to(weight.dtype)])
+
+    @property
+    def num_computed(self) -> int:
+        return self.num_experts + (0 if self.replicas is None else self.replicas["w_down"].shape[0])
+
     def num_parameters_per_expert(self) -> int:
         biases = (2 * self.intermediate_size + self.hidden_size) if self.bias_names else 0
         return 3 * self.hidden_size * self.intermediate_size + biases
 
     def forward(self, batch: ExpertBatch) -> torch.Tensor:
         """Run every row of the batch through its expert; returns [batch.out_rows, hidden] (see ExpertBatch)."""
-        if batch.tokens_per_expert.numel() != self.num_experts:
+        if batch.tokens_per_expert.numel() != self.num_computed:
             raise ValueError(
                 f"tokens_per_expert has {batch.tokens_per_expert.numel()} entries but this module "
-                f"holds {self.num_experts} experts: shard the experts to the dispatcher's local experts"
+                f"computes {self.num_computed} experts: shard the experts to the dispatcher's local experts"
             )
         if self.bias_names or self.activation != "swiglu":
             return self._forward_per_expert(batch)
@@ -274,7 +286,7 @@ class GroupedExperts(nn.Module):
         device_type = batch.source.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else batch.source.dtype
         source = batch.source.to(dtype).contiguous()
-        weights = [w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down)]
+        weights = [self.stacked(name).to(dtype) for name in ("w_gate", "w_up", "w_down")]
         use_grouped_mm = self.use_grouped_mm and grouped_mm_supported(
             dtype, source.device, self.hidden_size, self.intermediate_size
         )
@@ -292,17 +304,18 @@ class GroupedExperts(nn.Module):
         counts = batch.tokens_per_expert.tolist()
         source = batch.source
         rows = source if batch.row_index is None else source.index_select(0, batch.row_index)  # expert-sorted
+        w = {name: self.stacked(name) for name in ("w_gate", "w_up", "w_down") + self.bias_names}
         outputs = []
         for expert, rows_e in enumerate(rows.split(counts)):
-            gate, up = rows_e @ self.w_gate[expert], rows_e @ self.w_up[expert]
+            gate, up = rows_e @ w["w_gate"][expert], rows_e @ w["w_up"][expert]
             if self.bias_names:
-                gate, up = gate + self.w_gate_bias[expert], up + self.w_up_bias[expert]
+                gate, up = gate + w["w_gate_bias"][expert], up + w["w_up_bias"][expert]
             if self.activation == "clamped_swiglu":
                 hidden = clamped_swiglu(gate, up, self.swiglu_alpha, self.swiglu_limit)
             else:
                 hidden = F.silu(gate) * up
-            out = hidden @ self.w_down[expert]
-            outputs.append(out + self.w_down_bias[expert] if self.bias_names else out)
+            out = hidden @ w["w_down"][expert]
+            outputs.append(out + w["w_down_bias"][expert] if self.bias_names else out)
         expert_out = torch.cat(outputs) if outputs else rows.new_zeros(0, self.hidden_size)
         if batch.row_weight is not None:
             expert_out = expert_out * batch.row_weight[:, None].to(expert_out.dtype)
