@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config as conftest_tiny_config
+from conftest import train_in_process
 import torch.nn.functional as F
 from torch import nn
 
@@ -12,6 +14,8 @@ from mymoe.checkpoint import CheckpointError
 from mymoe.config import Config, ConfigError, ModelConfig, MoEConfig, config_from_dict, validate
 from mymoe.convert.hf import export_hf
 from mymoe.convert.megatron_names import megatron_state_dict
+from mymoe.equivalence import without_randomness
+from mymoe.load import load_model
 from mymoe.model import MoECausalLM
 from mymoe.model.layers import GELUMLP
 from mymoe.model.moe.dispatch import ExpertBatch
@@ -241,3 +245,61 @@ def test_export_writes_attention_dropout_and_notes_the_training_only_rates(tmp_p
     export_hf(model, tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["attention_dropout"] == 0.1
     assert "hidden_dropout act only in training" in capsys.readouterr().err
+
+
+TUTORIAL = {
+    "hidden_act": "gelu",
+    "first_k_dense_replace": 1,
+    "norm_type": "layernorm",
+    "attention_dropout": 0.1,
+    "hidden_dropout": 0.1,
+    "expert_dropout": 0.1,
+    "candidate_head": True,
+}
+
+
+def test_a_tutorial_model_trains_resumes_bit_exact_and_loads_whole(tmp_path):
+    """The trainer with every option on (dropout included: its masks come from the RNG state the checkpoint
+    keeps): 4 steps == 2 steps, save, resume, 2 more; the checkpoint holds no gate matrix and loads whole."""
+    options = dict(model=TUTORIAL, moe={"expert_activation": "gelu", "n_shared_experts": 1})
+    _, _, straight = train_in_process(
+        tmp_path / "a", 4, config=conftest_tiny_config(tmp_path / "a", max_steps=4, **options)
+    )
+    config = conftest_tiny_config(tmp_path / "b", max_steps=4, **options)
+    train_in_process(tmp_path / "b", 2, save_at=(2,), config=config)
+    _, _, resumed = train_in_process(tmp_path / "b", 4, config=config)
+    assert resumed == straight[2:]
+    model, loaded, _ = load_model(tmp_path / "b" / "run" / "checkpoints", step=2)
+    assert loaded.model.norm_type == "layernorm" and model.candidate_head is not None
+    assert "model.layers.1.mlp.experts.w_up" in model.state_dict()
+    assert not any("w_gate" in key for key in model.state_dict())
+    swiglu = conftest_tiny_config(tmp_path / "b", max_steps=4, model=TUTORIAL, moe={"n_shared_experts": 1})
+    with pytest.raises(CheckpointError, match="model.moe.expert_activation: checkpoint 'gelu', this run 'swiglu'"):
+        train_in_process(tmp_path / "b", 4, config=swiglu)
+
+
+def test_activation_checkpointing_replays_the_dropout_masks():
+    rates = dict(attention_dropout=0.3, hidden_dropout=0.3, expert_dropout=0.3, first_k_dense_replace=1)
+    plain, recomputed = tiny_model(**rates), tiny_model(**rates, gradient_checkpointing=True)
+    recomputed.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, VOCAB, (2, 8))
+    grads = []
+    for model in (plain, recomputed):
+        torch.manual_seed(4)
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for mine, theirs in zip(*grads):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_verify_switches_dropout_off_with_router_noise():
+    config = config_from_dict(
+        {"model": {"attention_dropout": 0.1, "expert_dropout": 0.2, "moe": {"router_noise_std": 1.0}}}
+    )
+    quiet = without_randomness(config).model
+    assert (quiet.attention_dropout, quiet.hidden_dropout, quiet.expert_dropout, quiet.moe.router_noise_std) == (
+        0,
+        0,
+        0,
+        0,
+    )
