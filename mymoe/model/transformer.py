@@ -1,7 +1,7 @@
 """The decoder-only MoE Transformer: blocks, the model, and the causal-LM head with its loss.
 
 Data flows: ids -> embed_tokens -> for each block: input_layernorm -> self_attn -> residual ->
-post_attention_layernorm -> mlp (dense SwiGLU for the first ``first_k_dense_replace`` layers, the MoE
+post_attention_layernorm -> mlp (dense FFN for the first ``first_k_dense_replace`` layers, the MoE
 layer after) -> residual -> norm -> lm_head (and, with candidate_head, a second head beside it). Module
 names follow Hugging Face (Mixtral, Qwen2-MoE, DeepSeek-V3) so state dicts convert by renaming little.
 """
