@@ -20,6 +20,7 @@ from mymoe.model import MoECausalLM
 from mymoe.model.layers import GELUMLP
 from mymoe.model.moe.dispatch import ExpertBatch
 from mymoe.model.moe.experts import GroupedExperts
+from mymoe.peft import add_lora
 
 HIDDEN, FFN, EXPERTS, VOCAB = 16, 32, 4, 64
 
@@ -303,3 +304,10 @@ def test_verify_switches_dropout_off_with_router_noise():
         0,
         0,
     )
+
+
+def test_lora_adapts_the_two_weights_gelu_experts_have():
+    model = tiny_model(moe={"expert_activation": "gelu"})
+    assert add_lora(model, rank=2, alpha=4.0, targets=["experts"]) == 2 * model.config.num_hidden_layers
+    ids = torch.randint(0, VOCAB, (2, 8))
+    model(ids, labels=ids).loss.backward()
