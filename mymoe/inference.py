@@ -143,6 +143,7 @@ def generate_text(args: argparse.Namespace, device: torch.device) -> int:
     print(f"loading {source}{f' step {args.step}' if args.step is not None else ''} ...", file=sys.stderr)
     start = time.perf_counter()
     model, config, manifest = load_model(source, args.step)
+    model.check_can_generate(args.strategy)  # an encoder, or dual_head without a candidate head: before any work
     nonfinite = first_nonfinite(model.state_dict())
     if nonfinite:
         raise CheckpointError(

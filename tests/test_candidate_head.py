@@ -3,11 +3,13 @@ what export and the command line do with them (issue 18)."""
 
 import pytest
 import torch
+from conftest import MIXTRAL
 from safetensors import safe_open
+from test_inference_command import save_text_model, write_tokenizer_json
 
 from mymoe.config import Config, ConfigError, ModelConfig, MoEConfig, config_from_dict, validate
 from mymoe.convert.hf import export_hf
-from mymoe.generate import parse_args
+from mymoe.generate import main, parse_args
 from mymoe.inference import sample_tokens
 from mymoe.model import MoECausalLM
 from mymoe.model.transformer import penalize_repetition
@@ -143,3 +145,17 @@ def test_export_leaves_the_candidate_head_out_with_a_note(tmp_path, capsys):
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
     assert "lm_head.weight" in keys and not any(key.startswith("candidate_head") for key in keys)
+
+
+def test_mymoe_generate_decodes_with_both_heads_and_refuses_a_model_without_one(tmp_path, capsys):
+    write_tokenizer_json(tmp_path / "tokenizer.json")
+    save_text_model(tmp_path / "dual.pt", {**MIXTRAL, "candidate_head": True})
+    save_text_model(tmp_path / "plain.pt", MIXTRAL)
+    flags = ["--vocab_path", str(tmp_path / "tokenizer.json"), "--prompt", "the cat", "--max_new_tokens", "4"]
+    flags += ["--strategy", "dual_head", "--confidence-threshold", "0.3", "--no-stream"]
+    assert main(["--model_path", str(tmp_path / "dual.pt"), *flags]) == 0
+    out = capsys.readouterr()
+    assert "dual-head greedy decoding" in out.err and out.out.startswith("the cat")
+    assert main(["--model_path", str(tmp_path / "plain.pt"), *flags]) == 1
+    out = capsys.readouterr()
+    assert "error: strategy='dual_head' needs a model trained with a candidate head" in out.err and not out.out

@@ -382,7 +382,7 @@ class MoECausalLM(nn.Module):
         where its probability after the repetition penalty is >= confidence_threshold, else the
         candidate head's (mymoe.model.heads.dual_head_choice); temperature, top_k and top_p are unused.
         """
-        self._check_strategy(strategy)
+        self.check_can_generate(strategy)
         was_training = self.training
         self.eval()
         try:
@@ -425,8 +425,8 @@ class MoECausalLM(nn.Module):
         finally:
             self.train(was_training)
 
-    def _check_strategy(self, strategy: str) -> None:
-        """Refuse what cannot be generated, before the first forward."""
+    def check_can_generate(self, strategy: str = "sample") -> None:
+        """Refuse what this model cannot generate with this strategy (stream does so before its first forward)."""
         if not self.config.is_causal:
             raise ValueError(
                 "model.is_causal=false: a bidirectional (encoder) model sees the tokens after each position, so "

@@ -130,7 +130,8 @@ class _GatherExpertScatter(torch.autograd.Function):
                 gate[first_row:end_row] = gate_c
                 activation = F.silu(gate_c).mul_(up_c)
             if keep is not None:
-                keep_c = torch.rand_like(activation) >= dropout_p
+                # uniforms drawn in fp32: in bf16 they would take few enough values to shift the rate
+                keep_c = torch.rand(activation.shape, device=activation.device) >= dropout_p
                 keep[first_row:end_row] = keep_c
                 activation.mul_(keep_c).div_(1 - dropout_p)
             if weight is not None:
