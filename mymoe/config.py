@@ -610,8 +610,8 @@ def check_encoder_training(config: Config) -> None:
         raise ConfigError(
             "model.is_causal=false with data.train_prefixes: the trainer's labels are the next tokens "
             "(labels[t] = input_ids[t + 1]), which bidirectional attention sees, so the loss would teach "
-            "copying; train an encoder from your own loop with masked-LM labels (README: encoder "
-            "attention), or keep is_causal=true"
+            "copying; train an encoder from your own loop with masked-LM labels (docs/tutorial_options.md), "
+            "or keep is_causal=true"
         )
 
 
