@@ -31,7 +31,10 @@ ScoringFunc = Literal["softmax", "sigmoid"]
 DropPolicy = Literal["probs", "position"]  # mymoe.model.moe.overflow.priority_order
 OverflowPolicy = Literal["drop", "spill", "null_expert"]  # mymoe.model.moe.overflow.place_assignments
 AttentionType = Literal["gqa", "mla"]
-ExpertActivation = Literal["swiglu", "clamped_swiglu"]  # clamped: GPT-OSS
+# clamped: GPT-OSS; gelu: the plain two-layer FFN w1 -> GELU -> w2, no gate matrix (GPT-2, BERT)
+ExpertActivation = Literal["swiglu", "clamped_swiglu", "gelu"]
+HiddenAct = Literal["silu", "gelu"]  # the dense FFN: "silu" is SwiGLU, "gelu" the plain two-layer FFN
+NormType = Literal["rmsnorm", "layernorm"]
 QKNorm = Literal["head", "full"]  # per head (Qwen3) or over the whole projection (OLMoE)
 DispatcherName = Literal["alltoall", "alltoall_dedup", "allgather"]  # mymoe.parallel.parallelize.DISPATCHERS
 Backend = Literal["auto", "gloo", "nccl", "mpi"]
@@ -147,6 +150,21 @@ class ModelConfig:
     # multi-token prediction (DeepSeek-V3): 1 adds a head predicting token t+2, trained with this weight
     num_nextn_predict_layers: int = field(default=0, metadata=ARCHITECTURE)
     mtp_loss_weight: float = 0.3
+    # the MoE-layer tutorial's options, all off by default: the dense layers' FFN ("gelu": w1 -> GELU ->
+    # w2, the routed and shared experts follow moe.expert_activation), LayerNorm with a bias (eps
+    # rms_norm_eps, as Phi-MoE) for the block and final norms, and dropout: in the attention softmax, on
+    # the attention and FFN outputs before each residual add, and inside every FFN between its two linears
+    hidden_act: HiddenAct = field(default="silu", metadata=ARCHITECTURE)
+    norm_type: NormType = field(default="rmsnorm", metadata=ARCHITECTURE)
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    expert_dropout: float = 0.0
+    # false: bidirectional (encoder) attention; labels[t] is then the target at position t itself (masked LM)
+    is_causal: bool = field(default=True, metadata=ARCHITECTURE)
+    # a second output head over the final hidden state, predicting the same next token (TinySeek's fc2
+    # "candidate prediction"), trained with this weight; generation's dual_head strategy reads it
+    candidate_head: bool = field(default=False, metadata=ARCHITECTURE)
+    candidate_loss_weight: float = 1.0
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
@@ -574,7 +592,40 @@ def validate_model(m: ModelConfig) -> None:
         )
     if m.rope_scaling is not None:
         validate_rope_scaling(m.rope_scaling)
+    validate_tutorial_options(m)
     validate_moe(m.moe)
+
+
+def validate_tutorial_options(m: ModelConfig) -> None:
+    """Dropout rates, the candidate head's weight, and what bidirectional attention cannot go with."""
+    for name in ("attention_dropout", "hidden_dropout", "expert_dropout"):
+        if not 0 <= getattr(m, name) < 1:
+            raise ConfigError(f"model.{name}={getattr(m, name)} must be in [0, 1) (0.0: no dropout, 0.1 is usual)")
+    _check_non_negative("model", m, ("candidate_loss_weight",))
+    if m.is_causal:
+        return
+    causal_only = {
+        "num_nextn_predict_layers": "multi-token prediction predicts token t+2 from a causal prefix",
+        "sliding_window": "the sliding window looks back only",
+        "attention_sinks": "the sink attention here is written for causal masks",
+    }
+    for name, why in causal_only.items():
+        if getattr(m, name):
+            raise ConfigError(
+                f"model.{name}={getattr(m, name)!r} with model.is_causal=false: {why}; set it to its "
+                f"default (0, null or false) or keep is_causal=true"
+            )
+
+
+def check_encoder_training(config: Config) -> None:
+    """The trainer's reader gives next-token labels, which a bidirectional model sees in its own input."""
+    if not config.model.is_causal and config.data.train_prefixes:
+        raise ConfigError(
+            "model.is_causal=false with data.train_prefixes: the trainer's labels are the next tokens "
+            "(labels[t] = input_ids[t + 1]), which bidirectional attention sees, so the loss would teach "
+            "copying; train an encoder from your own loop with masked-LM labels (docs/tutorial_options.md), "
+            "or keep is_causal=true"
+        )
 
 
 def validate_moe(moe: MoEConfig) -> None:
@@ -737,6 +788,7 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
             "tuning) keeps frozen: set train.revive_dead_experts=false for adapter training"
         )
     validate_data(config.data)
+    check_encoder_training(config)
     check_values(config)
     return config
 

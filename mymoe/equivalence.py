@@ -8,7 +8,8 @@ does, then clips with torch.nn.utils.clip_grad_norm_ and steps a plain AdamW. It
 difference in loss, gradient norm and parameters (each rank compares the shard it holds, the worst over
 all ranks is reported) and exits 1 above the tolerance.
 
-Router noise is switched off for the check: each rank draws its own, which one process cannot replay.
+Router noise and dropout are switched off for the check: each rank draws its own, which one process cannot
+replay.
 The whole model must fit in one process (shrink it with overrides, e.g. --model.num_hidden_layers=2).
 """
 
@@ -41,9 +42,11 @@ from mymoe.train.optim import Schedule, aux_loss_scale
 BREAK_VARIABLE = "MYMOE_VERIFY_BREAK"
 
 
-def without_router_noise(config: Config) -> Config:
+def without_randomness(config: Config) -> Config:
+    """The config without router noise and dropout, the random draws no other layout can replay."""
     moe = dataclasses.replace(config.model.moe, router_jitter_noise=0.0, router_noise_std=0.0)
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, moe=moe))
+    no_dropout = dict(attention_dropout=0.0, hidden_dropout=0.0, expert_dropout=0.0)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, moe=moe, **no_dropout))
 
 
 class RecordingReader:
@@ -145,7 +148,7 @@ def verify(config: Config, ctx: ParallelContext, steps: int = 3, broken: bool = 
     """Train `steps` steps in ctx's layout and in one process; the largest differences, equal on every rank:
     {"loss", "grad_norm", "parameters": max abs difference, "parameter": its name, "history": per step,
     "fully_sharded": whether FSDP was applied}."""
-    config = without_router_noise(config)
+    config = without_randomness(config)
     trainer = Trainer(config, ctx, init_from=config.train.init_from)
     trainer.train_reader = RecordingReader(trainer.train_reader)
     if broken:

@@ -111,6 +111,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "multi-token prediction head and verified by its main head: the plain greedy "
         "output, in fewer main-model steps",
     )
+    parser.add_argument(
+        "--strategy",
+        choices=("sample", "dual_head"),
+        default="sample",
+        help="sample: the main head with the flags above; dual_head (a model with candidate_head): greedy, the "
+        "main head's token when its probability after --repetition-penalty is >= --confidence-threshold, "
+        "else the candidate head's",
+    )
+    parser.add_argument(
+        "--confidence-threshold",
+        "--confidence_threshold",
+        type=float,
+        default=0.5,
+        help="dual_head: 0 always takes the main head, above 1 always the candidate head",
+    )
     parser.set_defaults(fallback_vocab_path=DEFAULT_VOCAB_PATH, long_context_preset=None)
     args = parser.parse_args(argv)
     if args.checkpoint is not None and args.model_path is not None:
@@ -129,6 +144,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             args.rope_scaling = parse_rope_scaling(args.rope_scaling)
         except ValueError as error:
             parser.error(str(error))
+    if args.strategy == "dual_head" and args.speculative:
+        parser.error("--strategy dual_head and --speculative are two decoding loops: give one")
+    if args.confidence_threshold < 0:
+        parser.error(f"--confidence-threshold={args.confidence_threshold} must be >= 0 (a probability; 0: main head)")
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0:

@@ -103,6 +103,8 @@ def sample_tokens(
     generator: torch.Generator,
     eos_token_id: Optional[int],
     tokenizer_size: Optional[int] = None,
+    strategy: str = "sample",
+    confidence_threshold: float = 0.5,
 ) -> Iterator[int]:
     """Yield sampled token ids one at a time for a single prompt [1, S]: model.stream, the decode loop of
     model.generate. Ids from tokenizer_size up (a vocabulary padded past the tokenizer's pieces) are never
@@ -117,8 +119,23 @@ def sample_tokens(
         generator,
         eos_token_id=eos_token_id,
         vocab_limit=tokenizer_size,
+        strategy=strategy,
+        confidence_threshold=confidence_threshold,
     ):
         yield int(next_token)
+
+
+def decoding_in_words(args: argparse.Namespace) -> str:
+    if args.strategy == "dual_head":
+        return (
+            f"dual-head greedy decoding: the main head where its probability is >= {args.confidence_threshold}, "
+            f"else the candidate head, repetition penalty {args.repetition_penalty} (temperature, top_k and "
+            f"top_p unused)"
+        )
+    return (
+        f"sampling with temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}, "
+        f"repetition penalty {args.repetition_penalty}, seed {args.seed}"
+    )
 
 
 def generate_text(args: argparse.Namespace, device: torch.device) -> int:
@@ -126,6 +143,7 @@ def generate_text(args: argparse.Namespace, device: torch.device) -> int:
     print(f"loading {source}{f' step {args.step}' if args.step is not None else ''} ...", file=sys.stderr)
     start = time.perf_counter()
     model, config, manifest = load_model(source, args.step)
+    model.check_can_generate(args.strategy)  # an encoder, or dual_head without a candidate head: before any work
     nonfinite = first_nonfinite(model.state_dict())
     if nonfinite:
         raise CheckpointError(
@@ -148,8 +166,7 @@ def generate_text(args: argparse.Namespace, device: torch.device) -> int:
     print(
         f"step {manifest['step']}, {model.num_parameters() / 1e6:.2f}M parameters, "
         f"{config.model.moe.n_routed_experts} experts (saved at EP {manifest['expert_parallel_size']}), "
-        f"loaded in {time.perf_counter() - start:.1f} s; sampling with temperature {args.temperature}, "
-        f"top_k {args.top_k}, top_p {args.top_p}, repetition penalty {args.repetition_penalty}, seed {args.seed}",
+        f"loaded in {time.perf_counter() - start:.1f} s; {decoding_in_words(args)}",
         file=sys.stderr,
     )
     if scaling is not None or args.model_type == "long_transformer_moe":
@@ -185,6 +202,8 @@ def generate_text(args: argparse.Namespace, device: torch.device) -> int:
         generator,
         eod,
         tokenizer.vocab_size(),
+        args.strategy,
+        args.confidence_threshold,
     ):
         new_ids.append(token)
         text = args.prompt + tokenizer.decode([t for t in new_ids if t != eod])
@@ -262,6 +281,8 @@ def generate_batch(model, tokenizer, args, eod: Optional[int], device) -> int:
         attention_mask=attention_mask.to(device),
         eos_token_id=eod,
         vocab_limit=tokenizer.vocab_size(),
+        strategy=args.strategy,
+        confidence_threshold=args.confidence_threshold,
     )
     new_tokens = 0
     for line, row in zip(lines, tokens[:, input_ids.shape[1] :].tolist()):

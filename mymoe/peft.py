@@ -77,7 +77,7 @@ def _targets(model: nn.Module, targets: Iterable[str]):
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if isinstance(module, GroupedExperts) and "experts" in targets:
-            for attribute in ("w_gate", "w_up", "w_down"):
+            for attribute in module.projection_names:
                 yield name, module, attribute
         elif isinstance(module, Router) and "gate" in targets:
             yield name, module, "weight"

@@ -23,8 +23,9 @@ experts, k top-k, I expert width, Is shared-expert width), as the layers keep th
 attention 4d + 3h*hd + 5kv*hd + h (norm, q/k/v, rotated q/k, GQA-expanded k/v, output, log-sum-exp);
 MoE block 2d + 3E + 2k*I + 6*Is + 3k (norm, router scores, expert pre-activations, shared expert); the
 all-to-all adds the k rows each token sends (k*d) when EP > 1. The head keeps 3 * vocab + 2d per token
-(logits, log-softmax, their gradient at the start of backward). With activation checkpointing a block
-keeps only its input (d), and backward holds either the head's or one recomputed block's, not both.
+(logits, log-softmax, their gradient at the start of backward; 6 * vocab with a candidate head). With
+activation checkpointing a block keeps only its input (d), and backward holds either the head's or one
+recomputed block's, not both. GELU experts keep one pre-activation instead of two (counted as two here).
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ def activation_elements_per_token(config: Config, layout: Layout) -> tuple[float
     moe_layers = m.num_hidden_layers - dense_layers + m.num_nextn_predict_layers
     blocks = dense_layers * (attention + dense_block) + moe_layers * (attention + moe_block)
     largest = attention + (moe_block if moe_layers else dense_block)
-    return blocks, largest, 3 * m.vocab_size + 2 * d
+    heads = 2 if m.candidate_head else 1  # the candidate head's logits are kept like the main head's
+    return blocks, largest, 3 * m.vocab_size * heads + 2 * d
 
 
 def activation_dtype_bytes(config: Config, on_gpu: bool) -> int:

@@ -47,6 +47,12 @@ def upcycled_config(dense_config: ModelConfig, moe: MoEConfig, first_k_dense_rep
             f"first_k_dense_replace={first_k_dense_replace} must be between 0 and "
             f"num_hidden_layers={dense_config.num_hidden_layers}"
         )
+    if (dense_config.hidden_act == "gelu") != (moe.expert_activation == "gelu"):
+        raise ValueError(
+            f"the dense FFN has hidden_act={dense_config.hidden_act!r} but the experts "
+            f"expert_activation={moe.expert_activation!r}: a plain GELU FFN seeds only GELU experts and a SwiGLU "
+            f"one only gated experts (set both to gelu, or neither)"
+        )
     moe = dataclasses.replace(moe, moe_intermediate_size=dense_config.intermediate_size)
     return dataclasses.replace(dense_config, first_k_dense_replace=first_k_dense_replace, moe=moe)
 

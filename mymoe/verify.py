@@ -8,7 +8,8 @@ does, then clips with torch.nn.utils.clip_grad_norm_ and steps a plain AdamW. It
 difference in loss, gradient norm and parameters (each rank compares the shard it holds, the worst over
 all ranks is reported) and exits 1 above the tolerance.
 
-Router noise is switched off for the check: each rank draws its own, which one process cannot replay.
+Router noise and dropout are switched off for the check: each rank draws its own, which one process cannot
+replay.
 The whole model must fit in one process (shrink it with overrides, e.g. --model.num_hidden_layers=2).
 """
 

@@ -28,9 +28,10 @@ DISPATCHERS = {
 TENSORS_PER_CASE = 9  # output, input, router, 3 shared-expert and 3 expert weights
 
 
-def make_layer(capacity_factor, forced: bool) -> MoELayer:
+def make_layer(capacity_factor, forced: bool, expert_activation: str = "swiglu") -> MoELayer:
     torch.manual_seed(0)
     moe = MoEConfig(
+        expert_activation=expert_activation,
         n_routed_experts=EXPERTS,
         num_experts_per_tok=TOP_K,
         moe_intermediate_size=FFN,
@@ -66,18 +67,22 @@ def run_layer(layer: MoELayer, hidden, upstream) -> dict:
     result = {"output": output.detach(), "grad input": hidden.grad.clone(), "grad router": grad(layer.gate.weight)}
     for name, param in layer.shared_experts.named_parameters():
         result[f"grad shared {name}"] = grad(param)
-    for name in ("w_gate", "w_up", "w_down"):
+    for name in layer.experts.projection_names:
         result[f"grad expert {name}"] = grad(getattr(layer.experts, name))
     return result
 
 
-def check_case(rank: int, world_size: int, ctx, dispatcher_name: str, capacity_factor, forced: bool) -> int:
+def check_case(
+    rank: int, world_size: int, ctx, dispatcher_name: str, capacity_factor, forced: bool, activation: str = "swiglu"
+) -> int:
     """Compare rank's expert-parallel run with the references; return how many tensors were compared."""
     first_of_group = rank - ctx.expert_parallel_rank
     group_ranks = range(first_of_group, first_of_group + ctx.expert_parallel_size)
-    references = {r: run_layer(make_layer(capacity_factor, forced), *rank_batch(r, forced)) for r in group_ranks}
+    references = {
+        r: run_layer(make_layer(capacity_factor, forced, activation), *rank_batch(r, forced)) for r in group_ranks
+    }
 
-    layer = make_layer(capacity_factor, forced)
+    layer = make_layer(capacity_factor, forced, activation)
     dispatcher = DISPATCHERS[dispatcher_name](
         ctx.expert_parallel_group, EXPERTS, name="test", timeout_seconds=ctx.timeout_seconds
     )
@@ -88,7 +93,7 @@ def check_case(rank: int, world_size: int, ctx, dispatcher_name: str, capacity_f
     first, count = dispatcher.first_local_expert, dispatcher.num_local_experts
     case = (
         f"rank {rank}, world {world_size}, EP {ctx.expert_parallel_size}, {dispatcher_name}, "
-        f"capacity_factor={capacity_factor}, forced={forced}"
+        f"capacity_factor={capacity_factor}, forced={forced}, {activation}"
     )
     for key, value in got.items():
         if key.startswith("grad expert"):
@@ -123,3 +128,21 @@ def test_expert_parallel_layer_matches_single_process(world_size, expert_paralle
     results = run_distributed(equivalence_worker, world_size, args=(expert_parallel_sizes,), timeout=60)
     cases = len(expert_parallel_sizes) * len(DISPATCHERS) * 2 * 2
     assert [result.value for result in results] == [cases * TENSORS_PER_CASE] * world_size
+
+
+def gelu_worker(rank: int, world_size: int) -> int:
+    ctx = build_context(2, device=torch.device("cpu"), timeout_seconds=30)
+    compared = 0
+    for dispatcher_name in DISPATCHERS:
+        for capacity_factor in (None, 1.0):
+            for forced in (False, True):
+                compared += check_case(rank, world_size, ctx, dispatcher_name, capacity_factor, forced, "gelu")
+    return compared
+
+
+@pytest.mark.slow
+def test_gelu_experts_under_expert_parallelism_match_single_process():
+    """The plain two-layer experts (no w_gate) through every dispatcher at EP 2: outputs and gradients."""
+    results = run_distributed(gelu_worker, 2, timeout=60)
+    tensors_per_case = 7  # output, input, router, 2 shared-expert and 2 expert weights
+    assert [result.value for result in results] == [len(DISPATCHERS) * 2 * 2 * tensors_per_case] * 2

@@ -75,3 +75,12 @@ def test_refuses_a_model_that_is_not_all_dense():
         upcycle(dense_model(first_k_dense_replace=1), moe_config())
     with pytest.raises(ValueError, match="needs dense_config"):
         upcycle(dense_model().state_dict(), moe_config())
+
+
+def test_a_gelu_dense_model_upcycles_into_gelu_experts_only():
+    dense = dense_model(hidden_act="gelu")
+    moe = upcycle(dense, moe_config(expert_activation="gelu")).eval()
+    ids = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="hidden_act='gelu' but the experts expert_activation='swiglu'"):
+        upcycle(dense, moe_config())

@@ -7,7 +7,7 @@ weights (``attention_to_hf`` / ``attention_from_hf``). Attention biases and q/k 
 an adapter's ATTENTION_OPTIONS says which of them its architecture has. With a tokenizer the export also
 holds files AutoTokenizer loads with our ids and the special ids transformers' generate needs
 (hf_tokenizer). The multi-token prediction
-head is not written: no supported architecture runs one in transformers. Export writes the Hub's layout
+head and the candidate head are not written: no supported architecture runs one in transformers. Export writes the Hub's layout
 (one tensor per expert, as ``save_pretrained`` writes it); import reads that layout and also the fused
 ``experts.gate_up_proj`` / ``experts.down_proj`` one. A model whose computation the target cannot
 reproduce exactly is refused with every reason, and nothing is written.
@@ -117,9 +117,36 @@ def attention_option_problems(config, name: str) -> list[str]:
     return problems
 
 
+def tutorial_option_problems(config, name: str) -> list[str]:
+    """The MoE-layer tutorial's options that no supported architecture computes (dropout acts in training
+    only, so it never changes what an export computes; attention_dropout is written to config.json)."""
+    architecture = ADAPTERS[name].ARCHITECTURE
+    problems = []
+    has_moe = config.first_k_dense_replace < config.num_hidden_layers
+    if has_moe and config.moe.expert_activation == "gelu":
+        problems.append(
+            f"expert_activation='gelu': {architecture}'s experts are gated (act(gate(x)) * up(x)); none of "
+            f"the supported architectures has plain two-layer GELU experts"
+        )
+    if config.first_k_dense_replace and config.hidden_act == "gelu":
+        problems.append(
+            f"hidden_act='gelu': our dense FFN is then the plain w1 -> GELU -> w2, while {architecture}'s "
+            f"hidden_act only swaps the activation of its gated FFN"
+        )
+    if config.norm_type == "layernorm":
+        problems.append(
+            f"norm_type='layernorm': {architecture} normalises with RMSNorm (Phi-MoE has LayerNorm, "
+            f"which mymoe does not write)"
+        )
+    if not config.is_causal:
+        problems.append(f"is_causal=false: {architecture} is a causal language model; no encoder format is written")
+    return problems
+
+
 def export_refusals(model, name: str) -> list[str]:
     config, moe = model.config, model.config.moe
     problems = list(ADAPTERS[name].refusals(config)) + attention_option_problems(config, name)
+    problems += tutorial_option_problems(config, name)
     if "granite_scaling" not in getattr(ADAPTERS[name], "COMPUTES", ()):
         problems += [
             f"{field}={getattr(config, field)}: {name} has no such scaling (export as granitemoe)"
@@ -192,7 +219,7 @@ def hf_config(model, name: str) -> dict:
         "tie_word_embeddings": config.tie_word_embeddings,
         "hidden_act": "silu",
         "initializer_range": config.initializer_range,
-        "attention_dropout": 0.0,
+        "attention_dropout": config.attention_dropout,
         "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
         "use_cache": True,
         # no tokenizer, no special ids: left out, each family's defaults (OLMoE's eos 50279) would apply
@@ -215,6 +242,24 @@ def split_layers(state: dict) -> tuple[dict, dict[int, dict]]:
     return plain, mlps
 
 
+def without_extra_heads(model, state: dict, architecture: str) -> dict:
+    """The state without the heads transformers would not run (each one's leaving noted on stderr): the
+    multi-token prediction head and the candidate head; the main head (lm_head) alone is the exported model."""
+    heads = {
+        "mtp.": (
+            model.mtp,
+            "the multi-token prediction head",
+            f"{architecture} in transformers runs the main model only",
+        ),
+        "candidate_head.": (model.candidate_head, "the candidate head", f"{architecture} has one output head"),
+    }
+    for prefix, (module, what, why) in heads.items():
+        if module is not None:
+            state = {key: value for key, value in state.items() if not key.startswith(prefix)}
+            print(f"note: {what} is not exported: {why}", file=sys.stderr)
+    return state
+
+
 def export_hf(
     model, out_dir: str | Path, name: str = "auto", tokenizer: Optional[str] = None, overwrite: bool = False
 ) -> dict:
@@ -228,12 +273,12 @@ def export_hf(
     prepared = None
     if tokenizer is not None:  # read, converted and checked before anything is written
         prepared = hf_tokenizer.prepare(tokenizer, model.config.vocab_size, model.config.max_position_embeddings)
-    state = model_tensors(model)
-    if model.mtp is not None:
-        state = {key: value for key, value in state.items() if not key.startswith("mtp.")}
+    state = without_extra_heads(model, model_tensors(model), ADAPTERS[name].ARCHITECTURE)
+    dropped = [name for name in ("hidden_dropout", "expert_dropout") if getattr(model.config, name)]
+    if dropped:
         print(
-            f"note: the multi-token prediction head is not exported: {ADAPTERS[name].ARCHITECTURE} in transformers "
-            f"runs the main model only",
+            f"note: {' and '.join(dropped)} act only in training and {ADAPTERS[name].ARCHITECTURE}'s config has "
+            f"no such field: not written (attention_dropout is)",
             file=sys.stderr,
         )
     plain, mlps = split_layers(state)
@@ -333,7 +378,10 @@ def model_config_from_hf(hf: dict) -> tuple[str, dict]:
     if kind not in ("default", "linear", "dynamic", "yarn"):
         problems.append(f"rope type {kind!r}: mymoe has linear, dynamic and yarn")
     if hf.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={hf['hidden_act']!r}: mymoe's experts are SwiGLU (silu)")
+        problems.append(
+            f"hidden_act={hf['hidden_act']!r}: mymoe's gated FFNs and experts use silu (SwiGLU); its 'gelu' "
+            f"ones are the ungated two-layer FFN"
+        )
     if problems:
         raise CheckpointError(
             f"cannot import this {name} model without changing what it computes, nothing was "
@@ -353,6 +401,7 @@ def model_config_from_hf(hf: dict) -> tuple[str, dict]:
         "rope_scaling": {"type": kind, **rope} if kind != "default" else None,
         "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "initializer_range": hf.get("initializer_range", 0.02),
+        "attention_dropout": float(hf.get("attention_dropout") or 0.0),
         **fields,
     }
     return name, model

@@ -72,11 +72,15 @@ def megatron_state_dict(model) -> dict[str, torch.Tensor]:
     options += [f"moe.{name}=true" for name in ("router_bias", "expert_mlp_bias") if getattr(config.moe, name)]
     if config.moe.expert_activation != "swiglu":
         options.append(f"moe.expert_activation={config.moe.expert_activation}")
+    defaults = {"hidden_act": "silu", "norm_type": "rmsnorm", "is_causal": True, "candidate_head": False}
+    options += [
+        f"{name}={getattr(config, name)!r}" for name, value in defaults.items() if getattr(config, name) != value
+    ]
     if options:
         raise CheckpointError(
             f"{', '.join(options)}: the Megatron-Core names written here have no attention "
-            f"biases, q/k norms, clamping, sinks, windows, scalings or expert biases; export to "
-            f"Hugging Face (export-hf) instead"
+            f"biases, q/k norms, clamping, sinks, windows, scalings, expert biases, GELU FFNs, LayerNorm, "
+            f"encoder attention or candidate heads; export to Hugging Face (export-hf) instead"
         )
     state = model.state_dict()
     out = {

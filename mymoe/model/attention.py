@@ -66,7 +66,9 @@ class Attention(nn.Module):
     both before rotary; ``clip_qkv`` clamps queries, keys and values after that (OLMoE); ``scale``
     replaces 1 / sqrt(head_dim) as the scores' scale (Granite's attention_multiplier); ``sinks`` adds a
     learned logit per head to every softmax, taking probability but adding no value, and
-    ``sliding_window`` lets a query see only the keys less than that many positions back (GPT-OSS).
+    ``sliding_window`` lets a query see only the keys less than that many positions back (GPT-OSS);
+    ``dropout`` drops attention probabilities in training; ``causal`` False attends both ways (an encoder),
+    the padding of the mask still applying.
     """
 
     def __init__(
@@ -83,6 +85,8 @@ class Attention(nn.Module):
         scale: Optional[float] = None,
         sinks: bool = False,
         sliding_window: Optional[int] = None,
+        dropout: float = 0.0,
+        causal: bool = True,
     ):
         super().__init__()
         self.num_heads = num_heads
@@ -101,6 +105,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(head_dim if per_head else num_heads * head_dim, eps)
             self.k_norm = RMSNorm(head_dim if per_head else num_kv_heads * head_dim, eps)
         self.prefix = None  # prefix tuning (mymoe.peft): trainable keys and values every query sees
+        self.dropout, self.causal = dropout, causal
 
     def forward(
         self,
@@ -111,7 +116,8 @@ class Attention(nn.Module):
         cache: Optional[KVCache] = None,
     ) -> torch.Tensor:
         """hidden [B, S, d]; cos, sin [B, S, head_dim]; mask [B, 1, S, past + S] bool (True = may attend)
-        or None for plain causal attention over this call's tokens (and the whole cache when S == 1)."""
+        or None for plain causal attention over this call's tokens (and the whole cache when S == 1), or for
+        attention over every key when the layer is not causal."""
         batch, seq, _ = hidden.shape
         queries, keys, values = self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
         if self.qk_norm == "full":
@@ -136,12 +142,13 @@ class Attention(nn.Module):
         # together; every other case comes with an explicit mask
         if self.sliding_window is not None:
             mask = window_mask(mask, seq, keys.shape[2], self.sliding_window, keys.device)
+        dropout_p = self.dropout if self.training else 0.0
         if self.sinks is not None:
-            out = attention_with_sinks(queries, keys, values, mask, self.sinks, self.scale)
+            out = attention_with_sinks(queries, keys, values, mask, self.sinks, self.scale, dropout_p)
         else:
-            is_causal = mask is None and seq > 1
+            is_causal = self.causal and mask is None and seq > 1
             out = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=mask, is_causal=is_causal, scale=self.scale
+                queries, keys, values, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.scale
             )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
@@ -150,10 +157,11 @@ class Attention(nn.Module):
         batch, prefix_length = keys.shape[0], self.prefix.keys.shape[1]
         keys = torch.cat([self.prefix.keys.to(keys.dtype).expand(batch, -1, -1, -1), keys], dim=2)
         values = torch.cat([self.prefix.values.to(values.dtype).expand(batch, -1, -1, -1), values], dim=2)
-        if mask is None:  # the plain causal case, now with the prefix columns in front
+        if mask is None:  # the plain causal (or full) case, now with the prefix columns in front
             total = keys.shape[2] - prefix_length
             query_slot = torch.arange(total - seq, total, device=keys.device)[:, None]
             mask = (torch.arange(total, device=keys.device)[None, :] <= query_slot)[None, None]
+            mask = mask if self.causal else torch.ones_like(mask)
         visible = mask.new_ones(mask.shape[:-1] + (prefix_length,))
         return keys, values, torch.cat([visible, mask], dim=-1)
 
@@ -167,7 +175,9 @@ def window_mask(mask: Optional[torch.Tensor], seq: int, total: int, window: int,
     return near[None, None] if mask is None else mask & near
 
 
-def attention_with_sinks(queries, keys, values, mask, sinks: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+def attention_with_sinks(
+    queries, keys, values, mask, sinks: torch.Tensor, scale: Optional[float], dropout_p: float = 0.0
+) -> torch.Tensor:
     """softmax over [scores, sink] with the sink's column dropped, times values: queries [B, H, S, d], keys and
     values [B, H, T, d], mask [B or 1, 1, S, T] bool or None (causal), sinks [H]. Written out (SDPA has no sink)."""
     seq, total = queries.shape[2], keys.shape[2]
@@ -178,24 +188,26 @@ def attention_with_sinks(queries, keys, values, mask, sinks: torch.Tensor, scale
     scores = scores.masked_fill(~mask, float("-inf"))
     sink = sinks.float().view(1, -1, 1, 1).expand(scores.shape[0], -1, seq, 1)
     probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
     return probs.to(values.dtype) @ values
 
 
 def build_attention_mask(
-    attention_mask: Optional[torch.Tensor], past_length: int, seq_len: int, device
+    attention_mask: Optional[torch.Tensor], past_length: int, seq_len: int, device, causal: bool = True
 ) -> Optional[torch.Tensor]:
     """The boolean mask [B or 1, 1, S, past + S] for SDPA, built once per forward for every layer.
 
     attention_mask [B, past + S] marks real tokens with 1 and padding with 0 (left padding included).
     Returns None where SDPA's own is_causal flag (or no mask at all, for one query) is exact, which
-    lets it pick its fastest kernel.
+    lets it pick its fastest kernel. Not causal (an encoder): only the padding is masked.
     """
     total = past_length + seq_len
-    if attention_mask is None and (past_length == 0 or seq_len == 1):
+    if attention_mask is None and (past_length == 0 or seq_len == 1 or not causal):
         return None
     query_slot = torch.arange(past_length, total, device=device)[:, None]  # [S, 1]
     key_slot = torch.arange(total, device=device)[None, :]  # [1, past + S]
-    allowed = (key_slot <= query_slot)[None, None]  # [1, 1, S, past + S]
+    allowed = (key_slot <= query_slot)[None, None] if causal else (key_slot >= 0)[None, None]  # [1, 1, S, past + S]
     if attention_mask is not None:
         if attention_mask.shape[-1] != total:
             raise ValueError(

@@ -1,4 +1,4 @@
-"""Building blocks shared by every layer: RMSNorm, the SwiGLU MLP and rotary position embeddings.
+"""Building blocks shared by every layer: the norms, the FFNs (SwiGLU, plain GELU) and rotary position embeddings.
 
 The rotary variants (none, linear, dynamic NTK, YaRN) follow the formulas of Hugging Face
 ``transformers.modeling_rope_utils`` line for line, so a model exported to Mixtral, Qwen2-MoE or DeepSeek
@@ -30,17 +30,47 @@ class RMSNorm(nn.Module):
         return self.weight * hidden.to(input_dtype)
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)): the dense FFN, and the shape of every expert."""
+def build_norm(norm_type: str, hidden_size: int, eps: float) -> nn.Module:
+    """The residual stream's norm: RMSNorm, or torch's LayerNorm with weight and bias ("layernorm")."""
+    return nn.LayerNorm(hidden_size, eps=eps) if norm_type == "layernorm" else RMSNorm(hidden_size, eps)
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+
+def dropout(hidden: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    # skipped outright at 0 so that a model without dropout draws no random numbers and computes exactly
+    # what it did before dropout existed
+    return F.dropout(hidden, p, training=True) if p and training else hidden
+
+
+class SwiGLU(nn.Module):
+    """down(dropout(silu(gate(x)) * up(x))): the dense FFN, and the shape of every expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dropout: float = 0.0):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.dropout = dropout
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
+        inner = F.silu(self.gate_proj(hidden)) * self.up_proj(hidden)
+        return self.down_proj(dropout(inner, self.dropout, self.training))
+
+
+class GELUMLP(nn.Module):
+    """down(dropout(gelu(up(x)))): the plain two-layer FFN (w1, w2) of GPT-2, BERT and the MoE-layer tutorial."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.dropout = dropout
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(dropout(F.gelu(self.up_proj(hidden)), self.dropout, self.training))
+
+
+def build_ffn(gelu: bool, hidden_size: int, intermediate_size: int, dropout: float = 0.0) -> nn.Module:
+    return (GELUMLP if gelu else SwiGLU)(hidden_size, intermediate_size, dropout)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

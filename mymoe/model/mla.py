@@ -48,6 +48,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=False)
         self.set_rope_scaling(config.rope_scaling)
+        self.dropout, self.causal = config.attention_dropout, config.is_causal
 
     def set_rope_scaling(self, scaling: Optional[dict]) -> None:
         """The softmax scale for this rope_scaling: at construction, and again when the context is extended
@@ -90,8 +91,9 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, values = kv.transpose(1, 2).split([self.nope_dim, self.v_head_dim], dim=-1)
         keys = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
         queries = torch.cat([q_nope, q_rope], dim=-1)
-        is_causal = mask is None and seq > 1
+        is_causal = self.causal and mask is None and seq > 1
+        dropout_p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=mask, is_causal=is_causal, scale=self.scale
+            queries, keys, values, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.scale
         )  # [B, heads, S, v_head_dim]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.v_head_dim))

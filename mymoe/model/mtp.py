@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mymoe.model.attention import KVCache
-from mymoe.model.layers import RMSNorm
+from mymoe.model.layers import build_norm
 
 
 class MultiTokenPrediction(nn.Module):
@@ -28,11 +28,11 @@ class MultiTokenPrediction(nn.Module):
 
     def __init__(self, config, block: nn.Module):
         super().__init__()
-        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.enorm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
+        self.hnorm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.block = block
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden, next_embeddings, cos, sin, mask=None, cache=None):
         """hidden [B, S, d] of the main model at positions t, next_embeddings [B, S, d] of tokens t+1

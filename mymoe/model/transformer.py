@@ -1,9 +1,9 @@
 """The decoder-only MoE Transformer: blocks, the model, and the causal-LM head with its loss.
 
 Data flows: ids -> embed_tokens -> for each block: input_layernorm -> self_attn -> residual ->
-post_attention_layernorm -> mlp (dense SwiGLU for the first ``first_k_dense_replace`` layers, the MoE
-layer after) -> residual -> norm -> lm_head. Module names follow Hugging Face (Mixtral, Qwen2-MoE,
-DeepSeek-V3) so state dicts convert by renaming little.
+post_attention_layernorm -> mlp (dense FFN for the first ``first_k_dense_replace`` layers, the MoE
+layer after) -> residual -> norm -> lm_head (and, with candidate_head, a second head beside it). Module
+names follow Hugging Face (Mixtral, Qwen2-MoE, DeepSeek-V3) so state dicts convert by renaming little.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from mymoe.config import ModelConfig
 from mymoe.model.attention import Attention, KVCache, build_attention_mask
-from mymoe.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from mymoe.model.heads import dual_head_choice
+from mymoe.model.layers import RMSNorm, RotaryEmbedding, build_ffn, build_norm, dropout
 from mymoe.model.mla import MultiHeadLatentAttention
 from mymoe.model.mtp import MultiTokenPrediction
 from mymoe.model.moe.layer import MoELayer
@@ -38,6 +39,8 @@ class CausalLMOutput:
     past_key_values: Optional[list] = None  # one KVCache per layer
     hidden: Optional[torch.Tensor] = None  # [B, S, d] final hidden states (after the last norm)
     mtp_loss: Optional[torch.Tensor] = None  # multi-token prediction loss, unweighted (in loss weighted)
+    candidate_logits: Optional[torch.Tensor] = None  # [B, S, V] of the candidate head (candidate_head)
+    candidate_loss: Optional[torch.Tensor] = None  # its loss, already weighted by candidate_loss_weight
 
 
 def layer_is_sliding(config: ModelConfig, layer_index: int) -> bool:
@@ -51,7 +54,7 @@ def layer_is_sliding(config: ModelConfig, layer_index: int) -> bool:
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
         if config.attention_type == "mla":
             self.self_attn = MultiHeadLatentAttention(config)
         else:
@@ -68,24 +71,32 @@ class Block(nn.Module):
                 scale=config.attention_multiplier,
                 sinks=config.attention_sinks,
                 sliding_window=config.sliding_window if layer_is_sliding(config, layer_index) else None,
+                dropout=config.attention_dropout,
+                causal=config.is_causal,
             )
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
         self.is_moe = layer_index >= config.first_k_dense_replace
         self.residual_multiplier = config.residual_multiplier
+        self.hidden_dropout = config.hidden_dropout
         if self.is_moe:
-            self.mlp = MoELayer(config.hidden_size, config.moe, init_std=config.initializer_range)
+            self.mlp = MoELayer(
+                config.hidden_size, config.moe, init_std=config.initializer_range, expert_dropout=config.expert_dropout
+            )
         else:
-            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+            gelu = config.hidden_act == "gelu"
+            self.mlp = build_ffn(gelu, config.hidden_size, config.intermediate_size, config.expert_dropout)
 
     def forward(self, hidden, cos, sin, mask=None, cache=None):
         """hidden [B, S, d] -> (hidden [B, S, d], MoEAux or None for a dense block)."""
         scale = self.residual_multiplier
         attention = self.self_attn(self.input_layernorm(hidden), cos, sin, mask, cache)
+        attention = dropout(attention, self.hidden_dropout, self.training)
         hidden = hidden + (attention * scale if scale != 1 else attention)
         if not self.is_moe:
             output, aux = self.mlp(self.post_attention_layernorm(hidden)), None
         else:
             output, aux = self.mlp(self.post_attention_layernorm(hidden))
+        output = dropout(output, self.hidden_dropout, self.training)
         return hidden + (output * scale if scale != 1 else output), aux
 
 
@@ -97,7 +108,7 @@ class MoETransformer(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding.from_config(config)
         self.gradient_checkpointing = config.gradient_checkpointing
 
@@ -116,7 +127,7 @@ class MoETransformer(nn.Module):
         if self.config.embedding_multiplier != 1:
             hidden = hidden * self.config.embedding_multiplier
         cos, sin = self.rotary_emb(position_ids, hidden.dtype)  # [B, S, head_dim]
-        mask = build_attention_mask(attention_mask, past_length, seq, input_ids.device)
+        mask = build_attention_mask(attention_mask, past_length, seq, input_ids.device, self.config.is_causal)
         # recomputation would write the cache twice, and there is no backward pass to save memory for
         # without grad
         recompute = self.gradient_checkpointing and past_key_values is None and torch.is_grad_enabled()
@@ -139,7 +150,10 @@ class MoECausalLM(nn.Module):
 
     Labels come already shifted by the data reader (``labels[t]`` is the token after ``input_ids[t]``),
     so the loss compares logits and labels position by position, with no shift inside; positions with
-    label -100 are ignored.
+    label -100 are ignored. With ``is_causal: false`` (an encoder) the same loss is computed, and the
+    caller's labels say what to predict: masked-LM targets, labels[t] the original token where input t
+    was masked and -100 elsewhere. ``candidate_head`` adds a second linear head over the same final
+    hidden state, trained on the same labels (see mymoe.model.heads).
     """
 
     def __init__(self, config: ModelConfig):
@@ -154,6 +168,9 @@ class MoECausalLM(nn.Module):
             # one matrix reads tokens in and writes them out: fewer parameters, and in small models it
             # often trains better
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.candidate_head = None
+        if config.candidate_head:  # never tied: it would then be the main head
+            self.candidate_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------------
@@ -184,7 +201,7 @@ class MoECausalLM(nn.Module):
                 name = f"{module_name}.{param_name}" if module_name else param_name
                 generator = torch.Generator(device=param.device)
                 generator.manual_seed(base_seed ^ zlib.crc32(name.encode()))
-                if isinstance(module, RMSNorm):
+                if isinstance(module, (RMSNorm, nn.LayerNorm)) and param_name == "weight":
                     param.fill_(1.0)
                 elif param_name == "bias" or param_name.endswith("_bias") or param_name == "sinks":
                     param.zero_()
@@ -229,6 +246,11 @@ class MoECausalLM(nn.Module):
             hidden=hidden,
             mtp_loss=mtp_loss,
         )
+        if self.candidate_head is not None:
+            output.candidate_logits = self.candidate_head(hidden)
+            if labels is not None:
+                candidate_loss = causal_lm_loss(output.candidate_logits, labels)
+                output.candidate_loss = self.config.candidate_loss_weight * candidate_loss
         if labels is not None:
             output.lm_loss = causal_lm_loss(logits, labels)
             output.loss = training_loss(output, self.config.mtp_loss_weight)
@@ -308,6 +330,8 @@ class MoECausalLM(nn.Module):
         use_cache: bool = True,
         eos_token_id: Optional[int] = None,
         vocab_limit: Optional[int] = None,
+        strategy: str = "sample",
+        confidence_threshold: float = 0.5,
     ) -> torch.Tensor:
         """Continue each prompt of input_ids [B, S] by up to max_new_tokens; returns [B, S + new].
 
@@ -325,6 +349,8 @@ class MoECausalLM(nn.Module):
             use_cache,
             eos_token_id,
             vocab_limit,
+            strategy,
+            confidence_threshold,
         )
         return torch.cat([input_ids] + [next_token[:, None] for next_token in steps], dim=1)
 
@@ -342,6 +368,8 @@ class MoECausalLM(nn.Module):
         use_cache: bool = True,
         eos_token_id: Optional[int] = None,
         vocab_limit: Optional[int] = None,
+        strategy: str = "sample",
+        confidence_threshold: float = 0.5,
     ) -> Iterator[torch.Tensor]:
         """Yield each step's next token of every row [B] as it is sampled: the one decode loop, behind
         ``generate`` and the ``mymoe.generate`` command line.
@@ -350,7 +378,11 @@ class MoECausalLM(nn.Module):
         A row that has produced eos_token_id keeps emitting it until every row has, then generation stops.
         Ids from vocab_limit up (a vocabulary padded past the tokenizer's pieces) are never sampled.
         The model runs in eval mode meanwhile (no router noise, eval capacity) and returns to its mode.
+        strategy "dual_head" (a model with candidate_head) is greedy over both heads: the main head's token
+        where its probability after the repetition penalty is >= confidence_threshold, else the
+        candidate head's (mymoe.model.heads.dual_head_choice); temperature, top_k and top_p are unused.
         """
+        self.check_can_generate(strategy)
         was_training = self.training
         self.eval()
         try:
@@ -365,12 +397,21 @@ class MoECausalLM(nn.Module):
             finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
             tokens, step_input = input_ids, input_ids
             for _ in range(max_new_tokens):
-                logits = self(step_input, attention_mask=attention_mask, past_key_values=cache).logits[:, -1].float()
+                output = self(step_input, attention_mask=attention_mask, past_key_values=cache)
+                logits = output.logits[:, -1].float()
                 if vocab_limit is not None:
                     logits[:, vocab_limit:] = float("-inf")
-                next_token = sample_next_token(
-                    logits, tokens, attention_mask, temperature, top_k, top_p, repetition_penalty, generator
-                )  # [B]
+                if strategy == "dual_head":
+                    candidate = output.candidate_logits[:, -1].float()
+                    if vocab_limit is not None:
+                        candidate[:, vocab_limit:] = float("-inf")
+                    main = penalize_repetition(logits, tokens, attention_mask, repetition_penalty)
+                    candidate = penalize_repetition(candidate, tokens, attention_mask, repetition_penalty)
+                    next_token = dual_head_choice(main, candidate, confidence_threshold)  # [B]
+                else:
+                    next_token = sample_next_token(
+                        logits, tokens, attention_mask, temperature, top_k, top_p, repetition_penalty, generator
+                    )  # [B]
                 if eos_token_id is not None:
                     next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
                     finished |= next_token == eos_token_id
@@ -384,13 +425,30 @@ class MoECausalLM(nn.Module):
         finally:
             self.train(was_training)
 
+    def check_can_generate(self, strategy: str = "sample") -> None:
+        """Refuse what this model cannot generate with this strategy (stream does so before its first forward)."""
+        if not self.config.is_causal:
+            raise ValueError(
+                "model.is_causal=false: a bidirectional (encoder) model sees the tokens after each position, so "
+                "it cannot generate left to right; generate from a causal model"
+            )
+        if strategy not in ("sample", "dual_head"):
+            raise ValueError(f"strategy={strategy!r} is unknown: use 'sample' or 'dual_head'")
+        if strategy == "dual_head" and self.candidate_head is None:
+            raise ValueError(
+                "strategy='dual_head' needs a model trained with a candidate head (model.candidate_head=true)"
+            )
+
 
 def training_loss(output: CausalLMOutput, mtp_loss_weight: float, aux_loss_scale: float = 1.0) -> torch.Tensor:
-    """What to backpropagate: the lm loss + the (ramped) aux loss + the weighted multi-token prediction loss.
+    """What to backpropagate: the lm loss + the (ramped) aux loss + the weighted multi-token prediction loss
+    + the (already weighted) candidate head's loss.
     The one recipe: the model's own `loss` is it at aux_loss_scale 1, the trainer's step uses its ramp."""
     loss = output.lm_loss + aux_loss_scale * output.aux_loss
     if output.mtp_loss is not None:
         loss = loss + mtp_loss_weight * output.mtp_loss
+    if output.candidate_loss is not None:
+        loss = loss + output.candidate_loss
     return loss
 
 
@@ -407,13 +465,7 @@ def sample_next_token(logits, tokens, attention_mask, temperature, top_k, top_p,
     (padding, where attention_mask is 0, excluded); top_k keeps the k largest; top_p keeps the smallest set whose probability
     reaches top_p (always at least one token).
     """
-    if repetition_penalty != 1.0:
-        real = (
-            torch.ones_like(tokens, dtype=logits.dtype) if attention_mask is None else attention_mask.to(logits.dtype)
-        )
-        seen = torch.zeros_like(logits).scatter_add_(1, tokens, real) > 0  # [B, V]
-        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
+    logits = penalize_repetition(logits, tokens, attention_mask, repetition_penalty)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -428,3 +480,14 @@ def sample_next_token(logits, tokens, attention_mask, temperature, top_k, top_p,
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def penalize_repetition(logits, tokens, attention_mask, repetition_penalty: float) -> torch.Tensor:
+    """logits [B, V] with those of tokens already in each row (padding excluded) divided by the penalty when
+    positive and multiplied by it when negative (Hugging Face's RepetitionPenaltyLogitsProcessor)."""
+    if repetition_penalty == 1.0:
+        return logits
+    real = torch.ones_like(tokens, dtype=logits.dtype) if attention_mask is None else attention_mask.to(logits.dtype)
+    seen = torch.zeros_like(logits).scatter_add_(1, tokens, real) > 0  # [B, V]
+    penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+    return torch.where(seen, penalised, logits)

@@ -1,4 +1,4 @@
-"""Stacked expert weights and the grouped GEMM that runs every expert's SwiGLU in one call.
+"""Stacked expert weights and the grouped GEMM that runs every expert's FFN (SwiGLU or GELU) in one call.
 
 The experts see rows grouped by expert and how many belong to each expert, never routing scores: an
 ``ExpertBatch`` names where each row comes from (a gather index into the dispatcher's source tensor)
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mymoe.model.layers import dropout
 from mymoe.model.moe.dispatch import ExpertBatch
 
 
@@ -93,55 +94,78 @@ def plan_chunks(counts: list, max_rows: int) -> list[tuple[int, int, int, int]]:
     return chunks
 
 
-class _GatherSwiGLUScatter(torch.autograd.Function):
-    """out[index[r]] += weight[r] * down(silu(x_r @ gate) * (x_r @ up)) with x_r = source[index[r]].
+class _GatherExpertScatter(torch.autograd.Function):
+    """out[index[r]] += weight[r] * down(dropout(act(x_r))) with x_r = source[index[r]] and act(x) =
+    silu(x @ gate) * (x @ up) (SwiGLU), or gelu(x @ up) when w_gate is None (the plain two-layer FFN).
 
     The gather from token order, the expert GEMMs, the routing weight and the scatter back are one
     function, run over chunks of whole experts, so no [rows, hidden] copy of the tokens, of the expert
     outputs or of their gradients ever exists whole: each chunk gathers its rows, and the backward
-    regathers them instead of keeping them. Only the two [rows, intermediate] pre-activations are kept
-    for backward. With index None the source already is expert-sorted rows and out is row for row.
+    regathers them instead of keeping them. Only the [rows, intermediate] pre-activations (two for SwiGLU,
+    one for GELU) and, with dropout, the boolean keep mask are kept for backward. With index None the
+    source already is expert-sorted rows and out is row for row.
     """
 
     @staticmethod
-    def forward(ctx, source, index, weight, w_gate, w_up, w_down, counts, out_rows, max_chunk_rows, use_grouped_mm):
+    def forward(
+        ctx, source, index, weight, w_gate, w_up, w_down, counts, out_rows, max_chunk_rows, use_grouped_mm, dropout_p
+    ):
         num_rows = sum(counts)
-        intermediate = w_gate.shape[-1]
-        gate = source.new_empty(num_rows, intermediate)  # kept for backward
+        intermediate = w_up.shape[-1]
+        gate = source.new_empty(num_rows, intermediate) if w_gate is not None else None  # kept for backward
         up = source.new_empty(num_rows, intermediate)
+        keep = source.new_empty(num_rows, intermediate, dtype=torch.bool) if dropout_p else None
         out = source.new_zeros(out_rows, w_down.shape[-1])
         chunks = plan_chunks(counts, max_chunk_rows)
         groups = [ExpertGroups(counts[first:end], source.device, use_grouped_mm) for first, end, _, _ in chunks]
         for (first_expert, end_expert, first_row, end_row), chunk_groups in zip(chunks, groups):
+            experts = slice(first_expert, end_expert)
             rows = _rows(source, index, first_row, end_row)
-            gate_c = _grouped_matmul(rows, w_gate[first_expert:end_expert], chunk_groups)
-            up_c = _grouped_matmul(rows, w_up[first_expert:end_expert], chunk_groups)
-            gate[first_row:end_row], up[first_row:end_row] = gate_c, up_c
-            activation = F.silu(gate_c).mul_(up_c)
+            up_c = _grouped_matmul(rows, w_up[experts], chunk_groups)
+            up[first_row:end_row] = up_c
+            if gate is None:
+                activation = F.gelu(up_c)
+            else:
+                gate_c = _grouped_matmul(rows, w_gate[experts], chunk_groups)
+                gate[first_row:end_row] = gate_c
+                activation = F.silu(gate_c).mul_(up_c)
+            if keep is not None:
+                # uniforms drawn in fp32: in bf16 they would take few enough values to shift the rate
+                keep_c = torch.rand(activation.shape, device=activation.device) >= dropout_p
+                keep[first_row:end_row] = keep_c
+                activation.mul_(keep_c).div_(1 - dropout_p)
             if weight is not None:
                 activation.mul_(weight[first_row:end_row, None].to(activation.dtype))
-            expert_out = _grouped_matmul(activation, w_down[first_expert:end_expert], chunk_groups)
+            expert_out = _grouped_matmul(activation, w_down[experts], chunk_groups)
             _scatter(out, index, first_row, end_row, expert_out)
-        ctx.save_for_backward(source, index, weight, gate, up, w_gate, w_up, w_down)
-        ctx.chunks, ctx.groups = chunks, groups
+        ctx.save_for_backward(source, index, weight, gate, up, keep, w_gate, w_up, w_down)
+        ctx.chunks, ctx.groups, ctx.dropout_p = chunks, groups, dropout_p
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        source, index, weight, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
+        source, index, weight, gate, up, keep, w_gate, w_up, w_down = ctx.saved_tensors
         grad_out = grad_out.contiguous()  # grouped GEMM rejects broadcast (stride 0) gradients
         need_source, _, need_weight, need_gate, need_up, need_down = ctx.needs_input_grad[:6]
         grad_source = torch.zeros_like(source) if need_source else None
         grad_weight = torch.zeros_like(weight) if weight is not None and need_weight else None
-        grad_w_gate = torch.zeros_like(w_gate) if need_gate else None
+        grad_w_gate = torch.zeros_like(w_gate) if w_gate is not None and need_gate else None
         grad_w_up = torch.zeros_like(w_up) if need_up else None
         grad_w_down = torch.zeros_like(w_down) if need_down else None
         for (first_expert, end_expert, first_row, end_row), groups in zip(ctx.chunks, ctx.groups):
             experts = slice(first_expert, end_expert)
             grad_expert_out = _rows(grad_out, index, first_row, end_row)  # [chunk rows, hidden]
-            gate_c, up_c = gate[first_row:end_row], up[first_row:end_row]
-            silu_gate = F.silu(gate_c)
-            activation = silu_gate * up_c
+            up_c = up[first_row:end_row]
+            if gate is None:
+                activation = F.gelu(up_c)
+            else:
+                gate_c = gate[first_row:end_row]
+                silu_gate = F.silu(gate_c)
+                activation = silu_gate * up_c
+            keep_scale = None
+            if keep is not None:
+                keep_scale = keep[first_row:end_row].to(activation.dtype).div_(1 - ctx.dropout_p)
+                activation.mul_(keep_scale)
             # gradient of the weighted activation (what the down projection saw)
             grad_weighted = _grouped_matmul(grad_expert_out, w_down[experts].transpose(1, 2), groups)
             if weight is not None:
@@ -154,9 +178,14 @@ class _GatherSwiGLUScatter(torch.autograd.Function):
             if grad_w_down is not None:
                 _grouped_weight_grad(activation, grad_expert_out, groups, grad_w_down[experts])
             del activation, grad_expert_out
-            grad_up = grad_weighted * silu_gate
-            del silu_gate
-            grad_gate = torch.ops.aten.silu_backward(grad_weighted.mul_(up_c), gate_c)
+            if keep_scale is not None:
+                grad_weighted.mul_(keep_scale)  # through the dropout, back to the activation's output
+            if gate is None:
+                grad_up, grad_gate = torch.ops.aten.gelu_backward(grad_weighted, up_c), None
+            else:
+                grad_up = grad_weighted * silu_gate
+                del silu_gate
+                grad_gate = torch.ops.aten.silu_backward(grad_weighted.mul_(up_c), gate_c)
             del grad_weighted
             if grad_w_gate is not None or grad_w_up is not None or grad_source is not None:
                 rows = _rows(source, index, first_row, end_row)
@@ -166,10 +195,11 @@ class _GatherSwiGLUScatter(torch.autograd.Function):
                     _grouped_weight_grad(rows, grad_up, groups, grad_w_up[experts])
                 del rows
             if grad_source is not None:
-                grad_rows = _grouped_matmul(grad_gate, w_gate[experts].transpose(1, 2), groups)
-                grad_rows += _grouped_matmul(grad_up, w_up[experts].transpose(1, 2), groups)
+                grad_rows = _grouped_matmul(grad_up, w_up[experts].transpose(1, 2), groups)
+                if grad_gate is not None:
+                    grad_rows += _grouped_matmul(grad_gate, w_gate[experts].transpose(1, 2), groups)
                 _scatter(grad_source, index, first_row, end_row, grad_rows)
-        return grad_source, None, grad_weight, grad_w_gate, grad_w_up, grad_w_down, None, None, None, None
+        return grad_source, None, grad_weight, grad_w_gate, grad_w_up, grad_w_down, None, None, None, None, None
 
 
 def _rows(source: torch.Tensor, index: Optional[torch.Tensor], first_row: int, end_row: int) -> torch.Tensor:
@@ -194,7 +224,11 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: fl
 
 
 class GroupedExperts(nn.Module):
-    """``num_experts`` SwiGLU experts with stacked weights w_gate, w_up [E, hidden, ffn], w_down [E, ffn, hidden].
+    """``num_experts`` experts with stacked weights w_gate, w_up [E, hidden, ffn], w_down [E, ffn, hidden].
+
+    activation "swiglu" (and GPT-OSS's "clamped_swiglu") uses all three; "gelu" is the plain two-layer
+    FFN w_up -> GELU -> w_down and has no w_gate (the checkpoint then simply holds no such tensor; w_up and
+    w_down keep their names and shapes). ``dropout`` acts between the two linears in training.
 
     After ``shard`` the module holds a contiguous block of the global experts: ``num_experts`` local
     ones starting at global index ``first_expert`` out of ``num_global_experts``.
@@ -210,6 +244,7 @@ class GroupedExperts(nn.Module):
         activation: str = "swiglu",
         swiglu_alpha: float = 1.702,
         swiglu_limit: float = 7.0,
+        dropout: float = 0.0,
     ):
         super().__init__()
         self.num_experts = num_experts
@@ -220,14 +255,18 @@ class GroupedExperts(nn.Module):
         self.use_grouped_mm = True  # False forces the loop over experts (tests compare the two)
         # transient memory of one chunk of rows in forward or backward; the rows beyond it wait their turn
         self.chunk_bytes = 16 << 20
-        self.w_gate = self._expert_parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.w_up = self._expert_parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.w_down = self._expert_parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.dropout = dropout
+        self.gated = activation != "gelu"
+        self.projection_names = ("w_gate", "w_up", "w_down") if self.gated else ("w_up", "w_down")
+        shapes = {"w_gate": (hidden_size, intermediate_size), "w_up": (hidden_size, intermediate_size)}
+        shapes["w_down"] = (intermediate_size, hidden_size)
+        for name in self.projection_names:
+            setattr(self, name, self._expert_parameter(torch.empty(num_experts, *shapes[name])))
         # GPT-OSS's experts (see clamped_swiglu): biases [E, ffn] / [E, hidden] and the clamped activation
         self.activation, self.swiglu_alpha, self.swiglu_limit = activation, swiglu_alpha, swiglu_limit
-        self.bias_names = ("w_gate_bias", "w_up_bias", "w_down_bias") if bias else ()
-        for name, width in zip(self.bias_names, (intermediate_size, intermediate_size, hidden_size)):
-            setattr(self, name, self._expert_parameter(torch.zeros(num_experts, width)))
+        self.bias_names = tuple(f"{name}_bias" for name in self.projection_names) if bias else ()
+        for name in self.bias_names:
+            setattr(self, name, self._expert_parameter(torch.zeros(num_experts, shapes[name[:-5]][1])))
         # copies of other ranks' busy experts computed here after this module's own (expert replication,
         # mymoe/parallel/replication.py): name -> [slots, ...], plain tensors, in no state dict or optimizer
         self.replicas: Optional[dict[str, torch.Tensor]] = None
@@ -238,8 +277,8 @@ class GroupedExperts(nn.Module):
         return mark_expert(nn.Parameter(data))
 
     def reset_parameters(self, init_std: float = 0.02) -> None:
-        for param in (self.w_gate, self.w_up, self.w_down):
-            nn.init.normal_(param, mean=0.0, std=init_std)
+        for name in self.projection_names:
+            nn.init.normal_(getattr(self, name), mean=0.0, std=init_std)
 
     def shard(self, first_expert: int, num_local: int) -> None:
         """Keep only global experts [first_expert, first_expert + num_local) of the ones held now.
@@ -254,7 +293,7 @@ class GroupedExperts(nn.Module):
                 f"experts [{self.first_expert}, {self.first_expert + self.num_experts}); shard a full-size "
                 f"module with first_expert = rank * num_local"
             )
-        for name in ("w_gate", "w_up", "w_down") + self.bias_names:
+        for name in self.projection_names + self.bias_names:
             kept = getattr(self, name).detach()[start : start + num_local].clone()
             setattr(self, name, self._expert_parameter(kept))
         self.first_expert = first_expert
@@ -270,8 +309,9 @@ class GroupedExperts(nn.Module):
         return self.num_experts + (0 if self.replicas is None else self.replicas["w_down"].shape[0])
 
     def num_parameters_per_expert(self) -> int:
-        biases = (2 * self.intermediate_size + self.hidden_size) if self.bias_names else 0
-        return 3 * self.hidden_size * self.intermediate_size + biases
+        inner = len(self.projection_names) - 1  # the matrices into the intermediate width
+        biases = (inner * self.intermediate_size + self.hidden_size) if self.bias_names else 0
+        return (inner + 1) * self.hidden_size * self.intermediate_size + biases
 
     def forward(self, batch: ExpertBatch) -> torch.Tensor:
         """Run every row of the batch through its expert; returns [batch.out_rows, hidden] (see ExpertBatch)."""
@@ -280,13 +320,15 @@ class GroupedExperts(nn.Module):
                 f"tokens_per_expert has {batch.tokens_per_expert.numel()} entries but this module "
                 f"computes {self.num_computed} experts: shard the experts to the dispatcher's local experts"
             )
-        if self.bias_names or self.activation != "swiglu":
+        if self.bias_names or self.activation == "clamped_swiglu":
             return self._forward_per_expert(batch)
         # a custom autograd Function is invisible to autocast, so cast to its dtype here as nn.Linear would be
         device_type = batch.source.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else batch.source.dtype
         source = batch.source.to(dtype).contiguous()
-        weights = [self.stacked(name).to(dtype) for name in ("w_gate", "w_up", "w_down")]
+        weights = [
+            self.stacked(name).to(dtype) if hasattr(self, name) else None for name in ("w_gate", "w_up", "w_down")
+        ]
         use_grouped_mm = self.use_grouped_mm and grouped_mm_supported(
             dtype, source.device, self.hidden_size, self.intermediate_size
         )
@@ -294,27 +336,36 @@ class GroupedExperts(nn.Module):
         counts = batch.tokens_per_expert.tolist()
         bytes_per_row = (3 * self.hidden_size + 6 * self.intermediate_size) * source.element_size()
         max_chunk_rows = max(1, self.chunk_bytes // bytes_per_row)
-        return _GatherSwiGLUScatter.apply(
-            source, batch.row_index, batch.row_weight, *weights, counts, batch.out_rows, max_chunk_rows, use_grouped_mm
+        dropout_p = self.dropout if self.training else 0.0
+        return _GatherExpertScatter.apply(
+            source,
+            batch.row_index,
+            batch.row_weight,
+            *weights,
+            counts,
+            batch.out_rows,
+            max_chunk_rows,
+            use_grouped_mm,
+            dropout_p,
         )
 
     def _forward_per_expert(self, batch: ExpertBatch) -> torch.Tensor:
-        """GPT-OSS's experts in plain autograd, one expert at a time: biases and the clamped activation are
-        outside the fused function above (which keeps memory low for the common SwiGLU case)."""
+        """Experts with biases or GPT-OSS's clamped activation in plain autograd, one expert at a time: they are
+        outside the fused function above (which keeps memory low for the common bias-free case)."""
         counts = batch.tokens_per_expert.tolist()
         source = batch.source
         rows = source if batch.row_index is None else source.index_select(0, batch.row_index)  # expert-sorted
-        w = {name: self.stacked(name) for name in ("w_gate", "w_up", "w_down") + self.bias_names}
+        w = {name: self.stacked(name) for name in self.projection_names + self.bias_names}
         outputs = []
         for expert, rows_e in enumerate(rows.split(counts)):
-            gate, up = rows_e @ w["w_gate"][expert], rows_e @ w["w_up"][expert]
-            if self.bias_names:
-                gate, up = gate + w["w_gate_bias"][expert], up + w["w_up_bias"][expert]
+            up = rows_e @ w["w_up"][expert] + (w["w_up_bias"][expert] if self.bias_names else 0)
+            if self.gated:
+                gate = rows_e @ w["w_gate"][expert] + (w["w_gate_bias"][expert] if self.bias_names else 0)
             if self.activation == "clamped_swiglu":
                 hidden = clamped_swiglu(gate, up, self.swiglu_alpha, self.swiglu_limit)
             else:
-                hidden = F.silu(gate) * up
-            out = hidden @ w["w_down"][expert]
+                hidden = F.silu(gate) * up if self.gated else F.gelu(up)
+            out = dropout(hidden, self.dropout, self.training) @ w["w_down"][expert]
             outputs.append(out + w["w_down_bias"][expert] if self.bias_names else out)
         expert_out = torch.cat(outputs) if outputs else rows.new_zeros(0, self.hidden_size)
         if batch.row_weight is not None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mymoe.config import MoEConfig
-from mymoe.model.layers import SwiGLU
+from mymoe.model.layers import build_ffn
 from mymoe.model.moe.dispatch import Dispatcher, LocalDispatcher
 from mymoe.model.moe.experts import GroupedExperts
 from mymoe.model.moe.overflow import Placement, compute_capacity, place_assignments
@@ -62,7 +62,12 @@ def _in_backward() -> bool:
 
 class MoELayer(nn.Module):
     def __init__(
-        self, hidden_size: int, moe: MoEConfig, dispatcher: Optional[Dispatcher] = None, init_std: float = 0.02
+        self,
+        hidden_size: int,
+        moe: MoEConfig,
+        dispatcher: Optional[Dispatcher] = None,
+        init_std: float = 0.02,
+        expert_dropout: float = 0.0,
     ):
         super().__init__()
         self.moe = moe
@@ -78,13 +83,14 @@ class MoELayer(nn.Module):
             activation=moe.expert_activation,
             swiglu_alpha=moe.swiglu_alpha,
             swiglu_limit=moe.swiglu_limit,
+            dropout=expert_dropout,
         )
         self.shared_experts = None
         self.shared_expert_gate = None
         if moe.n_shared_experts > 0:
             shared_size = moe.shared_expert_intermediate_size or moe.n_shared_experts * moe.moe_intermediate_size
-            self.shared_experts = SwiGLU(hidden_size, shared_size)
-            for linear in (self.shared_experts.gate_proj, self.shared_experts.up_proj, self.shared_experts.down_proj):
+            self.shared_experts = build_ffn(moe.expert_activation == "gelu", hidden_size, shared_size, expert_dropout)
+            for linear in self.shared_experts.children():
                 nn.init.normal_(linear.weight, mean=0.0, std=init_std)
             if moe.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
