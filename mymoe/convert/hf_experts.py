@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from mymoe.config import MoEConfig
+
 OURS = ("w_gate", "w_up", "w_down")
 HF_NAMES = ("gate_proj", "up_proj", "down_proj")
 
@@ -31,3 +33,26 @@ def experts_from_hf(base: str, tensors: dict, num_experts: int, names: tuple = H
 def dense_mlp_from_hf(base: str, tensors: dict) -> dict:
     """A dense SwiGLU layer (first_k_dense_replace, mlp_only_layers): the same names on both sides."""
     return {f"{proj}.weight": tensors[f"{base}.{proj}.weight"] for proj in HF_NAMES}
+
+
+def softmax_router_refusals(moe: MoEConfig, family: str, renormalises: bool, shared_hint: str = "") -> list[str]:
+    """Why a softmax-routed family without shared experts cannot hold `moe` (empty: it can). `renormalises`:
+    the family always renormalises its top-k weights (Mixtral, Granite, GPT-OSS: the softmax of the top-k
+    logits), rather than only when asked and k > 1 (Qwen3-MoE, OLMoE)."""
+    problems = []
+    if moe.scoring_func != "softmax":
+        problems.append(f"scoring_func={moe.scoring_func!r}: {family} scores experts with softmax")
+    k = moe.num_experts_per_tok
+    if renormalises and (not moe.norm_topk_prob or k == 1):
+        problems.append(
+            f"norm_topk_prob={moe.norm_topk_prob} with num_experts_per_tok={k}: {family} always renormalises "
+            f"the top-k weights (ours does so only for k > 1 with norm_topk_prob)"
+        )
+    if not renormalises and moe.norm_topk_prob and k == 1:
+        problems.append(
+            f"norm_topk_prob=true with num_experts_per_tok=1: {family} renormalises the single weight to 1, "
+            f"ours keeps the probability (set norm_topk_prob: false, which computes the same)"
+        )
+    if moe.n_shared_experts:
+        problems.append(f"n_shared_experts={moe.n_shared_experts}: {family} has no shared experts{shared_hint}")
+    return problems

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from mymoe.convert.hf_experts import softmax_router_refusals
 from mymoe.config import ModelConfig
 
 ARCHITECTURE = "GptOssForCausalLM"
@@ -40,16 +41,7 @@ def refusals(model: ModelConfig) -> list[str]:
             f"expert_activation={moe.expert_activation!r}: GPT-OSS's experts use the clamped SwiGLU "
             f"(expert_activation: clamped_swiglu)"
         )
-    if moe.scoring_func != "softmax":
-        problems.append(f"scoring_func={moe.scoring_func!r}: GPT-OSS scores experts with softmax")
-    if not moe.norm_topk_prob or moe.num_experts_per_tok == 1:
-        problems.append(
-            f"norm_topk_prob={moe.norm_topk_prob} with num_experts_per_tok={moe.num_experts_per_tok}: "
-            f"GPT-OSS takes the softmax of the top-k logits, our renormalised scores only for k > 1 "
-            f"with norm_topk_prob"
-        )
-    if moe.n_shared_experts:
-        problems.append(f"n_shared_experts={moe.n_shared_experts}: GPT-OSS has no shared experts")
+    problems += softmax_router_refusals(moe, "GPT-OSS", renormalises=True)
     if model.first_k_dense_replace:
         problems.append(f"first_k_dense_replace={model.first_k_dense_replace}: every GPT-OSS layer is MoE")
     if model.qkv_bias and not model.attention_bias:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from mymoe.convert.hf_experts import softmax_router_refusals
 from mymoe.config import ModelConfig
 
 ARCHITECTURE = "GraniteMoeForCausalLM"
@@ -26,16 +27,7 @@ COMPUTES = ("granite_scaling",)
 
 def refusals(model: ModelConfig) -> list[str]:
     moe, problems = model.moe, []
-    if moe.scoring_func != "softmax":
-        problems.append(f"scoring_func={moe.scoring_func!r}: Granite-MoE scores experts with softmax")
-    if not moe.norm_topk_prob or moe.num_experts_per_tok == 1:
-        problems.append(
-            f"norm_topk_prob={moe.norm_topk_prob} with num_experts_per_tok={moe.num_experts_per_tok}: "
-            f"Granite-MoE takes the softmax of the top-k logits, our renormalised scores only for k > 1 "
-            f"with norm_topk_prob"
-        )
-    if moe.n_shared_experts:
-        problems.append(f"n_shared_experts={moe.n_shared_experts}: Granite-MoE has no shared experts")
+    problems += softmax_router_refusals(moe, "Granite-MoE", renormalises=True)
     if model.first_k_dense_replace:
         problems.append(f"first_k_dense_replace={model.first_k_dense_replace}: every Granite-MoE layer is MoE")
     return problems

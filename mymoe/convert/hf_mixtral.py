@@ -12,7 +12,7 @@ renormalises the k weights; it has no shared experts, dense layers, group limits
 from __future__ import annotations
 
 from mymoe.config import ModelConfig
-from mymoe.convert.hf_experts import experts_from_hf, experts_to_hf
+from mymoe.convert.hf_experts import experts_from_hf, experts_to_hf, softmax_router_refusals
 
 # Mixtral's own names for the gate, up and down projections of an expert
 MIXTRAL_NAMES = ("w1", "w3", "w2")
@@ -24,16 +24,7 @@ MODEL_TYPE = "mixtral"
 def refusals(model: ModelConfig) -> list[str]:
     """Why this config cannot be written as Mixtral without computing something else (empty: it can)."""
     moe, problems = model.moe, []
-    if moe.scoring_func != "softmax":
-        problems.append(f"scoring_func={moe.scoring_func!r}: Mixtral scores experts with softmax")
-    if not moe.norm_topk_prob or moe.num_experts_per_tok == 1:
-        problems.append(
-            f"norm_topk_prob={moe.norm_topk_prob} with num_experts_per_tok={moe.num_experts_per_tok}: "
-            f"Mixtral always renormalises the top-k weights (ours does so only for k > 1 with "
-            f"norm_topk_prob)"
-        )
-    if moe.n_shared_experts:
-        problems.append(f"n_shared_experts={moe.n_shared_experts}: Mixtral has no shared experts (try qwen2_moe)")
+    problems += softmax_router_refusals(moe, "Mixtral", renormalises=True, shared_hint=" (try qwen2_moe)")
     if model.first_k_dense_replace:
         problems.append(f"first_k_dense_replace={model.first_k_dense_replace}: every Mixtral layer is MoE")
     return problems

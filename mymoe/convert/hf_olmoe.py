@@ -16,7 +16,7 @@ is MoE, with softmax top-k routing renormalised when norm_topk_prob, and no shar
 from __future__ import annotations
 
 from mymoe.config import ModelConfig
-from mymoe.convert.hf_experts import experts_from_hf, experts_to_hf
+from mymoe.convert.hf_experts import experts_from_hf, experts_to_hf, softmax_router_refusals
 
 ARCHITECTURE = "OlmoeForCausalLM"
 MODEL_TYPE = "olmoe"
@@ -35,15 +35,7 @@ def refusals(model: ModelConfig) -> list[str]:
             f"head_dim={model.head_dim} with {model.num_attention_heads} heads is not hidden_size="
             f"{model.hidden_size} wide: OLMoE sizes its query norm by hidden_size"
         )
-    if moe.scoring_func != "softmax":
-        problems.append(f"scoring_func={moe.scoring_func!r}: OLMoE scores experts with softmax")
-    if moe.norm_topk_prob and moe.num_experts_per_tok == 1:
-        problems.append(
-            "norm_topk_prob=true with num_experts_per_tok=1: OLMoE renormalises the single weight to 1, "
-            "ours keeps the probability (set norm_topk_prob: false, which computes the same)"
-        )
-    if moe.n_shared_experts:
-        problems.append(f"n_shared_experts={moe.n_shared_experts}: OLMoE has no shared experts (try qwen2_moe)")
+    problems += softmax_router_refusals(moe, "OLMoE", renormalises=False, shared_hint=" (try qwen2_moe)")
     if model.first_k_dense_replace:
         problems.append(f"first_k_dense_replace={model.first_k_dense_replace}: every OLMoE layer is MoE")
     return problems

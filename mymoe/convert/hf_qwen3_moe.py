@@ -15,7 +15,7 @@ hidden_size / num_attention_heads. Routing: softmax, top-k, renormalised when no
 from __future__ import annotations
 
 from mymoe.config import ModelConfig
-from mymoe.convert.hf_experts import dense_mlp_from_hf, experts_from_hf, experts_to_hf
+from mymoe.convert.hf_experts import dense_mlp_from_hf, experts_from_hf, experts_to_hf, softmax_router_refusals
 from mymoe.convert.hf_qwen2_moe import dense_layers
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
@@ -30,15 +30,7 @@ def refusals(model: ModelConfig) -> list[str]:
             f"qk_norm={model.qk_norm!r}: every Qwen3-MoE attention RMS-normalises each query and key "
             f"head (train with qk_norm: head, or export as mixtral / qwen2_moe)"
         )
-    if moe.scoring_func != "softmax":
-        problems.append(f"scoring_func={moe.scoring_func!r}: Qwen3-MoE scores experts with softmax")
-    if moe.norm_topk_prob and moe.num_experts_per_tok == 1:
-        problems.append(
-            "norm_topk_prob=true with num_experts_per_tok=1: Qwen3-MoE renormalises the single weight "
-            "to 1, ours keeps the probability (set norm_topk_prob: false, which computes the same)"
-        )
-    if moe.n_shared_experts:
-        problems.append(f"n_shared_experts={moe.n_shared_experts}: Qwen3-MoE has no shared experts (try qwen2_moe)")
+    problems += softmax_router_refusals(moe, "Qwen3-MoE", renormalises=False, shared_hint=" (try qwen2_moe)")
     return problems
 
 
