@@ -87,6 +87,20 @@ class MoEConfig:
     expert_activation: ExpertActivation = field(default="swiglu", metadata=ARCHITECTURE)
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    # training dynamics driven by the step the trainer passes to the model (mymoe/model/moe/dynamics.py);
+    # all off by default. Warm-up: over the first moe_warmup_steps the layer output moves linearly from its
+    # dense path (the shared expert, or a dense SwiGLU of the routed experts' active width) to the MoE path.
+    moe_warmup_steps: int = field(default=0, metadata=ARCHITECTURE)
+    # capacity in tokens per expert grows linearly from min to max over capacity_growth_steps (capacity mode)
+    min_expert_capacity: Optional[int] = None
+    max_expert_capacity: Optional[int] = None
+    capacity_growth_steps: int = 0
+    aux_loss_ramp_steps: int = 0  # the aux loss is scaled by min(1, step / aux_loss_ramp_steps)
+    router_reset_interval: int = 0  # every this many steps the routers are re-initialised (0: never)
+    # a dense SwiGLU mixed with the MoE output by a learned weight: (1 - g) * dense + g * moe, g = sigmoid(w)
+    flexible_ffn: bool = field(default=False, metadata=ARCHITECTURE)
+    # a learned per-token score decides which assignments keep their slots at capacity
+    token_importance: bool = field(default=False, metadata=ARCHITECTURE)
 
     @property
     def dropless(self) -> bool:
@@ -211,6 +225,9 @@ class TrainConfig:
     # a single process stopped by a signal abandons a step still running this long after it (torchrun and
     # SLURM kill at 30 s); 0 waits for the step boundary
     stop_timeout_seconds: float = 20.0
+    # per-step checks and log lines: router probabilities finite, loads and drops per MoE layer, the first
+    # module whose output is not finite (mymoe/train/debug.py); slow (reads the device every step)
+    debug: bool = False
 
 
 @dataclass
@@ -611,6 +628,48 @@ def validate_moe(moe: MoEConfig) -> None:
             f"model.moe.min_tokens_per_sequence_kept={moe.min_tokens_per_sequence_kept} must be "
             f">= 0 (0 protects no token)"
         )
+    validate_dynamics(moe)
+
+
+def validate_dynamics(moe: MoEConfig) -> None:
+    """The step-driven schedules of mymoe/model/moe/dynamics.py."""
+    _check_non_negative(
+        "model.moe", moe, ("moe_warmup_steps", "capacity_growth_steps", "aux_loss_ramp_steps", "router_reset_interval")
+    )
+    bounds = (moe.min_expert_capacity, moe.max_expert_capacity)
+    if moe.token_importance and (moe.dropless or moe.drop_policy != "probs"):
+        raise ConfigError(
+            f"model.moe.token_importance=true orders the assignments that keep their slots at capacity, but "
+            f"capacity_factor={moe.capacity_factor} and drop_policy={moe.drop_policy!r}: it needs a capacity "
+            f"factor (e.g. 1.25) and drop_policy=probs"
+        )
+    if bounds == (None, None):
+        if moe.capacity_growth_steps:
+            raise ConfigError(
+                f"model.moe.capacity_growth_steps={moe.capacity_growth_steps} has no capacity to grow: set "
+                f"model.moe.min_expert_capacity and model.moe.max_expert_capacity, or drop it"
+            )
+        return
+    if None in bounds:
+        raise ConfigError(
+            f"model.moe.min_expert_capacity={bounds[0]} and max_expert_capacity={bounds[1]}: set both "
+            f"(tokens per expert at the start and the end of capacity_growth_steps) or neither"
+        )
+    if moe.dropless:
+        raise ConfigError(
+            f"model.moe.min_expert_capacity={bounds[0]}, max_expert_capacity={bounds[1]} need capacity mode, "
+            f"but capacity_factor is null (dropless): set model.moe.capacity_factor (e.g. 1.25), or drop them"
+        )
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise ConfigError(
+            f"model.moe.min_expert_capacity={bounds[0]} and max_expert_capacity={bounds[1]} need "
+            f"1 <= min <= max (tokens per expert)"
+        )
+    if bounds[0] < bounds[1] and moe.capacity_growth_steps == 0:
+        raise ConfigError(
+            f"model.moe.capacity_growth_steps=0 cannot grow capacity from {bounds[0]} to {bounds[1]}: "
+            f"set it to the number of steps the growth takes"
+        )
 
 
 def validate_parallel(par: ParallelConfig, num_experts: int, world_size: Optional[int]) -> None:
@@ -686,8 +745,24 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
     validate_peft(config.peft, config.model.attention_type)
     validate_train(config.train)
     validate_data(config.data)
+    validate_dynamics_with_training(config)
     check_values(config)
     return config
+
+
+def validate_dynamics_with_training(config: Config) -> None:
+    """The step-driven MoE schedules against the training settings they meet."""
+    moe, train = config.model.moe, config.train
+    if moe.aux_loss_ramp_steps and train.aux_loss_ramp_steps:
+        raise ConfigError(
+            f"model.moe.aux_loss_ramp_steps={moe.aux_loss_ramp_steps} and train.aux_loss_ramp_steps="
+            f"{train.aux_loss_ramp_steps} would both ramp the aux loss: set one of them to 0"
+        )
+    if moe.router_reset_interval and config.parallel.fsdp:
+        raise ConfigError(
+            f"model.moe.router_reset_interval={moe.router_reset_interval} re-initialises whole router "
+            f"weights, which FSDP shards: set parallel.fsdp=false or router_reset_interval=0"
+        )
 
 
 def _validate_fsdp(par: ParallelConfig) -> None:
