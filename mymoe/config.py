@@ -758,6 +758,11 @@ def validate_dynamics_with_training(config: Config) -> None:
             f"model.moe.aux_loss_ramp_steps={moe.aux_loss_ramp_steps} and train.aux_loss_ramp_steps="
             f"{train.aux_loss_ramp_steps} would both ramp the aux loss: set one of them to 0"
         )
+    if moe.router_reset_interval and config.peft.enabled:
+        raise ConfigError(
+            f"model.moe.router_reset_interval={moe.router_reset_interval} re-initialises the routers, which "
+            f"fine-tuning with adapters (peft) keeps frozen: set router_reset_interval=0"
+        )
     if moe.router_reset_interval and config.parallel.fsdp:
         raise ConfigError(
             f"model.moe.router_reset_interval={moe.router_reset_interval} re-initialises whole router "

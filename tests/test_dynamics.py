@@ -18,7 +18,7 @@ from mymoe.model import MoECausalLM
 from mymoe.model.moe.layer import MoELayer
 from mymoe.parallel import ParallelContext
 from mymoe.train.debug import DebugMonitor
-from mymoe.train.loop import Trainer
+from mymoe.train.loop import Trainer, check_engine
 
 torch.set_num_threads(1)
 HIDDEN = 16
@@ -116,6 +116,11 @@ def test_router_reset_happens_at_its_interval_and_training_continues(tmp_path):
     fresh = torch.empty_like(gate.weight).normal_(0.0, config.model.initializer_range, generator=generator)
     assert torch.equal(used[4], fresh) and not torch.equal(used[3], fresh)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    for section, fix in (("parallel", {"fsdp": True}), ("peft", {"lora_rank": 4})):
+        with pytest.raises(ConfigError, match="router_reset_interval=4"):
+            validate(config_from_dict({"model": {"moe": {"router_reset_interval": 4}}, section: fix}))
+    with pytest.raises(ConfigError, match="DeepSpeed's engine holds partitioned"):
+        check_engine(config, "configs/ds_zero1.json")
 
 
 def test_router_reset_draws_the_same_weights_for_the_same_step():
