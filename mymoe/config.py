@@ -91,7 +91,8 @@ class MoEConfig:
     # all off by default. Warm-up: over the first moe_warmup_steps the layer output moves linearly from its
     # dense path (the shared expert, or a dense SwiGLU of the routed experts' active width) to the MoE path.
     moe_warmup_steps: int = field(default=0, metadata=ARCHITECTURE)
-    # capacity in tokens per expert grows linearly from min to max over capacity_growth_steps (capacity mode)
+    # capacity in tokens per expert (of one rank's micro-batch, like capacity_factor's count) grows linearly
+    # from min to max over capacity_growth_steps (capacity mode)
     min_expert_capacity: Optional[int] = None
     max_expert_capacity: Optional[int] = None
     capacity_growth_steps: int = 0
