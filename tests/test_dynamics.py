@@ -85,7 +85,7 @@ def test_capacity_grows_from_min_to_max_over_the_schedule(tmp_path):
         tiny_config(tmp_path, moe={**moe, "capacity_growth_steps": 0})
 
 
-def test_aux_loss_ramps_with_the_step():
+def test_aux_loss_ramps_with_the_step(tmp_path):
     layer = layer_with(router_aux_loss_coef=0.1, aux_loss_ramp_steps=4)
     tokens = torch.randn(12, HIDDEN)
     full = layer(tokens)[1].aux_loss
@@ -94,7 +94,7 @@ def test_aux_loss_ramps_with_the_step():
         layer.step = step
         torch.testing.assert_close(layer(tokens)[1].aux_loss, scale * full)
     with pytest.raises(ConfigError, match="would both ramp the aux loss"):
-        tiny_config(Path("unused"), moe={"aux_loss_ramp_steps": 4}, train={"aux_loss_ramp_steps": 4})
+        tiny_config(tmp_path, moe={"aux_loss_ramp_steps": 4}, train={"aux_loss_ramp_steps": 4})
 
 
 def test_router_reset_happens_at_its_interval_and_training_continues(tmp_path):
