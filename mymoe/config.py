@@ -91,6 +91,21 @@ class MoEConfig:
     expert_activation: ExpertActivation = field(default="swiglu", metadata=ARCHITECTURE)
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    # training dynamics driven by the step the trainer passes to the model (mymoe/model/moe/dynamics.py);
+    # all off by default. Warm-up: over the first moe_warmup_steps the layer output moves linearly from its
+    # dense path (the shared expert, or a dense SwiGLU of the routed experts' active width) to the MoE path.
+    moe_warmup_steps: int = field(default=0, metadata=ARCHITECTURE)
+    # capacity in tokens per expert (of one rank's micro-batch, like capacity_factor's count) grows linearly
+    # from min to max over capacity_growth_steps (capacity mode)
+    min_expert_capacity: Optional[int] = None
+    max_expert_capacity: Optional[int] = None
+    capacity_growth_steps: int = 0
+    aux_loss_ramp_steps: int = 0  # the aux loss is scaled by min(1, step / aux_loss_ramp_steps)
+    router_reset_interval: int = 0  # every this many steps the routers are re-initialised (0: never)
+    # a dense SwiGLU mixed with the MoE output by a learned weight: (1 - g) * dense + g * moe, g = sigmoid(w)
+    flexible_ffn: bool = field(default=False, metadata=ARCHITECTURE)
+    # a learned per-token score decides which assignments keep their slots at capacity
+    token_importance: bool = field(default=False, metadata=ARCHITECTURE)
 
     @property
     def dropless(self) -> bool:
@@ -242,6 +257,9 @@ class TrainConfig:
     revival_threshold: float = 0.01
     revival_init: RevivalInit = "live"
     revival_noise: float = 0.01
+    # per-step checks and log lines: router probabilities finite, loads and drops per MoE layer, the first
+    # module whose output is not finite (mymoe/train/debug.py); slow (reads the device every step)
+    debug: bool = False
 
 
 @dataclass
@@ -675,6 +693,48 @@ def validate_moe(moe: MoEConfig) -> None:
             f"model.moe.min_tokens_per_sequence_kept={moe.min_tokens_per_sequence_kept} must be "
             f">= 0 (0 protects no token)"
         )
+    validate_dynamics(moe)
+
+
+def validate_dynamics(moe: MoEConfig) -> None:
+    """The step-driven schedules of mymoe/model/moe/dynamics.py."""
+    _check_non_negative(
+        "model.moe", moe, ("moe_warmup_steps", "capacity_growth_steps", "aux_loss_ramp_steps", "router_reset_interval")
+    )
+    bounds = (moe.min_expert_capacity, moe.max_expert_capacity)
+    if moe.token_importance and (moe.dropless or moe.drop_policy != "probs"):
+        raise ConfigError(
+            f"model.moe.token_importance=true orders the assignments that keep their slots at capacity, but "
+            f"capacity_factor={moe.capacity_factor} and drop_policy={moe.drop_policy!r}: it needs a capacity "
+            f"factor (e.g. 1.25) and drop_policy=probs"
+        )
+    if bounds == (None, None):
+        if moe.capacity_growth_steps:
+            raise ConfigError(
+                f"model.moe.capacity_growth_steps={moe.capacity_growth_steps} has no capacity to grow: set "
+                f"model.moe.min_expert_capacity and model.moe.max_expert_capacity, or drop it"
+            )
+        return
+    if None in bounds:
+        raise ConfigError(
+            f"model.moe.min_expert_capacity={bounds[0]} and max_expert_capacity={bounds[1]}: set both "
+            f"(tokens per expert at the start and the end of capacity_growth_steps) or neither"
+        )
+    if moe.dropless:
+        raise ConfigError(
+            f"model.moe.min_expert_capacity={bounds[0]}, max_expert_capacity={bounds[1]} need capacity mode, "
+            f"but capacity_factor is null (dropless): set model.moe.capacity_factor (e.g. 1.25), or drop them"
+        )
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise ConfigError(
+            f"model.moe.min_expert_capacity={bounds[0]} and max_expert_capacity={bounds[1]} need "
+            f"1 <= min <= max (tokens per expert)"
+        )
+    if bounds[0] < bounds[1] and moe.capacity_growth_steps == 0:
+        raise ConfigError(
+            f"model.moe.capacity_growth_steps=0 cannot grow capacity from {bounds[0]} to {bounds[1]}: "
+            f"set it to the number of steps the growth takes"
+        )
 
 
 def validate_parallel(par: ParallelConfig, num_experts: int, world_size: Optional[int]) -> None:
@@ -789,8 +849,29 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
         )
     validate_data(config.data)
     check_encoder_training(config)
+    validate_dynamics_with_training(config)
     check_values(config)
     return config
+
+
+def validate_dynamics_with_training(config: Config) -> None:
+    """The step-driven MoE schedules against the training settings they meet."""
+    moe, train = config.model.moe, config.train
+    if moe.aux_loss_ramp_steps and train.aux_loss_ramp_steps:
+        raise ConfigError(
+            f"model.moe.aux_loss_ramp_steps={moe.aux_loss_ramp_steps} and train.aux_loss_ramp_steps="
+            f"{train.aux_loss_ramp_steps} would both ramp the aux loss: set one of them to 0"
+        )
+    if moe.router_reset_interval and config.peft.enabled:
+        raise ConfigError(
+            f"model.moe.router_reset_interval={moe.router_reset_interval} re-initialises the routers, which "
+            f"fine-tuning with adapters (peft) keeps frozen: set router_reset_interval=0"
+        )
+    if moe.router_reset_interval and config.parallel.fsdp:
+        raise ConfigError(
+            f"model.moe.router_reset_interval={moe.router_reset_interval} re-initialises whole router "
+            f"weights, which FSDP shards: set parallel.fsdp=false or router_reset_interval=0"
+        )
 
 
 def _validate_fsdp(par: ParallelConfig) -> None:

@@ -173,6 +173,8 @@ def export_refusals(model, name: str) -> list[str]:
                 f"expert_mlp_bias={moe.expert_mlp_bias}, expert_activation={moe.expert_activation!r}: "
                 f"{name}'s experts are SwiGLU without biases (export as gpt_oss)"
             )
+    if config.first_k_dense_replace < config.num_hidden_layers:
+        problems += dynamics_refusals(moe, name)
     if name == "deepseek_v3" or config.first_k_dense_replace == config.num_hidden_layers:
         return problems  # DeepSeek-V3 routing has groups, scaling and the bias; a dense model has no routing
     if config.attention_type == "mla" and "mla" not in computes:
@@ -193,6 +195,23 @@ def export_refusals(model, name: str) -> list[str]:
             f"{name} has no selection bias"
         )
     return problems
+
+
+# the training dynamics that add parameters to a MoE layer (mymoe/model/moe/dynamics.py), and what they add
+DYNAMICS_PARAMETERS = {
+    "moe_warmup_steps": "a dense path mixed into the MoE output during warm-up (dense_ffn)",
+    "flexible_ffn": "a dense FFN mixed with the MoE output by a learned weight (dense_ffn, ffn_mix_logit)",
+    "token_importance": "a learned token score that orders capacity and scales the routed output (importance)",
+}
+
+
+def dynamics_refusals(moe, name: str) -> list[str]:
+    """Every training-dynamics option this model's MoE layers use: none has a counterpart in transformers."""
+    return [
+        f"{field}={getattr(moe, field)}: {what}, which {name} does not compute (train with {field} off to export)"
+        for field, what in DYNAMICS_PARAMETERS.items()
+        if getattr(moe, field)
+    ]
 
 
 def rope_parameters(config) -> dict:

@@ -221,9 +221,13 @@ class MoECausalLM(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         past_key_values: Optional[list] = None,
         use_cache: bool = False,
+        step: Optional[int] = None,
     ) -> CausalLMOutput:
         """input_ids, labels [B, S]; attention_mask [B, past + S] with 1 = token, 0 = padding (left padding
-        allowed); past_key_values: the list of KVCache returned by an earlier call with use_cache=True."""
+        allowed); past_key_values: the list of KVCache returned by an earlier call with use_cache=True;
+        step: the trainer's global step, kept for the MoE schedules (None keeps the last one given)."""
+        if step is not None:
+            self.set_step(step)
         if use_cache and past_key_values is None:
             past_key_values = [KVCache() for _ in range(self.config.num_hidden_layers)]
         hidden, moe_aux = self.model(input_ids, attention_mask, position_ids, past_key_values)
@@ -278,6 +282,24 @@ class MoECausalLM(nn.Module):
         for block in blocks:
             if block.is_moe:
                 yield block.mlp
+
+    def set_step(self, step: int) -> None:
+        """Hand the global step to every MoE layer, as a Python int: the schedules of
+        mymoe/model/moe/dynamics.py read it on the host, so no step waits on the device for it."""
+        for layer in self.iter_moe_layers():
+            layer.step = step
+
+    def reset_routers(self, seed: int) -> list[nn.Parameter]:
+        """Re-initialise every MoE layer's router as at construction, each from a generator seeded by `seed`
+        and its name (every rank draws the same weights); returns the parameters whose optimizer state
+        must be cleared."""
+        reset = []
+        for name, module in self.named_modules():
+            if isinstance(module, MoELayer):
+                generator = torch.Generator(device=module.gate.weight.device)
+                generator.manual_seed(seed ^ zlib.crc32(name.encode()))
+                reset += module.reset_router(self.config.initializer_range, generator)
+        return reset
 
     # ------------------------------------------------------------------------------------------------
     # size and cost

@@ -24,6 +24,7 @@ from mymoe.config import Config, ConfigError
 from mymoe.data.reader import build_train_reader
 from mymoe.load import init_from as load_initial_weights
 from mymoe.model import MoECausalLM
+from mymoe.model.moe.dynamics import router_reset_due
 from mymoe.model.transformer import training_loss
 from mymoe.optim import build_optimizer, parameter_groups
 from mymoe.parallel import ParallelContext, clip_grad_norm_, init_distributed, parallelize, reduce_gradients, shutdown
@@ -31,6 +32,7 @@ from mymoe.parallel.collectives import all_reduce
 from mymoe.parallel.fsdp import apply_fsdp, set_gradient_sync
 from mymoe.parallel.replication import Replicator, unreplicated_rows
 from mymoe.peft import apply_peft
+from mymoe.train.debug import DebugMonitor
 from mymoe.train.deepspeed_engine import ZeroOptimizerView, initialize_deepspeed
 from mymoe.train.evaluation import sum_lm_loss
 from mymoe.train.guard import NonFiniteGuard, step_if_finite
@@ -127,6 +129,12 @@ def check_engine(config: Config, deepspeed_config: Optional[str]) -> None:
             f"--deepspeed {deepspeed_config} keeps its own fp32 copy of the weights, which dead-expert revival "
             f"does not reach: drop --deepspeed, or set --train.revive_dead_experts=false"
         )
+    interval = config.model.moe.router_reset_interval
+    if deepspeed_config is not None and interval:
+        raise ConfigError(
+            f"model.moe.router_reset_interval={interval} clears the routers' optimizer state, which DeepSpeed's "
+            f"engine holds partitioned: drop --deepspeed {deepspeed_config}, or set router_reset_interval=0"
+        )
 
 
 class Trainer:
@@ -192,6 +200,8 @@ class Trainer:
             )
         self.revivals: list[Revival] = []  # done but not reported yet
         self.last_batch = None  # the last micro-batch, which the non-finite guard reruns to find the culprit
+        self.debug = DebugMonitor(self.model) if train.debug else None
+        self.log_lines: list[str] = []  # what a step has to say (router resets, debug checks), for train_steps
 
     # --- the checkpoint seam -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -236,6 +246,8 @@ class Trainer:
         accumulation = config.train.gradient_accumulation_steps
         lr = self.schedule.apply(self.step)
         aux_scale = aux_loss_scale(self.step, config.train)
+        if router_reset_due(self.step, config.model.moe.router_reset_interval):
+            self.reset_routers()
         self.model.train()
         if self.engine is None:  # where a stop deadline may abandon this step (mymoe/train/stop.py)
             self.resume_point = (self.train_reader.state_dict(), torch.get_rng_state())
@@ -245,7 +257,7 @@ class Trainer:
             input_ids, labels = self.train_reader.next_batch()
             self.last_batch = (input_ids, labels)
             with autocast_context(config, ctx.device):
-                out = self.forward(input_ids.to(ctx.device), labels=labels.to(ctx.device))
+                out = self.forward(input_ids.to(ctx.device), labels=labels.to(ctx.device), step=self.step)
             loss = training_loss(out, config.model.mtp_loss_weight, aux_scale)
             if self.engine is not None:
                 self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
@@ -277,7 +289,21 @@ class Trainer:
         if self.replicator is not None:  # the owners' new weights (stepped, or revived) into the copies
             self.replicator.observe(self.step, expert_loads)
             self.replicator.refresh()
+        if self.debug is not None:
+            self.log_lines += self.debug.report(self.step)
         return StepMetrics(means[:5], means[5:], grad_norm, skipped, expert_loads, expert_rows, lr, aux_scale)
+
+    def reset_routers(self) -> None:
+        """Re-initialise every router (the same weights on every rank: seeded by the seed and the step) and
+        forget their optimizer state, so AdamW restarts its moments for them; training continues."""
+        reset = self.model.reset_routers(self.config.train.seed + self.step)
+        for param in reset:
+            self.optimizer.state.pop(param, None)
+        self.log_lines.append(
+            f"step {self.step}: re-initialised the routers of {len(list(self.model.iter_moe_layers()))} MoE layers "
+            f"and cleared their optimizer state (model.moe.router_reset_interval="
+            f"{self.config.model.moe.router_reset_interval})"
+        )
 
     def abandon_step(self) -> None:
         """Undo a step stopped before its optimizer update: data position and RNG back at the step boundary."""
@@ -409,6 +435,9 @@ def train_steps(
             return
         step = trainer.step
         unread.append((step, metrics))
+        for line in trainer.log_lines:
+            logger.write(line)
+        trainer.log_lines = []
         evaluating = train_config.eval_interval and (step % train_config.eval_interval == 0 or trainer.finished())
         checkpointing = (
             train_config.checkpoint_interval and step % train_config.checkpoint_interval == 0 and not trainer.finished()

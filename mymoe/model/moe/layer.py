@@ -6,7 +6,8 @@ The layer owns no communication: a dispatcher is handed to it (``LocalDispatcher
 all-to-all one from ``mymoe.parallel`` under expert parallelism, swapped in with ``set_dispatcher``).
 Capacity is decided once, on this rank's own tokens, before dispatch; its math and what becomes of the
 assignments that overflow it (dropped, spilled to another expert, or sent to the null expert) are
-``overflow.py``'s.
+``overflow.py``'s. The step-driven schedules (warm-up from a dense path, capacity growth, aux-loss ramp)
+and the learned mixing weight and token importance are ``dynamics.py``'s.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from mymoe.config import MoEConfig
 from mymoe.model.layers import build_ffn
 from mymoe.model.moe.dispatch import Dispatcher, LocalDispatcher
+from mymoe.model.moe.dynamics import TokenImportance, schedule_fraction, scheduled_capacity
 from mymoe.model.moe.experts import GroupedExperts
 from mymoe.model.moe.overflow import Placement, compute_capacity, place_assignments
 from mymoe.model.moe.router import Router
@@ -99,6 +101,22 @@ class MoELayer(nn.Module):
         self._check_dispatcher(self.dispatcher)
         self._pending_load: Optional[torch.Tensor] = None
         self._pending_rows: Optional[torch.Tensor] = None
+        self._build_dynamics(hidden_size, init_std)
+
+    def _build_dynamics(self, hidden_size: int, init_std: float) -> None:
+        """The parts dynamics.py describes: a dense path to mix with (unless the shared expert is it), the
+        learned mixing logit and the token scorer; all None when their options are off."""
+        moe = self.moe
+        self.step: Optional[int] = None  # the trainer's global step, set by MoECausalLM.set_step
+        self.dense_ffn = None
+        if (moe.moe_warmup_steps or moe.flexible_ffn) and self.shared_experts is None:
+            width = moe.moe_intermediate_size * moe.num_experts_per_tok  # the routed width one token uses
+            self.dense_ffn = build_ffn(moe.expert_activation == "gelu", hidden_size, width)
+        # initialised near 0 (MoECausalLM.reset_parameters): g near 0.5, the two paths start with equal shares
+        self.ffn_mix_logit = nn.Parameter(torch.zeros(())) if moe.flexible_ffn else None
+        self.importance = TokenImportance(hidden_size) if moe.token_importance else None
+        if self.importance is not None:
+            nn.init.normal_(self.importance.score.weight, mean=0.0, std=init_std)
 
     def set_dispatcher(self, dispatcher: Dispatcher) -> None:
         """Swap the dispatcher; the experts must already hold exactly its local experts (``experts.shard``)."""
@@ -126,18 +144,31 @@ class MoELayer(nn.Module):
         factor = moe.capacity_factor
         if not self.training and moe.eval_capacity_factor is not None:
             factor = moe.eval_capacity_factor
+        elif moe.min_expert_capacity is not None and factor is not None:
+            return scheduled_capacity(self.step, moe)
         return compute_capacity(num_tokens, self.num_experts, self.top_k, factor, moe.min_capacity)
+
+    def moe_share(self):
+        """The MoE path's share of the output: the warm-up fraction, times the learned g of flexible_ffn
+        (a Python float 1.0 when neither is on, so the default path multiplies nothing)."""
+        share = schedule_fraction(self.step, self.moe.moe_warmup_steps)
+        if self.ffn_mix_logit is not None:
+            return share * torch.sigmoid(self.ffn_mix_logit)
+        return share
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         """hidden [batch, seq, hidden] or [tokens, hidden] -> (output of the same shape, MoEAux)."""
         batch_shape = tuple(hidden.shape[:2]) if hidden.dim() == 3 else None
         tokens = hidden.reshape(-1, hidden.shape[-1])  # [tokens, hidden]
         routing = self.gate(tokens, batch_shape)
+        importance = self.importance(tokens) if self.importance is not None else None  # [tokens]
+        # what decides who keeps a slot at capacity: router weight, or the token's learned importance
+        priority = routing.expert_weights if importance is None else importance.detach()[:, None].expand(-1, self.top_k)
 
         capacity = self.capacity(tokens.shape[0])
         placement = place_assignments(
             routing.expert_indices,
-            routing.expert_weights,
+            priority,
             routing.selection_scores,
             capacity=capacity,
             drop_policy=self.moe.drop_policy,
@@ -150,14 +181,24 @@ class MoELayer(nn.Module):
         )
         expert_output = self.experts(batch)
         output = self.dispatcher.combine(expert_output, handle).to(hidden.dtype)
+        if importance is not None:
+            output = output * TokenImportance.output_scale(importance).to(output.dtype)[:, None]
 
+        share = self.moe_share()
+        whole = isinstance(share, float) and share == 1.0  # no warm-up left and no learned mix
         if self.shared_experts is not None:
             shared = self.shared_experts(tokens)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
-            output = output + shared
+            # the shared expert is the dense path: (1 - a) * shared + a * (routed + shared)
+            output = (output if whole else share * output) + shared
+        elif not whole:
+            output = (1 - share) * self.dense_ffn(tokens) + share * output
 
         aux = self._aux(routing, placement)
+        ramp = schedule_fraction(self.step, self.moe.aux_loss_ramp_steps)
+        if ramp != 1.0:
+            aux.aux_loss = ramp * aux.aux_loss
         if self.training and not _in_backward():
             rows = batch.tokens_per_expert.sum()  # the rows this rank's experts computed, from every sender
             if self._pending_load is None:
@@ -200,6 +241,16 @@ class MoELayer(nn.Module):
         if self._pending_rows is None:
             return torch.zeros((), dtype=torch.int64, device=self.gate.expert_bias.device)
         return self._pending_rows
+
+    @torch.no_grad()
+    def reset_router(self, init_std: float, generator: torch.Generator) -> list[nn.Parameter]:
+        """Re-initialise the router (weights from `generator`, biases and balancing bias to zero) and return
+        its parameters, whose optimizer state the caller clears."""
+        self.gate.weight.normal_(0.0, init_std, generator=generator)
+        self.gate.expert_bias.zero_()
+        if self.gate.bias is not None:
+            self.gate.bias.zero_()
+        return list(self.gate.parameters())
 
     def update_expert_bias(self, global_load: torch.Tensor) -> None:
         """Apply the aux-loss-free bias update from the step's load (all-reduced over ranks by the trainer)
