@@ -1,0 +1,165 @@
+"""The sample-level gated ensemble (mymoe.ensemble): the routing rule and the probability mix against plain
+references, skipped members not run, cached generation equal to recomputing, a folder that round-trips and
+refuses members that cannot be mixed; and the must-show: two members trained on Python source and on English
+prose, whose trained gate sends held-out samples of each kind to their member and whose mix beats each alone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mymoe.config import ConfigError, EnsembleConfig, PEFTConfig, config_from_dict, validate, validate_ensemble
+from mymoe.checkpoint import CheckpointError
+from mymoe.ensemble.commands import main
+from mymoe.ensemble.folder import build_ensemble, load_ensemble, save_weights
+from mymoe.ensemble.gate import SampleGate, gate_model_config, last_real_position, route
+from mymoe.ensemble.model import GatedEnsemble
+from mymoe.model import MoECausalLM
+
+SMALL = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+}
+
+
+def small_member(folder: Path, name: str, seed: int, **fields) -> str:
+    """A random small model saved as a .pt file mymoe.load reads; its path."""
+    torch.manual_seed(seed)
+    config = validate(config_from_dict({"model": {**SMALL, **fields}, "data": {"seq_len": 16}}))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.pt"
+    torch.save({"model_state_dict": MoECausalLM(config.model).state_dict(), "config": config.to_dict()}, path)
+    return str(path)
+
+
+def small_ensemble(threshold: float = 0.0, members: int = 2) -> GatedEnsemble:
+    models = []
+    for seed in range(members):
+        torch.manual_seed(seed)
+        models.append(MoECausalLM(validate(config_from_dict({"model": SMALL})).model).eval())
+    gate = SampleGate(gate_model_config(64, 32, 1, 4, 64), members)
+    torch.nn.init.normal_(gate.to_members.weight, std=1.0)  # a gate with opinions (it starts uniform)
+    return GatedEnsemble(models, gate, threshold).eval()
+
+
+def test_route_keeps_the_members_above_the_threshold_and_always_the_top_one():
+    logits = torch.tensor([[2.0, 1.0, -3.0], [0.0, 0.0, 0.0], [0.1, 5.0, 0.0]])
+    probs = logits.softmax(-1)
+    weights = route(logits, threshold=0.34)
+    assert torch.equal(weights > 0, torch.tensor([[True, False, False], [True, False, False], [False, True, False]]))
+    assert weights[1].tolist() == [1.0, 0.0, 0.0]  # a tie below the threshold: the top one (the first) is kept
+    weights = route(logits, threshold=0.2)
+    expected = probs[0, :2] / probs[0, :2].sum()
+    assert torch.allclose(weights[0, :2], expected) and weights[0, 2] == 0
+    assert torch.allclose(route(logits, 0.0), probs)
+    assert torch.allclose(route(logits, 0.3).sum(-1), torch.ones(3))
+
+
+def test_last_real_position_under_left_and_right_padding():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    assert last_real_position(mask).tolist() == [3, 2, 3, 0]
+
+
+def test_the_output_mixes_probabilities_and_skipped_members_do_not_run():
+    torch.manual_seed(0)
+    ensemble = small_ensemble(threshold=0.0, members=3).requires_grad_(False)
+    input_ids = torch.randint(0, 64, (4, 10))
+    labels = torch.randint(0, 64, (4, 10))
+    output = ensemble(input_ids, labels)
+    probs = [F.softmax(member(input_ids).logits.float(), -1) for member in ensemble.members]
+    mixed = sum(output.weights[:, m, None, None] * probs[m] for m in range(3))  # [B, S, V]
+    assert torch.allclose(output.log_probs.exp(), mixed, atol=1e-6)
+    assert float(output.lm_loss) == pytest.approx(float(-mixed.gather(-1, labels[..., None]).log().mean()), rel=1e-5)
+
+    ensemble.threshold = 0.9  # each sample now has only its top member
+    rows_seen = [0, 0, 0]
+    for index, member in enumerate(ensemble.members):
+        member.register_forward_hook(lambda module, inputs, out, i=index: rows_seen.__setitem__(i, len(inputs[0])))
+    output = ensemble(input_ids)
+    top = output.weights.argmax(1)
+    assert rows_seen == torch.bincount(top, minlength=3).tolist()
+    for row in range(4):
+        alone = F.log_softmax(ensemble.members[int(top[row])](input_ids[row : row + 1]).logits.float(), -1)
+        assert torch.allclose(output.log_probs[row], alone[0], atol=1e-5)
+
+
+def test_cached_generation_is_the_greedy_argmax_of_the_mix_and_padding_changes_nothing():
+    torch.manual_seed(1)
+    ensemble = small_ensemble(threshold=0.3)
+    prompt = torch.randint(0, 64, (1, 5))
+    generated = ensemble.generate(prompt, 6, temperature=0.0)
+    tokens = prompt
+    for _ in range(6):  # no cache: the whole sequence again each step, with the routing of the prompt
+        weights = ensemble.routing(prompt)
+        next_token = ensemble.mix(tokens, None, weights)[:, -1].argmax(-1)
+        tokens = torch.cat((tokens, next_token[:, None]), 1)
+    assert torch.equal(generated, tokens)
+
+    other = torch.randint(0, 64, (1, 3))
+    padded = torch.cat((torch.zeros(1, 2, dtype=torch.long), other), 1)
+    batch = torch.cat((prompt, padded))
+    mask = torch.ones_like(batch)
+    mask[1, :2] = 0
+    together = ensemble.generate(batch, 6, temperature=0.0, attention_mask=mask)
+    assert torch.equal(together[0], generated[0])
+    assert torch.equal(together[1, 2:], ensemble.generate(other, 6, temperature=0.0)[0])
+    sampled = ensemble.generate(prompt, 6, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(0))
+    again = ensemble.generate(prompt, 6, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, again) and sampled.shape == (1, 11)
+
+
+def test_a_folder_round_trips_with_adapters_and_the_gate_owns_the_averaged_embedding(tmp_path):
+    members = [small_member(tmp_path, "a", 0), small_member(tmp_path, "b", 1)]
+    settings = EnsembleConfig(threshold=0.2, lm_loss_weight=1.0, peft=PEFTConfig(lora_rank=2))
+    manifest = build_ensemble(members, tmp_path / "ens", settings, announce=lambda line: None)
+    assert manifest["members"] == [str(Path(m).resolve()) for m in members]
+    assert sorted(os.listdir(tmp_path / "ens")) == ["adapters.safetensors", "gate.safetensors", "manifest.json"]
+    ensemble, _ = load_ensemble(tmp_path / "ens")
+    average = (ensemble.members[0].model.embed_tokens.weight + ensemble.members[1].model.embed_tokens.weight) / 2
+    assert torch.allclose(ensemble.gate.body.embed_tokens.weight, average)
+    assert ensemble.gate.body.embed_tokens.weight.data_ptr() not in {
+        m.model.embed_tokens.weight.data_ptr() for m in ensemble.members
+    }
+    trainable = {name for name, p in ensemble.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("gate.") or ".lora_" in name for name in trainable)
+    assert any(".lora_" in name for name in trainable)
+
+    with torch.no_grad():  # as if trained: the loaded folder must give these weights back
+        for param in ensemble.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    save_weights(ensemble, manifest, tmp_path / "ens")
+    again, _ = load_ensemble(tmp_path / "ens")
+    input_ids = torch.randint(0, 64, (3, 8))
+    assert torch.allclose(ensemble.eval()(input_ids).log_probs, again.eval()(input_ids).log_probs, atol=1e-6)
+    assert not [name for name in os.listdir(tmp_path / "ens") if ".partial-" in name]
+
+
+def test_members_that_cannot_be_mixed_and_bad_settings_are_refused_before_any_write(tmp_path, capsys):
+    a = small_member(tmp_path, "a", 0)
+    wider = small_member(tmp_path, "wider", 1, vocab_size=80)
+    with pytest.raises(CheckpointError, match="members differ in vocab_size: .* has 64, .* has 80; the ensemble mixes"):
+        build_ensemble([a, wider], tmp_path / "ens", EnsembleConfig(), announce=lambda line: None)
+    with pytest.raises(CheckpointError, match="an ensemble needs two or more"):
+        build_ensemble([a], tmp_path / "ens", EnsembleConfig(), announce=lambda line: None)
+    assert not (tmp_path / "ens").exists()
+    with pytest.raises(ConfigError, match=r"threshold=1.5 must be in \[0, 1\)"):
+        validate_ensemble(EnsembleConfig(threshold=1.5))
+    with pytest.raises(ConfigError, match="gate_heads=5 must divide the members' hidden_size=32"):
+        validate_ensemble(EnsembleConfig(gate_heads=5), hidden_size=32)
+    with pytest.raises(ConfigError, match="lm_loss_weight=0 leaves them untrained"):
+        validate_ensemble(EnsembleConfig(peft=PEFTConfig(prefix_length=2)))
+    assert main(["build", "--members", a, wider, "--out", str(tmp_path / "ens")]) == 1
+    assert "error: members differ in vocab_size" in capsys.readouterr().err
+    assert main(["evaluate", "--ensemble", str(tmp_path), "--data", "x"]) == 1
+    assert "is not an ensemble folder (manifest.json is missing)" in capsys.readouterr().err
