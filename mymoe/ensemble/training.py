@@ -89,17 +89,17 @@ def train_gate(
             optimizer.step()
 
             accuracy = float((gate_logits.argmax(1) == target).float().mean())
-            recent = (recent + [(float(loss), accuracy)])[-RECENT_STEPS:]
+            recent = (recent + [(loss.item(), accuracy)])[-RECENT_STEPS:]
             scalars = {
-                "gate/loss": float(gate_loss),
+                "gate/loss": gate_loss.item(),
                 "gate/routing_accuracy": accuracy,
                 "gate/lr": learning_rate(step, schedule),
             }
             if lm_loss is not None:
-                scalars["gate/ensemble_lm_loss"] = float(lm_loss)
+                scalars["gate/ensemble_lm_loss"] = lm_loss.item()
             logger.log(first_step + step + 1, scalars)
             tokens_per_second = (step + 1) * input_ids.numel() / (time.perf_counter() - start)
-            logger.progress(first_step + step + 1, float(loss), tokens_per_second)
+            logger.progress(first_step + step + 1, recent[-1][0], tokens_per_second)
     finally:
         logger.close()
     manifest["gate_steps"] = first_step + steps
