@@ -15,7 +15,15 @@ from typing import Iterable
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_CORPUS, TINY_CONFIG, documents, run_preprocess, train_in_process, write_jsonl
+from conftest import (
+    SHARED_CORPUS,
+    TINY_CONFIG,
+    documents,
+    run_preprocess,
+    train_in_process,
+    write_dataset,
+    write_jsonl,
+)
 
 from data_tools.corpus import resolve_inputs
 from data_tools.tokenizer import TokenizerOptions, check_tokenizer_options, train_tokenizer
@@ -168,6 +176,26 @@ def test_a_folder_round_trips_with_adapters_and_the_gate_owns_the_averaged_embed
     input_ids = torch.randint(0, 64, (3, 8))
     assert torch.allclose(ensemble.eval()(input_ids).log_probs, again.eval()(input_ids).log_probs, atol=1e-6)
     assert not [name for name in os.listdir(tmp_path / "ens") if ".partial-" in name]
+
+
+def test_train_gate_with_adapters_trains_the_gate_and_the_adapters_only(tmp_path, capsys):
+    members = [small_member(tmp_path, "a", 0), small_member(tmp_path, "b", 1)]
+    write_dataset(str(tmp_path / "data"), num_tokens=2000)
+    ensemble = str(tmp_path / "ens")
+    flags = ["--lora-rank", "2", "--lm-loss-weight", "1.0", "--gate-layers", "0"]
+    assert main(["build", "--members", *members, "--out", ensemble, *flags]) == 0
+    before, _ = load_ensemble(ensemble)
+    assert main(["train-gate", "--ensemble", ensemble, "--data", str(tmp_path / "data"), "--steps", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["gate_steps"] == 3 and 0 <= summary["routing_accuracy"] <= 1
+    after, manifest = load_ensemble(ensemble)
+    assert manifest["gate_steps"] == 3
+    old, new = dict(before.named_parameters()), dict(after.named_parameters())
+    changed = {name for name in new if not torch.equal(old[name], new[name])}
+    assert any(name.startswith("gate.") for name in changed) and any(".lora_B" in name for name in changed)
+    assert all(name.startswith("gate.") or ".lora_" in name for name in changed)
+    logged = (Path(ensemble) / "gate_training" / "metrics.jsonl").read_text().splitlines()
+    assert "gate/ensemble_lm_loss" in json.loads(logged[-1])
 
 
 def test_members_that_cannot_be_mixed_and_bad_settings_are_refused_before_any_write(tmp_path, capsys):
