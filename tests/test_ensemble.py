@@ -354,6 +354,12 @@ def test_the_gate_routes_code_and_prose_to_their_members_and_the_mix_beats_each(
     assert overall["ensemble_loss"] < min(overall["member_loss"])
     assert code["member_loss"][0] < code["member_loss"][1] and prose["member_loss"][1] < prose["member_loss"][0]
 
+    # routed from the first half of each sample only, as a prompt is: the mix still beats each member
+    evaluate = ["evaluate", "--ensemble", ensemble, "--data", *valid, "--labels", "0", "1", "--max-batches", "12"]
+    assert main([*evaluate, "--gate-tokens", "32", "--no-progress"]) == 0
+    from_prompt = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert from_prompt["overall"]["ensemble_loss"] < min(from_prompt["overall"]["member_loss"])
+
     assert main(["generate", "--ensemble", ensemble, "--prompt", "def main(", "--max-new-tokens", "8"]) == 0
     generated = capsys.readouterr()
     assert generated.out.startswith("def main(") and "was routed to member" in generated.err
@@ -363,4 +369,11 @@ def test_the_gate_routes_code_and_prose_to_their_members_and_the_mix_beats_each(
     print(
         f"RESULT mixed held-out loss: ensemble {overall['ensemble_loss']:.4f}, code member "
         f"{overall['member_loss'][0]:.4f}, prose member {overall['member_loss'][1]:.4f}"
+    )
+    first_half = from_prompt["overall"]
+    print(
+        f"RESULT gate reading the first 32 of 64 tokens: routing accuracy code "
+        f"{from_prompt['datasets'][0]['routing_accuracy']:.3f}, prose {from_prompt['datasets'][1]['routing_accuracy']:.3f}; "
+        f"mixed held-out loss: ensemble {first_half['ensemble_loss']:.4f}, code member "
+        f"{first_half['member_loss'][0]:.4f}, prose member {first_half['member_loss'][1]:.4f}"
     )

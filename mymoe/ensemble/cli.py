@@ -54,6 +54,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     evaluate.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the members')")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--max-batches", type=int, default=None, help="at most this many batches of each")
+    evaluate.add_argument(
+        "--gate-tokens", type=int, default=None, help="route each sample from its first N tokens (default: all)"
+    )
 
     generate = steps.add_parser("generate", help="continue prompts with the gated mix of the members")
     generate.add_argument("--ensemble", required=True, metavar="DIR")
@@ -71,7 +74,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     for step in (build, train, evaluate):
         step.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "seq_len", "max_batches", "max_new_tokens"):
+    for name in ("steps", "batch_size", "seq_len", "max_batches", "gate_tokens", "max_new_tokens"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')}={value} must be >= 1")

@@ -50,7 +50,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    options = chosen(args, "labels", "seq_len", "batch_size", "max_batches", "device")
+    options = chosen(args, "labels", "seq_len", "batch_size", "max_batches", "gate_tokens", "device")
     print(json.dumps(evaluate_ensemble(args.ensemble, args.data, **options)), flush=True)
     return 0
 

@@ -28,6 +28,7 @@ def evaluate_ensemble(
     seq_len: Optional[int] = None,
     batch_size: int = 8,
     max_batches: Optional[int] = None,
+    gate_tokens: Optional[int] = None,
     device: Optional[str] = None,
     progress: bool = True,
     announce: Callable[[str], None] = print,
@@ -35,7 +36,8 @@ def evaluate_ensemble(
     """{"ensemble", "members", "seq_len", "datasets": [one result per prefix], "overall"}; a result holds
     "tokens", "samples", "member_loss" [per member], "ensemble_loss", "ensemble_perplexity", "routed"
     [samples whose top member is each member], "best_member_agreement" and, with labels, "label" and
-    "routing_accuracy"."""
+    "routing_accuracy". gate_tokens: the gate routes each sample from its first this many tokens only, as it
+    routes a prompt in generation (default: the whole sample)."""
     if labels is not None and len(labels) != len(prefixes):
         raise ValueError(f"--labels has {len(labels)} entries for {len(prefixes)} --data prefixes: give one per prefix")
     ensemble, manifest = load_ensemble(folder)
@@ -51,7 +53,7 @@ def evaluate_ensemble(
     ensemble.to(device).eval()
     announce(
         f"evaluating {folder} ({count} members, threshold {ensemble.threshold}) on {len(prefixes)} dataset(s): "
-        f"seq_len {seq_len}, batch {batch_size}, {f'at most {max_batches} batches each' if max_batches else 'every sample once'}"
+        f"seq_len {seq_len}, batch {batch_size}, gate reads {f'{gate_tokens} tokens' if gate_tokens else 'all'}, {f'at most {max_batches} batches each' if max_batches else 'every sample once'}"
     )
     results, overall = [], Tally(count, labelled=labels is not None)
     for index, prefix in enumerate(prefixes):
@@ -63,7 +65,7 @@ def evaluate_ensemble(
         ):
             if step == total:
                 break
-            tally.add(ensemble, input_ids.to(device), batch_labels.to(device))
+            tally.add(ensemble, input_ids.to(device), batch_labels.to(device), gate_tokens)
         overall.merge(tally)
         result = {"data": prefix, **tally.summary()}
         results.append(result)
@@ -88,10 +90,10 @@ class Tally:
         self.ensemble_nats = 0.0
         self.routed = [0] * members
 
-    def add(self, ensemble, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+    def add(self, ensemble, input_ids: torch.Tensor, labels: torch.Tensor, gate_tokens: Optional[int]) -> None:
         tokens = (labels != IGNORE_INDEX).sum(1).float()  # [B]
         member_losses = ensemble.member_losses(input_ids, labels)  # [B, M] means over each sample's tokens
-        output = ensemble(input_ids, labels)
+        output = ensemble(input_ids, labels, gate_tokens=gate_tokens)
         chosen = output.weights.argmax(1)  # [B] the top member of each sample
         self.tokens += int(tokens.sum())
         self.samples += len(input_ids)

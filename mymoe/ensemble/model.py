@@ -57,9 +57,12 @@ class GatedEnsemble(nn.Module):
         input_ids: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        gate_tokens: Optional[int] = None,
     ) -> EnsembleOutput:
-        """input_ids, labels [B, S] (labels already shifted, -100 ignored, as MoECausalLM takes them)."""
-        gate_logits = self.gate(input_ids, attention_mask)
+        """input_ids, labels [B, S] (labels already shifted, -100 ignored, as MoECausalLM takes them).
+        gate_tokens: the gate reads only the first this many positions (a prompt), not the whole sample."""
+        seen = slice(None, gate_tokens)
+        gate_logits = self.gate(input_ids[:, seen], attention_mask[:, seen] if attention_mask is not None else None)
         weights = route(gate_logits, self.threshold)
         log_probs = self.mix(input_ids, attention_mask, weights)
         output = EnsembleOutput(log_probs, gate_logits, weights)
