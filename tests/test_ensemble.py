@@ -185,6 +185,9 @@ def test_train_gate_with_adapters_trains_the_gate_and_the_adapters_only(tmp_path
     flags = ["--lora-rank", "2", "--lm-loss-weight", "1.0", "--gate-layers", "0"]
     assert main(["build", "--members", *members, "--out", ensemble, *flags]) == 0
     before, _ = load_ensemble(ensemble)
+    capsys.readouterr()
+    assert main(["train-gate", "--ensemble", ensemble, "--data", str(tmp_path / "nothing")]) == 1
+    assert "nothing.idx does not exist" in capsys.readouterr().err
     assert main(["train-gate", "--ensemble", ensemble, "--data", str(tmp_path / "data"), "--steps", "3"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["gate_steps"] == 3 and 0 <= summary["routing_accuracy"] <= 1

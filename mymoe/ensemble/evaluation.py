@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from mymoe.data.reader import FileOrderBatches
-from mymoe.ensemble.folder import load_ensemble
+from mymoe.ensemble.folder import load_ensemble, read_manifest
 from mymoe.evaluate.run import check_positions, check_prefix
 from mymoe.model.transformer import IGNORE_INDEX
 from mymoe.train.evaluation import perplexity
@@ -40,15 +40,16 @@ def evaluate_ensemble(
     routes a prompt in generation (default: the whole sample)."""
     if labels is not None and len(labels) != len(prefixes):
         raise ValueError(f"--labels has {len(labels)} entries for {len(prefixes)} --data prefixes: give one per prefix")
-    ensemble, manifest = load_ensemble(folder)
-    count = len(ensemble.members)
+    manifest = read_manifest(Path(folder))  # the inputs are checked before any member is loaded
+    count = len(manifest["members"])
     if labels is not None and any(not 0 <= label < count for label in labels):
         raise ValueError(f"--labels {labels}: each is a member index, 0..{count - 1}")
     seq_len = seq_len or manifest["seq_len"]
-    for member in ensemble.members:
-        check_positions(member.config, seq_len)
     for prefix in prefixes:
         check_prefix(prefix, seq_len, manifest["vocab_size"])
+    ensemble, _ = load_ensemble(folder)
+    for member in ensemble.members:
+        check_positions(member.config, seq_len)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ensemble.to(device).eval()
     announce(

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from mymoe.config import TrainConfig
 from mymoe.data.reader import build_train_reader
-from mymoe.ensemble.folder import load_ensemble, save_weights
+from mymoe.ensemble.folder import load_ensemble, read_manifest, save_weights
 from mymoe.evaluate.run import check_positions, check_prefix
 from mymoe.optim import build_optimizer, parameter_groups
 from mymoe.train.metrics import MetricsLogger
@@ -47,12 +47,13 @@ def train_gate(
     folder = Path(folder)
     if steps < 1 or batch_size < 1:
         raise ValueError(f"--steps={steps} and --batch-size={batch_size} must be >= 1")
-    ensemble, manifest = load_ensemble(folder)
+    manifest = read_manifest(folder)  # the inputs are checked before any member is loaded
     seq_len = seq_len or manifest["seq_len"]
-    for member in ensemble.members:
-        check_positions(member.config, seq_len)
     for prefix in prefixes:
         check_prefix(prefix, seq_len, manifest["vocab_size"])
+    ensemble, manifest = load_ensemble(folder)
+    for member in ensemble.members:
+        check_positions(member.config, seq_len)
     lm_loss_weight = manifest["ensemble"]["lm_loss_weight"]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ensemble.to(device).train()
