@@ -943,3 +943,53 @@ def validate_rope_scaling(rope_scaling: dict) -> None:
     factor = rope_scaling.get("factor")
     if not isinstance(factor, (int, float)) or factor < 1:
         raise ConfigError(f"model.rope_scaling.factor={factor!r} must be a number >= 1")
+
+
+# ---------------------------------------------------------------------------------------------------
+# sample-level gated ensembles (mymoe.ensemble): not a training section, saved in an ensemble's manifest
+
+
+@dataclass
+class EnsembleConfig:
+    """A gate routing each whole sample to some of several trained models (TinySeek's gated ensemble)."""
+
+    threshold: float = 0.1  # members whose gate weight is below this are skipped for the sample (top one kept)
+    gate_layers: int = 1  # Transformer blocks in the gate, read at the last real position; 0: mean of embeddings
+    gate_heads: int = 4  # attention heads of those blocks (must divide the members' hidden_size)
+    lm_loss_weight: float = 0.0  # the ensemble's lm loss joins the gate's cross-entropy (for adapters to learn)
+    peft: PEFTConfig = field(default_factory=PEFTConfig)  # adapters on every member; their base stays frozen
+
+
+def validate_ensemble(
+    ensemble: EnsembleConfig, hidden_size: Optional[int] = None, attention_type: Optional[str] = None
+) -> EnsembleConfig:
+    """ConfigError naming the first bad field and its fix: first with the settings alone (before any member is
+    loaded), then with the members' hidden_size and attention_type."""
+    if not 0 <= ensemble.threshold < 1:
+        raise ConfigError(
+            f"threshold={ensemble.threshold} must be in [0, 1): the gate weight below which a member is skipped "
+            f"(0 keeps every member)"
+        )
+    if ensemble.gate_layers < 0:
+        raise ConfigError(f"gate_layers={ensemble.gate_layers} must be >= 0 (0: mean of the embeddings)")
+    if ensemble.gate_layers and ensemble.gate_heads < 1:
+        raise ConfigError(f"gate_heads={ensemble.gate_heads} must be >= 1")
+    if ensemble.gate_layers and hidden_size is not None and hidden_size % ensemble.gate_heads:
+        raise ConfigError(
+            f"gate_heads={ensemble.gate_heads} must divide the members' hidden_size={hidden_size} "
+            f"(try {_divisors(hidden_size)})"
+        )
+    if ensemble.lm_loss_weight < 0:
+        raise ConfigError(f"lm_loss_weight={ensemble.lm_loss_weight} must be >= 0 (0: the gate's cross-entropy only)")
+    validate_peft(ensemble.peft, attention_type or "gqa")
+    if ensemble.peft.enabled and ensemble.lm_loss_weight == 0:
+        raise ConfigError(
+            "adapters (lora_rank or prefix_length) learn only through the ensemble's lm loss, and "
+            "lm_loss_weight=0 leaves them untrained: set lm_loss_weight (e.g. 1.0) or drop the adapters"
+        )
+    return ensemble
+
+
+def ensemble_config_from_dict(values: dict) -> EnsembleConfig:
+    """An EnsembleConfig from plain values (an ensemble manifest's "ensemble"), unknown keys refused."""
+    return _build(EnsembleConfig, values, "ensemble")

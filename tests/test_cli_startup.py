@@ -14,6 +14,7 @@ COMMANDS = [
     "mymoe.plan",
     "mymoe.verify",
     "mymoe.train.heatmap",
+    "mymoe.ensemble",
     "data_tools",
 ]
 PROBE = """

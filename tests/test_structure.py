@@ -24,7 +24,8 @@ PACKAGES = ("mymoe", "data_tools")
 LAYERS = [
     ["mymoe", "mymoe.config", "mymoe.tokenizer"],  # typed settings, no project imports
     ["mymoe.model", "mymoe.data"],  # plain PyTorch on one process; the .bin/.idx reader
-    ["mymoe.peft", "mymoe.upcycle", "mymoe.optim"],  # whole-model tools: adapters, dense -> MoE, AdamW groups
+    # whole-model tools: adapters, dense -> MoE, AdamW groups, a gated ensemble of whole models
+    ["mymoe.peft", "mymoe.upcycle", "mymoe.optim", "mymoe.ensemble"],
     ["mymoe.parallel"],  # ranks, groups, dispatchers over torch.distributed, gradient reduction
     ["mymoe.checkpoint"],  # storage: sharded tensors, manifests, checksums; builds no model
     ["mymoe.convert"],  # formats: consolidated file, resharding, Hugging Face, Megatron names
@@ -41,6 +42,12 @@ LAYERS = [
         "mymoe.planner",
         "mymoe.verify",
         "mymoe.equivalence",  # the commands
+        "mymoe.ensemble.folder",
+        "mymoe.ensemble.training",
+        "mymoe.ensemble.evaluation",
+        "mymoe.ensemble.cli",
+        "mymoe.ensemble.commands",
+        "mymoe.ensemble.__main__",
         "data_tools",
     ],
     ["data_tools.cli", "data_tools.__main__"],  # data_tools' command line over its commands
