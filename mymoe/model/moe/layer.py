@@ -2,6 +2,8 @@
 
     hidden -> router -> capacity keep mask -> dispatch (sort by expert) -> experts -> combine -> + shared
 
+(dispatcher.run does the middle three and the shared experts, overlapping them where tokens travel.)
+
 The layer owns no communication: a dispatcher is handed to it (``LocalDispatcher`` by default, an
 all-to-all one from ``mymoe.parallel`` under expert parallelism, swapped in with ``set_dispatcher``).
 Capacity is decided once, on this rank's own tokens, before dispatch; its math and what becomes of the
@@ -11,6 +13,7 @@ assignments that overflow it (dropped, spilled to another expert, or sent to the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -138,16 +141,15 @@ class MoELayer(nn.Module):
             min_tokens_per_sequence_kept=self.moe.min_tokens_per_sequence_kept,
             batch_shape=batch_shape,
         )
-        batch, handle = self.dispatcher.dispatch(
-            tokens, placement.expert_indices, routing.expert_weights, placement.keep
+        # the shared experts need no dispatched token: the dispatcher runs them while tokens are in flight
+        shared_work = None if self.shared_experts is None else functools.partial(self._shared_output, tokens)
+        # dropless keeps every assignment; saying so (keep None) spares the dispatcher a host read of the count
+        keep = None if capacity is None else placement.keep
+        routed, shared = self.dispatcher.run(
+            self.experts, tokens, placement.expert_indices, routing.expert_weights, keep, shared_work
         )
-        expert_output = self.experts(batch)
-        output = self.dispatcher.combine(expert_output, handle).to(hidden.dtype)
-
-        if self.shared_experts is not None:
-            shared = self.shared_experts(tokens)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+        output = routed.to(hidden.dtype)
+        if shared is not None:
             output = output + shared
 
         aux = self._aux(routing, placement)
@@ -156,6 +158,12 @@ class MoELayer(nn.Module):
                 aux.tokens_per_expert if self._pending_load is None else (self._pending_load + aux.tokens_per_expert)
             )
         return output.view(hidden.shape), aux
+
+    def _shared_output(self, tokens: torch.Tensor) -> torch.Tensor:
+        shared = self.shared_experts(tokens)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+        return shared
 
     @torch.no_grad()
     def _aux(self, routing, placement: Placement) -> MoEAux:
