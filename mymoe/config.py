@@ -215,6 +215,9 @@ class TrainConfig:
     # a single process stopped by a signal abandons a step still running this long after it (torchrun and
     # SLURM kill at 30 s); 0 waits for the step boundary
     stop_timeout_seconds: float = 20.0
+    # torch.compile (inductor) each block's attention, norms, dense MLP, router and shared experts
+    # (mymoe/train/compile.py); the routed experts and their dispatch stay eager
+    compile: bool = False
 
 
 @dataclass

@@ -30,6 +30,7 @@ from mymoe.parallel import ParallelContext, clip_grad_norm_, init_distributed, p
 from mymoe.parallel.collectives import all_reduce
 from mymoe.parallel.fsdp import apply_fsdp, set_gradient_sync
 from mymoe.peft import apply_peft
+from mymoe.train.compile import compile_blocks
 from mymoe.train.deepspeed_engine import ZeroOptimizerView, initialize_deepspeed
 from mymoe.train.evaluation import sum_lm_loss
 from mymoe.train.guard import NonFiniteGuard, step_if_finite
@@ -146,6 +147,8 @@ class Trainer:
                 seed=train.seed,
             )
         self.model.to(ctx.device)
+        if train.compile:  # before FSDP wraps the blocks, as torchtitan does
+            compile_blocks(self.model)
         if config.parallel.fsdp:  # after the adapters exist, so FSDP shards them with the rest
             apply_fsdp(self.model, ctx, config.parallel)
         torch.manual_seed(train.seed + ctx.rank)  # router noise and the like differ per rank, reproducibly
