@@ -56,9 +56,12 @@ class Exchange:
     output_splits: list  # rows received from each rank
 
 
-def chunk_rows(splits: list, chunks: int, device: torch.device) -> list[tuple[list, torch.Tensor]]:
+def chunk_rows(splits: list, chunks: int, device: torch.device) -> list[tuple[list, Optional[torch.Tensor]]]:
     """Cut each rank's block of an exchange (``splits`` rows each, blocks back to back) into ``chunks``
-    consecutive near-equal parts: for each chunk, its per-rank splits and its rows' positions [rows]."""
+    consecutive near-equal parts: for each chunk, its per-rank splits and its rows' positions [rows]
+    (None for a single chunk: all rows, in place)."""
+    if chunks == 1:
+        return [(splits, None)]
     offsets = [0]
     for count in splits:
         offsets.append(offsets[-1] + count)
@@ -133,7 +136,7 @@ class ExchangeDispatcher(GroupDispatcher, ABC):
         receives = chunk_rows(exchange.output_splits, self.chunks, device)
         dispatching = [
             start_all_to_all(
-                exchange.rows.index_select(0, sent_positions),
+                exchange.rows if sent_positions is None else exchange.rows.index_select(0, sent_positions),
                 received_splits,
                 sent_splits,
                 self.group,
@@ -158,6 +161,8 @@ class ExchangeDispatcher(GroupDispatcher, ABC):
                     self.timeout_seconds,
                 )
             )
+        if self.chunks == 1:
+            return self._finish(returning[0].wait(), exchange), side
         returned = torch.cat([in_flight.wait() for in_flight in returning])  # chunk-major
         sent_order = torch.cat([positions for _, positions in sends])
         in_sent_order = torch.empty_like(sent_order)
