@@ -1,6 +1,6 @@
 """Expert-parallel MoE layer against DeepSpeed's MoE, forward + backward, in one torchrun job.
 
-    torchrun --nproc_per_node=2 benchmarks/moe_ep.py [--repeats 5] [--dispatcher alltoall] [--chunks 1 2]
+    torchrun --nproc_per_node=2 benchmarks/moe_ep.py [--repeats 5] [--dispatcher alltoall] [--chunks 0 1 2]
 
 Both layers get the same router and expert weights and the same input, so they route identically and do
 the same expert work (DeepSpeed is given a SwiGLU nn.Module expert); the benchmark checks their outputs
@@ -8,8 +8,9 @@ agree before timing. Ours runs dropless; DeepSpeed runs with drop_tokens=False, 
 to the busiest expert's count. Repetitions interleave the two layers and both workloads so that noise
 from other processes on the machine falls on all of them alike; the median of the repetitions counts.
 
-Our layer is timed once per value of --chunks (parallel.a2a_chunks), each its own layer with the same
-weights, interleaved with the others and DeepSpeed's. Prints global tokens/s for each layer and
+Our layer is timed once per value of --chunks (parallel.a2a_chunks; 0: without overlap, blocking
+all-to-alls one step after another), each its own layer with the same weights, interleaved with the
+others and DeepSpeed's. Prints global tokens/s for each layer and
 workload, the share of our layer's time exposed to all-to-all (blocked in a call or waiting on an async
 handle, waiting there for a slower peer included; transfer time hidden behind compute is not counted),
 each rank's split of it, and ends with one line, for each chunk count c:
@@ -178,8 +179,9 @@ def main() -> None:
         "--chunks",
         type=int,
         nargs="+",
-        default=[1, 2],
-        help="values of parallel.a2a_chunks (the pipelined exchange) to time, each as its own layer",
+        default=[0, 1, 2],
+        help="values of parallel.a2a_chunks (the pipelined exchange) to time, each as its own layer; 0 times "
+        "the layer without overlap (blocking dispatch, experts, blocking combine)",
     )
     args = parser.parse_args()
 

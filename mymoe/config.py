@@ -177,8 +177,8 @@ class ParallelConfig:
     fsdp_reduce_dtype: FSDPDtype = "fp32"  # dtype of the gradient reduce-scatter
     fsdp_cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory
     # the all-to-all dispatchers pipeline their exchange in this many chunks: the experts compute chunk i
-    # while chunk i+1 travels (1: one exchange, overlapped only with the shared experts; on gloo/CPU, where
-    # transfers and GEMMs share the cores, more chunks measured slower, see benchmarks/moe_ep.py)
+    # while chunk i+1 travels (1: one exchange, overlapped only with the shared experts; 0: no overlap,
+    # blocking all-to-alls; on gloo/CPU, where transfers and GEMMs share the cores, see benchmarks/moe_ep.py)
     a2a_chunks: int = 1
 
 
@@ -621,7 +621,8 @@ def validate_moe(moe: MoEConfig) -> None:
 
 
 def validate_parallel(par: ParallelConfig, num_experts: int, world_size: Optional[int]) -> None:
-    _check_positive("parallel", par, ("expert_parallel_size", "a2a_chunks"))
+    _check_positive("parallel", par, ("expert_parallel_size",))
+    _check_non_negative("parallel", par, ("a2a_chunks",))
     check_choices(par, "parallel")
     if par.timeout_seconds <= 0:
         raise ConfigError(f"parallel.timeout_seconds={par.timeout_seconds} must be positive")

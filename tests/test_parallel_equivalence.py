@@ -30,6 +30,7 @@ DISPATCHERS = {
     # the overlapped pipeline: experts compute chunk i while chunk i+1 travels (3 chunks leave some empty)
     "alltoall, 3 chunks": functools.partial(AllToAllDispatcher, chunks=3),
     "alltoall_dedup, 3 chunks": functools.partial(DedupAllToAllDispatcher, chunks=3),
+    "alltoall, blocking": functools.partial(AllToAllDispatcher, chunks=0),  # dispatch, experts, combine
 }
 TENSORS_PER_CASE = 9  # output, input, router, 3 shared-expert and 3 expert weights
 

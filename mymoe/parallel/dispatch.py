@@ -76,12 +76,13 @@ def chunk_rows(splits: list, chunks: int, device: torch.device) -> list[tuple[li
     return plan
 
 
-class ExchangeDispatcher(GroupDispatcher, ABC):
+class ExchangeDispatcher(GroupDispatcher, SequentialRun, ABC):
     """An all-to-all dispatcher: a subclass packs what it sends (``_send``), reads what arrived as the
     experts' work (``_expert_batch``) and adds what came back into token order (``_finish``).
 
     ``run`` overlaps communication with compute. The exchange is started asynchronously and the
-    layer's side work (the shared experts) runs while the rows travel; with ``chunks`` > 1 each rank's
+    layer's side work (the shared experts) runs while the rows travel (``chunks`` 0 turns all overlap off:
+    blocking all-to-alls, one step after another); with ``chunks`` > 1 each rank's
     rows for each destination are cut into that many parts: the experts compute chunk i while chunk i+1
     is still arriving, and chunk i's outputs travel home while chunk i+1 computes (Megatron-Core's
     shared-expert and a2a overlap, without streams: gloo and NCCL both progress async_op work in the
@@ -93,9 +94,10 @@ class ExchangeDispatcher(GroupDispatcher, ABC):
         self, group, num_experts: int, name: str = "moe", timeout_seconds: Optional[float] = None, chunks: int = 1
     ):
         super().__init__(group, num_experts, name, timeout_seconds)
-        if chunks < 1:
+        if chunks < 0:
             raise ValueError(
-                f"chunks={chunks}: the exchange needs at least 1 chunk (1 overlaps only the shared experts)"
+                f"chunks={chunks} must be >= 0 (0: blocking all-to-alls, no overlap; 1: one exchange overlapped "
+                f"with the shared experts; more: pipelined with the experts)"
             )
         self.chunks = chunks
 
@@ -130,6 +132,8 @@ class ExchangeDispatcher(GroupDispatcher, ABC):
         return self._finish(returned, exchange)
 
     def run(self, experts, hidden, expert_indices, expert_weights, keep, alongside=None):
+        if self.chunks == 0:  # no overlap: blocking dispatch, experts, blocking combine
+            return super().run(experts, hidden, expert_indices, expert_weights, keep, alongside)
         exchange = self._send(hidden, expert_indices, expert_weights, keep)
         device = exchange.rows.device
         sends = chunk_rows(exchange.input_splits, self.chunks, device)
