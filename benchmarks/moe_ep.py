@@ -1,6 +1,6 @@
 """Expert-parallel MoE layer against DeepSpeed's MoE, forward + backward, in one torchrun job.
 
-    torchrun --nproc_per_node=2 benchmarks/moe_ep.py [--repeats 5] [--dispatcher alltoall]
+    torchrun --nproc_per_node=2 benchmarks/moe_ep.py [--repeats 5] [--dispatcher alltoall] [--chunks 0 1 2]
 
 Both layers get the same router and expert weights and the same input, so they route identically and do
 the same expert work (DeepSpeed is given a SwiGLU nn.Module expert); the benchmark checks their outputs
@@ -8,9 +8,13 @@ agree before timing. Ours runs dropless; DeepSpeed runs with drop_tokens=False, 
 to the busiest expert's count. Repetitions interleave the two layers and both workloads so that noise
 from other processes on the machine falls on all of them alike; the median of the repetitions counts.
 
-Prints global tokens/s for each layer and workload, the share of our layer's time spent inside
-all-to-all calls (waiting there for a slower peer included), and ends with one line:
-    RESULT coarse_vs_deepspeed=<r> fine_vs_deepspeed=<r> a2a_share=<fraction>
+Our layer is timed once per value of --chunks (parallel.a2a_chunks; 0: without overlap, blocking
+all-to-alls one step after another), each its own layer with the same weights, interleaved with the
+others and DeepSpeed's. Prints global tokens/s for each layer and
+workload, the share of our layer's time exposed to all-to-all (blocked in a call or waiting on an async
+handle, waiting there for a slower peer included; transfer time hidden behind compute is not counted),
+each rank's split of it, and ends with one line, for each chunk count c:
+    RESULT coarse_vs_deepspeed_chunks<c>=<r> fine_vs_deepspeed_chunks<c>=<r> exposed_a2a_share_chunks<c>=<f> ...
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch.distributed as dist
 from mymoe.config import MoEConfig
 from mymoe.model.layers import SwiGLU
 from mymoe.model.moe.layer import MoELayer
-from mymoe.parallel import build_context
+from mymoe.parallel import build_context, collectives
 from mymoe.parallel.parallelize import DISPATCHERS
 from peers import require_launch
 
@@ -46,25 +50,44 @@ class Workload:
 WORKLOADS = [Workload("coarse", 2048, 512, 1024, 8, 2), Workload("fine", 2048, 512, 256, 64, 6)]
 
 
-class AllToAllClock:
-    """Wall time spent inside torch.distributed.all_to_all_single (waiting on peers included)."""
+class ExposedClock:
+    """Wall time our layer's thread spends blocked on all-to-all: inside all_to_all_single calls (the
+    blocking count exchange; an async_op call only enqueues) and inside waits on async handles. Time a
+    transfer spends in flight while we compute is not counted; waiting there for a slower peer is.
+    ``by_kind`` splits it: the count exchange, and the waits for dispatch / combine, forward / backward."""
 
     def __init__(self):
         self.seconds = 0.0
-        self._original = dist.all_to_all_single
+        self.by_kind: dict = {}
+        self.counting = False  # only while our layer runs (DeepSpeed's layer calls all_to_all_single too)
 
-    def install(self):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return self._original(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
+    @staticmethod
+    def install_all(clocks: list) -> None:
+        """Time all_to_all_single and collectives.wait into whichever of ``clocks`` is counting."""
 
-        dist.all_to_all_single = timed
+        def wait_kind(work, name, *rest):
+            return ("dispatch" if "dispatch" in name else "combine") + (" backward" if "backward" in name else "")
+
+        def timing(function, kind_of):
+            def timed(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    for clock in clocks:
+                        if clock.counting:
+                            elapsed = time.perf_counter() - start
+                            clock.seconds += elapsed
+                            kind = kind_of(*args)
+                            clock.by_kind[kind] = clock.by_kind.get(kind, 0.0) + elapsed
+
+            return timed
+
+        dist.all_to_all_single = timing(dist.all_to_all_single, lambda *args: "blocking calls")
+        collectives.wait = timing(collectives.wait, wait_kind)
 
 
-def build_ours(workload: Workload, ctx, dispatcher_name: str) -> MoELayer:
+def build_ours(workload: Workload, ctx, dispatcher_name: str, chunks: int) -> MoELayer:
     moe = MoEConfig(
         n_routed_experts=workload.num_experts,
         num_experts_per_tok=workload.top_k,
@@ -76,6 +99,8 @@ def build_ours(workload: Workload, ctx, dispatcher_name: str) -> MoELayer:
     dispatcher = DISPATCHERS[dispatcher_name](
         ctx.expert_parallel_group, workload.num_experts, name=workload.name, timeout_seconds=ctx.timeout_seconds
     )
+    if dispatcher_name != "allgather":
+        dispatcher.chunks = chunks
     layer.experts.shard(dispatcher.first_local_expert, dispatcher.num_local_experts)
     layer.set_dispatcher(dispatcher)
     return layer
@@ -150,6 +175,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions of each layer and workload")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     parser.add_argument("--dispatcher", default="alltoall_dedup", choices=sorted(DISPATCHERS))
+    parser.add_argument(
+        "--chunks",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="values of parallel.a2a_chunks (the pipelined exchange) to time, each as its own layer; 0 times "
+        "the layer without overlap (blocking dispatch, experts, blocking combine)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -164,65 +197,78 @@ def main() -> None:
     say = print if rank == 0 else (lambda *a, **k: None)
     say(
         f"MoE layer forward+backward, {world_size} ranks, EP={world_size}, 1 thread each, dispatcher "
-        f"{args.dispatcher} vs DeepSpeed MoE (drop_tokens=False), {args.warmup} warm-up + {args.repeats} timed "
-        f"repetitions, interleaved"
+        f"{args.dispatcher} with a2a_chunks {args.chunks} vs DeepSpeed MoE (drop_tokens=False), {args.warmup} "
+        f"warm-up + {args.repeats} timed repetitions, interleaved"
     )
 
     layers, inputs = {}, {}
     for workload in WORKLOADS:
-        ours = build_ours(workload, ctx, args.dispatcher)
-        theirs = build_deepspeed(workload, ours, world_size)
+        ours = {chunks: build_ours(workload, ctx, args.dispatcher, chunks) for chunks in args.chunks}
+        theirs = build_deepspeed(workload, ours[args.chunks[0]], world_size)
         generator = torch.Generator().manual_seed(10 + rank)
         # the input needs a gradient, as inside a model, so the backward runs the dispatch all-to-all too
         hidden = torch.randn(workload.tokens_per_rank, workload.hidden_size, generator=generator).requires_grad_()
         upstream = torch.randn(workload.tokens_per_rank, workload.hidden_size, generator=generator)
-        difference = (step_ours(ours, hidden, upstream) - step_deepspeed(theirs, hidden, upstream)).detach().abs().max()
+        reference = step_deepspeed(theirs, hidden, upstream).detach()
+        difference = max(
+            (step_ours(layer, hidden, upstream).detach() - reference).abs().max() for layer in ours.values()
+        )
         dist.all_reduce(difference, op=dist.ReduceOp.MAX)
         say(
-            f"  {workload.name}: outputs of the two layers differ by at most {float(difference):.2e}; "
-            f"expert rows per rank: ours {expert_rows_ours(ours, hidden, world_size)}, DeepSpeed "
+            f"  {workload.name}: outputs of the layers differ by at most {float(difference):.2e}; "
+            f"expert rows per rank: ours {expert_rows_ours(ours[args.chunks[0]], hidden, world_size)}, DeepSpeed "
             f"{expert_rows_deepspeed(theirs, hidden, workload, world_size)} (every expert padded to the busiest)"
         )
         layers[workload.name], inputs[workload.name] = (ours, theirs), (hidden, upstream)
 
-    clock = AllToAllClock()
-    clock.install()
-    seconds = {(w.name, who): [] for w in WORKLOADS for who in ("ours", "deepspeed")}
-    a2a_seconds = 0.0
+    clocks = {chunks: ExposedClock() for chunks in args.chunks}
+    ExposedClock.install_all(list(clocks.values()))
+    seconds = {(w.name, who): [] for w in WORKLOADS for who in args.chunks + ["deepspeed"]}
     for repeat in range(args.warmup + args.repeats):
         for workload in WORKLOADS:
             ours, theirs = layers[workload.name]
             hidden, upstream = inputs[workload.name]
-            clock.seconds = 0.0
-            ours_seconds = timed(step_ours, ours, hidden, upstream)
-            ours_a2a = torch.tensor([clock.seconds])
-            theirs_seconds = timed(step_deepspeed, theirs, hidden, upstream)
+            for chunks, layer in ours.items():
+                clocks[chunks].counting = repeat >= args.warmup
+                elapsed = timed(step_ours, layer, hidden, upstream)
+                clocks[chunks].counting = False
+                if repeat >= args.warmup:
+                    seconds[workload.name, chunks].append(elapsed)
+            elapsed = timed(step_deepspeed, theirs, hidden, upstream)
             if repeat >= args.warmup:
-                seconds[workload.name, "ours"].append(ours_seconds)
-                seconds[workload.name, "deepspeed"].append(theirs_seconds)
-                dist.all_reduce(ours_a2a)
-                a2a_seconds += float(ours_a2a) / world_size
+                seconds[workload.name, "deepspeed"].append(elapsed)
         say(
             f"  repetition {repeat + 1}/{args.warmup + args.repeats}{' (warm-up)' if repeat < args.warmup else ''} done"
         )
 
-    ratios = {}
-    for workload in WORKLOADS:
-        global_tokens = workload.tokens_per_rank * world_size
-        ours = statistics.median(seconds[workload.name, "ours"])
-        theirs = statistics.median(seconds[workload.name, "deepspeed"])
-        ratios[workload.name] = theirs / ours
+    results = []
+    for chunks in args.chunks:
+        ratios = {}
+        for workload in WORKLOADS:
+            global_tokens = workload.tokens_per_rank * world_size
+            ours = statistics.median(seconds[workload.name, chunks])
+            theirs = statistics.median(seconds[workload.name, "deepspeed"])
+            ratios[workload.name] = theirs / ours
+            say(
+                f"  a2a_chunks={chunks} {workload.name:6s} ours {global_tokens / ours:9.0f} tok/s   deepspeed "
+                f"{global_tokens / theirs:9.0f} tok/s   ratio {ratios[workload.name]:.2f}"
+            )
+        ours_total = sum(sum(seconds[w.name, chunks]) for w in WORKLOADS)
+        # every rank's exposed time over its own share of the timed steps, averaged over the ranks
+        exposed = torch.tensor([clocks[chunks].seconds / ours_total])
+        dist.all_reduce(exposed)
+        exposed_share = float(exposed) / world_size
+        split = ", ".join(f"{kind} {spent / ours_total:.3f}" for kind, spent in sorted(clocks[chunks].by_kind.items()))
+        print(f"  a2a_chunks={chunks} rank {rank}: exposed all-to-all as a share of our layer's time: {split}")
+        dist.barrier()
         say(
-            f"  {workload.name:6s} ours {global_tokens / ours:9.0f} tok/s   deepspeed {global_tokens / theirs:9.0f} "
-            f"tok/s   ratio {ratios[workload.name]:.2f}"
+            f"  a2a_chunks={chunks}: share of our layer's time blocked on all-to-all (mean of the ranks): {exposed_share:.3f}"
         )
-    ours_total = sum(sum(seconds[w.name, "ours"]) for w in WORKLOADS)
-    a2a_share = a2a_seconds / ours_total
-    say(f"  share of our layer's time inside all_to_all_single (waits for the peer included): {a2a_share:.3f}")
-    say(
-        f"RESULT coarse_vs_deepspeed={ratios['coarse']:.2f} fine_vs_deepspeed={ratios['fine']:.2f} "
-        f"a2a_share={a2a_share:.3f}"
-    )
+        results.append(
+            f"coarse_vs_deepspeed_chunks{chunks}={ratios['coarse']:.2f} fine_vs_deepspeed_chunks{chunks}="
+            f"{ratios['fine']:.2f} exposed_a2a_share_chunks{chunks}={exposed_share:.3f}"
+        )
+    say("RESULT " + " ".join(results))
     dist.destroy_process_group()
 
 

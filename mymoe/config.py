@@ -214,6 +214,10 @@ class ParallelConfig:
     # copies of busy experts, re-planned from the measured loads every replication_interval steps
     redundant_experts: int = 0
     replication_interval: int = 100
+    # the all-to-all dispatchers pipeline their exchange in this many chunks: the experts compute chunk i
+    # while chunk i+1 travels (1: one exchange, overlapped only with the shared experts; 0: no overlap,
+    # blocking all-to-alls; on gloo/CPU, where transfers and GEMMs share the cores, see benchmarks/moe_ep.py)
+    a2a_chunks: int = 1
 
 
 @dataclass
@@ -260,6 +264,9 @@ class TrainConfig:
     # per-step checks and log lines: router probabilities finite, loads and drops per MoE layer, the first
     # module whose output is not finite (mymoe/train/debug.py); slow (reads the device every step)
     debug: bool = False
+    # torch.compile (inductor) each block's attention, norms, dense MLP, router and shared experts
+    # (mymoe/train/compile.py); the routed experts and their dispatch stay eager
+    compile: bool = False
 
 
 @dataclass
@@ -739,6 +746,7 @@ def validate_dynamics(moe: MoEConfig) -> None:
 
 def validate_parallel(par: ParallelConfig, num_experts: int, world_size: Optional[int]) -> None:
     _check_positive("parallel", par, ("expert_parallel_size",))
+    _check_non_negative("parallel", par, ("a2a_chunks",))
     check_choices(par, "parallel")
     if par.timeout_seconds <= 0:
         raise ConfigError(f"parallel.timeout_seconds={par.timeout_seconds} must be positive")

@@ -73,6 +73,7 @@ BAD = [
     ({"model": {"moe": {"scoring_func": "relu"}}}, "scoring_func='relu' must be 'softmax' or 'sigmoid'"),
     ({"model": {"moe": {"drop_policy": "random"}}}, "drop_policy='random'"),
     ({"parallel": {"expert_parallel_size": 3}}, "expert_parallel_size=3 must divide model.moe.n_routed_experts=8"),
+    ({"parallel": {"a2a_chunks": -1}}, "parallel.a2a_chunks=-1 must be >= 0"),
     ({"model": {"first_k_dense_replace": 9}}, "first_k_dense_replace=9"),
     ({"train": {"log_interval": 0}}, "train.log_interval=0 must be a positive integer"),
     ({"train": {"eval_steps": 0}}, "train.eval_steps=0 must be a positive integer"),

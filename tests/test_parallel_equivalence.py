@@ -1,13 +1,16 @@
 """Expert-parallel MoE layer == one process holding every expert, outputs and all gradients, on every rank.
 
-Each spawned run tries every expert-parallel size its world allows, every dispatcher, dropless and
-capacity mode, and a "forced" case where the router bias starves some experts (one rank's experts get no
-tokens at all when EP = 4) and rank 1 has no tokens to send. Processes start once per world size.
+Each spawned run tries every expert-parallel size its world allows, every dispatcher (the all-to-all ones
+also with their exchange pipelined in chunks), dropless and capacity mode, and a "forced" case where the
+router bias starves some experts (one rank's experts get no tokens at all when EP = 4) and rank 1 has no
+tokens to send. Processes start once per world size.
 
 The reference for rank r is a full layer with the same weights run on rank r's input. Every gradient is
 compared with that reference, except the expert weights: an expert serves the tokens of its whole
 expert-parallel group, so its gradient is the sum of the references of the group's ranks.
 """
+
+import functools
 
 import pytest
 import torch
@@ -24,6 +27,10 @@ DISPATCHERS = {
     "alltoall": AllToAllDispatcher,
     "alltoall_dedup": DedupAllToAllDispatcher,
     "allgather": AllGatherDispatcher,
+    # the overlapped pipeline: experts compute chunk i while chunk i+1 travels (3 chunks leave some empty)
+    "alltoall, 3 chunks": functools.partial(AllToAllDispatcher, chunks=3),
+    "alltoall_dedup, 3 chunks": functools.partial(DedupAllToAllDispatcher, chunks=3),
+    "alltoall, blocking": functools.partial(AllToAllDispatcher, chunks=0),  # dispatch, experts, combine
 }
 TENSORS_PER_CASE = 9  # output, input, router, 3 shared-expert and 3 expert weights
 

@@ -11,6 +11,7 @@ import torch
 from mymoe.config import Config, ConfigError, DispatcherName, validate
 from mymoe.model.moe.dispatch import Dispatcher, LocalDispatcher
 from mymoe.parallel.collectives import CollectiveError, named_collective
+from mymoe.parallel.dispatch import chunk_rows
 from mymoe.parallel.env import agree_master_over_mpi, detect_launch, expand_slurm_nodelist, slurm_port
 from mymoe.parallel.groups import ParallelContext, expert_data_parallel_ranks, expert_parallel_ranks
 from mymoe.parallel.parallelize import DISPATCHERS
@@ -214,3 +215,10 @@ def test_mpirun_with_exported_address_needs_no_mpi(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)
     launch = detect_launch({"PMI_RANK": "0", "PMI_SIZE": "2", "MASTER_ADDR": "h0", "MASTER_PORT": "29500"})
     assert agree_master_over_mpi(launch) is launch
+
+
+def test_chunk_rows_cuts_every_ranks_block_into_consecutive_parts():
+    from_rank = chunk_rows([5, 0, 3], 2, torch.device("cpu"))  # blocks [0, 5), [5, 5), [5, 8)
+    assert [splits for splits, _ in from_rank] == [[2, 0, 1], [3, 0, 2]]
+    assert [positions.tolist() for _, positions in from_rank] == [[0, 1, 5], [2, 3, 4, 6, 7]]
+    assert chunk_rows([5, 0, 3], 1, torch.device("cpu")) == [([5, 0, 3], None)]  # one chunk: rows in place

@@ -6,6 +6,7 @@
     groups.py       the ep x edp layout: ep groups [0,1][2,3] split experts, edp groups [0,2][1,3] replicate them
     collectives.py  collectives that name themselves in errors; autograd all-to-all, all-gather, reduce-scatter
     dispatch.py     AllToAllDispatcher and AllGatherDispatcher, swappable with the model's LocalDispatcher
+                    (all-to-all ones overlap the exchange with the shared experts, and in chunks with the experts)
     dedup_dispatch.py  DedupAllToAllDispatcher: sends a token to a rank once, not once per expert there
     parallelize.py  shard each MoE layer's experts, install its dispatcher, synchronise replicas
     grads.py        average gradients (dense over the world, experts over edp / world), global grad norm, clip

@@ -6,7 +6,8 @@ collective and its purpose, so a user reads "all_to_all_single (MoE dispatch, la
 5 s" instead of a gloo source line.
 
 The autograd Functions move rows between ranks; each backward is the reverse movement:
-all-to-all <-> reverse all-to-all, all-gather <-> reduce-scatter.
+all-to-all <-> reverse all-to-all, all-gather <-> reduce-scatter. `start_all_to_all` is the all-to-all
+with async_op=True: the caller computes while the rows travel and waits for them only where it reads them.
 """
 
 from __future__ import annotations
@@ -81,6 +82,96 @@ def all_to_all(
     rows, output_splits: list, input_splits: list, group, name: str, timeout_seconds: Optional[float] = None
 ) -> torch.Tensor:
     return AllToAll.apply(rows, output_splits, input_splits, group, name, timeout_seconds)
+
+
+def _launch(rows: torch.Tensor, output_splits: list, input_splits: list, group, name: str, timeout_seconds):
+    """Start an all-to-all without waiting: (the buffer it fills, its Work)."""
+    received = rows.new_empty((sum(output_splits),) + tuple(rows.shape[1:]))
+    with named_collective(f"all_to_all_single ({name})", timeout_seconds):
+        work = dist.all_to_all_single(
+            received, rows.contiguous(), output_splits, input_splits, group=group, async_op=True
+        )
+    return received, work
+
+
+def wait(work, name: str, timeout_seconds: Optional[float] = None) -> None:
+    """Block until a collective started with async_op=True is done (the time exposed to the caller)."""
+    with named_collective(f"all_to_all_single ({name})", timeout_seconds):
+        work.wait()
+
+
+class _Flight:
+    """The Works of one exchange in flight, forward and backward (the autograd Functions share it)."""
+
+    def __init__(self, output_splits, input_splits, group, name, timeout_seconds):
+        self.output_splits, self.input_splits, self.group = output_splits, input_splits, group
+        self.name, self.timeout_seconds = name, timeout_seconds
+        self.work = None
+        self.backward_work, self.backward_received = None, None
+
+
+class _StartAllToAll(torch.autograd.Function):
+    """Forward starts the exchange; backward waits for the gradients that _WaitAllToAll's backward sent."""
+
+    @staticmethod
+    def forward(ctx, rows, flight: _Flight):
+        ctx.flight = flight
+        received, flight.work = _launch(
+            rows, flight.output_splits, flight.input_splits, flight.group, flight.name, flight.timeout_seconds
+        )
+        return received
+
+    @staticmethod
+    def backward(ctx, _unused_grad):
+        flight = ctx.flight
+        wait(flight.backward_work, f"{flight.name}, backward", flight.timeout_seconds)
+        grad, flight.backward_received = flight.backward_received, None
+        return grad, None
+
+
+class _WaitAllToAll(torch.autograd.Function):
+    """Forward waits for the exchange; backward starts sending the gradients home and returns at once, so
+    the backward of whatever ran while the rows travelled can run while their gradients travel."""
+
+    @staticmethod
+    def forward(ctx, received, flight: _Flight):
+        ctx.flight = flight
+        wait(flight.work, flight.name, flight.timeout_seconds)
+        flight.work = None
+        return received.view_as(received)
+
+    @staticmethod
+    def backward(ctx, grad):
+        flight = ctx.flight
+        flight.backward_received, flight.backward_work = _launch(
+            grad,
+            flight.input_splits,
+            flight.output_splits,
+            flight.group,
+            f"{flight.name}, backward",
+            flight.timeout_seconds,
+        )
+        # _StartAllToAll's backward ignores this and returns the exchanged gradient instead
+        return grad, None
+
+
+class InFlight:
+    """An all-to-all started with ``start_all_to_all``; ``wait()`` returns its rows, differentiably."""
+
+    def __init__(self, received: torch.Tensor, flight: _Flight):
+        self._received, self._flight = received, flight
+
+    def wait(self) -> torch.Tensor:
+        return _WaitAllToAll.apply(self._received, self._flight)
+
+
+def start_all_to_all(
+    rows, output_splits: list, input_splits: list, group, name: str, timeout_seconds: Optional[float] = None
+) -> InFlight:
+    """``all_to_all`` that returns before the rows have moved: compute, then ``.wait()`` for them. Its
+    backward is overlapped the same way (the reverse exchange runs while later backward work does)."""
+    flight = _Flight(output_splits, input_splits, group, name, timeout_seconds)
+    return InFlight(_StartAllToAll.apply(rows, flight), flight)
 
 
 def _gather(chunk: torch.Tensor, group, name: str, timeout_seconds) -> torch.Tensor:

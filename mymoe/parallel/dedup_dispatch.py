@@ -22,39 +22,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from mymoe.model.moe.dispatch import ExpertBatch
-from mymoe.parallel.collectives import all_to_all, named_collective
-from mymoe.parallel.dispatch import GroupDispatcher
+from mymoe.parallel.dispatch import Exchange, ExchangeDispatcher
 
 _SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass
-class DedupHandle:
+class DedupHandle(Exchange):
     sent_token: torch.Tensor  # [sent rows] this rank's token behind each row it sent
     num_tokens: int
-    input_splits: list  # rows sent to each rank of the group
-    output_splits: list  # rows received from each rank
+    hidden_size: int
+    top_k: int
 
 
-class DedupAllToAllDispatcher(GroupDispatcher):
+class DedupAllToAllDispatcher(ExchangeDispatcher):
     """Drop-in for AllToAllDispatcher (same interface, same results) that moves fewer rows."""
 
-    def _exchange_counts(self, rows_per_rank: torch.Tensor) -> list:
-        received = torch.empty_like(rows_per_rank)
-        with named_collective(f"all_to_all_single (token counts, MoE dispatch, {self.name})", self.timeout_seconds):
-            dist.all_to_all_single(received, rows_per_rank, group=self.group)
-        return received.tolist()
-
-    def dispatch(self, hidden, expert_indices, expert_weights, keep):
+    def _send(self, hidden, expert_indices, expert_weights, keep) -> DedupHandle:
         num_tokens, top_k = expert_indices.shape
-        hidden_size = hidden.shape[1]
         slot_rank = self.owner_rank(expert_indices)  # [tokens, k]
         ranks = torch.arange(self.group_size, device=expert_indices.device)
         # [ranks, tokens, k]: slot j of token t goes to rank r and was kept
-        goes_to = (slot_rank.unsqueeze(0) == ranks.view(-1, 1, 1)) & keep.unsqueeze(0)
+        goes_to = slot_rank.unsqueeze(0) == ranks.view(-1, 1, 1)
+        if keep is not None:  # None: dropless, all kept
+            goes_to &= keep.unsqueeze(0)
         sent_rank, sent_token = goes_to.any(-1).nonzero(as_tuple=True)  # rank-major, then token order
         rows_per_rank = torch.bincount(sent_rank, minlength=self.group_size)
         slot_mask = goes_to[sent_rank, sent_token]  # [sent, k]
@@ -68,13 +61,15 @@ class DedupAllToAllDispatcher(GroupDispatcher):
         # conversion would not be exact beyond 256 experts in bf16)
         id_bits = local_ids.to(_SAME_WIDTH_INT[hidden.element_size()]).view(hidden.dtype)
         packed = torch.cat([hidden[sent_token], weights.to(hidden.dtype), id_bits], dim=1)
-
+        # splits must be host integers: the one host read an all-to-all of uneven rows cannot avoid
         input_splits = rows_per_rank.tolist()
-        output_splits = self._exchange_counts(rows_per_rank)
-        received = all_to_all(
-            packed, output_splits, input_splits, self.group, f"MoE dispatch, {self.name}", self.timeout_seconds
-        )  # [received, hidden + 2k]
-        received_hidden = received[:, :hidden_size]
+        output_splits = self._exchange_counts(rows_per_rank).tolist()
+        return DedupHandle(packed, input_splits, output_splits, sent_token, num_tokens, hidden.shape[1], top_k)
+
+    def _expert_batch(self, received, exchange: DedupHandle, positions):
+        # every received row carries its own routing, so a chunk of them reads like the whole
+        hidden_size, top_k = exchange.hidden_size, exchange.top_k
+        received_hidden = received[:, :hidden_size]  # [received, hidden + 2k] -> [received, hidden]
         received_weights = received[:, hidden_size : hidden_size + top_k]
         id_bits = received[:, hidden_size + top_k :].detach().contiguous()
         received_ids = id_bits.view(_SAME_WIDTH_INT[received.element_size()]).long()  # [received, k], -1: not here
@@ -86,20 +81,10 @@ class DedupAllToAllDispatcher(GroupDispatcher):
         received_row = torch.div(assignments, top_k, rounding_mode="floor")
         tokens_per_expert = torch.bincount(flat_ids[assignments], minlength=self.num_local_experts)
         row_weight = received_weights.reshape(-1).index_select(0, assignments)
-        handle = DedupHandle(sent_token, num_tokens, input_splits, output_splits)
         # the experts read received rows and add each weighted output back to the row it came from: one
         # row per received token, ready to go home
-        batch = ExpertBatch(received_hidden, tokens_per_expert, row_index=received_row, row_weight=row_weight)
-        return batch, handle
+        return ExpertBatch(received_hidden, tokens_per_expert, row_index=received_row, row_weight=row_weight)
 
-    def combine(self, per_received, handle: DedupHandle):
-        returned = all_to_all(
-            per_received,
-            handle.input_splits,
-            handle.output_splits,
-            self.group,
-            f"MoE combine, {self.name}",
-            self.timeout_seconds,
-        )
-        out = returned.new_zeros(handle.num_tokens, returned.shape[-1])
-        return out.index_add(0, handle.sent_token, returned)
+    def _finish(self, returned, exchange: DedupHandle):
+        out = returned.new_zeros(exchange.num_tokens, returned.shape[-1])
+        return out.index_add(0, exchange.sent_token, returned)

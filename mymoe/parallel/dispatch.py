@@ -5,20 +5,25 @@ which one it holds:
 
     batch, handle = dispatcher.dispatch(hidden, expert_indices, expert_weights, keep)   # ExpertBatch
     out = dispatcher.combine(experts(batch), handle)
+    out, side = dispatcher.run(experts, hidden, expert_indices, expert_weights, keep, alongside)  # all of it
+
+``run`` is what the layer calls: the all-to-all dispatchers overlap the exchange with ``alongside()``
+(the shared experts) and, in chunks, with the experts themselves (ExchangeDispatcher).
 
 Capacity is applied by the layer before dispatch, on each rank's own tokens, so these only move rows.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from mymoe.model.moe.dispatch import ExpertBatch, Permutation, permute, sort_by_expert, unpermute
-from mymoe.parallel.collectives import AllGather, ReduceScatter, all_to_all, named_collective
+from mymoe.model.moe.dispatch import ExpertBatch, Permutation, SequentialRun, permute, sort_by_expert, unpermute
+from mymoe.parallel.collectives import AllGather, ReduceScatter, all_to_all, named_collective, start_all_to_all
 from mymoe.parallel.groups import owned_experts
 
 
@@ -42,13 +47,153 @@ class GroupDispatcher:
 
 
 @dataclass
-class AllToAllHandle:
-    permutation: Permutation  # this rank's tokens -> rows sorted by global expert
+class Exchange:
+    """The rows one rank sends in an all-to-all dispatch, how they split over the group, and (in
+    subclasses) what its dispatcher needs to read the received rows and to undo the sort on the way back."""
+
+    rows: torch.Tensor  # [sent, width] grouped by destination rank
     input_splits: list  # rows sent to each rank of the group
     output_splits: list  # rows received from each rank
 
 
-class AllToAllDispatcher(GroupDispatcher):
+def chunk_rows(splits: list, chunks: int, device: torch.device) -> list[tuple[list, Optional[torch.Tensor]]]:
+    """Cut each rank's block of an exchange (``splits`` rows each, blocks back to back) into ``chunks``
+    consecutive near-equal parts: for each chunk, its per-rank splits and its rows' positions [rows]
+    (None for a single chunk: all rows, in place)."""
+    if chunks == 1:
+        return [(splits, None)]
+    offsets = [0]
+    for count in splits:
+        offsets.append(offsets[-1] + count)
+    plan = []
+    for chunk in range(chunks):
+        bounds = [
+            (offset + count * chunk // chunks, offset + count * (chunk + 1) // chunks)
+            for offset, count in zip(offsets, splits)
+        ]
+        positions = torch.cat([torch.arange(first, end, device=device) for first, end in bounds])
+        plan.append(([end - first for first, end in bounds], positions))
+    return plan
+
+
+class ExchangeDispatcher(GroupDispatcher, SequentialRun, ABC):
+    """An all-to-all dispatcher: a subclass packs what it sends (``_send``), reads what arrived as the
+    experts' work (``_expert_batch``) and adds what came back into token order (``_finish``).
+
+    ``run`` overlaps communication with compute. The exchange is started asynchronously and the
+    layer's side work (the shared experts) runs while the rows travel (``chunks`` 0 turns all overlap off:
+    blocking all-to-alls, one step after another); with ``chunks`` > 1 each rank's
+    rows for each destination are cut into that many parts: the experts compute chunk i while chunk i+1
+    is still arriving, and chunk i's outputs travel home while chunk i+1 computes (Megatron-Core's
+    shared-expert and a2a overlap, without streams: gloo and NCCL both progress async_op work in the
+    background). The backward overlaps the same way, see collectives.start_all_to_all. Every row meets
+    the same expert and weight as in dispatch + combine; only the order of floating-point sums moves.
+    """
+
+    def __init__(
+        self, group, num_experts: int, name: str = "moe", timeout_seconds: Optional[float] = None, chunks: int = 1
+    ):
+        super().__init__(group, num_experts, name, timeout_seconds)
+        if chunks < 0:
+            raise ValueError(
+                f"chunks={chunks} must be >= 0 (0: blocking all-to-alls, no overlap; 1: one exchange overlapped "
+                f"with the shared experts; more: pipelined with the experts)"
+            )
+        self.chunks = chunks
+
+    def _exchange_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """Rows I send to each rank (or per global expert) -> rows I receive from each (per local expert)."""
+        received = torch.empty_like(counts)
+        with named_collective(f"all_to_all_single (token counts, MoE dispatch, {self.name})", self.timeout_seconds):
+            dist.all_to_all_single(received, counts, group=self.group)
+        return received
+
+    def dispatch(self, hidden, expert_indices, expert_weights, keep):
+        exchange = self._send(hidden, expert_indices, expert_weights, keep)
+        received = all_to_all(
+            exchange.rows,
+            exchange.output_splits,
+            exchange.input_splits,
+            self.group,
+            f"MoE dispatch, {self.name}",
+            self.timeout_seconds,
+        )
+        return self._expert_batch(received, exchange, None), exchange
+
+    def combine(self, expert_output, exchange: Exchange):
+        returned = all_to_all(
+            expert_output,
+            exchange.input_splits,
+            exchange.output_splits,
+            self.group,
+            f"MoE combine, {self.name}",
+            self.timeout_seconds,
+        )
+        return self._finish(returned, exchange)
+
+    def run(self, experts, hidden, expert_indices, expert_weights, keep, alongside=None):
+        if self.chunks == 0:  # no overlap: blocking dispatch, experts, blocking combine
+            return super().run(experts, hidden, expert_indices, expert_weights, keep, alongside)
+        exchange = self._send(hidden, expert_indices, expert_weights, keep)
+        device = exchange.rows.device
+        sends = chunk_rows(exchange.input_splits, self.chunks, device)
+        receives = chunk_rows(exchange.output_splits, self.chunks, device)
+        dispatching = [
+            start_all_to_all(
+                exchange.rows if sent_positions is None else exchange.rows.index_select(0, sent_positions),
+                received_splits,
+                sent_splits,
+                self.group,
+                f"MoE dispatch, chunk {chunk}, {self.name}",
+                self.timeout_seconds,
+            )
+            for chunk, ((sent_splits, sent_positions), (received_splits, _)) in enumerate(zip(sends, receives))
+        ]
+        side = alongside() if alongside is not None else None  # while the rows travel
+        returning = []
+        for chunk, ((sent_splits, _), (received_splits, received_positions), in_flight) in enumerate(
+            zip(sends, receives, dispatching)
+        ):
+            expert_output = experts(self._expert_batch(in_flight.wait(), exchange, received_positions))
+            returning.append(
+                start_all_to_all(
+                    expert_output,
+                    sent_splits,
+                    received_splits,
+                    self.group,
+                    f"MoE combine, chunk {chunk}, {self.name}",
+                    self.timeout_seconds,
+                )
+            )
+        if self.chunks == 1:
+            return self._finish(returning[0].wait(), exchange), side
+        returned = torch.cat([in_flight.wait() for in_flight in returning])  # chunk-major
+        sent_order = torch.cat([positions for _, positions in sends])
+        in_sent_order = torch.empty_like(sent_order)
+        in_sent_order[sent_order] = torch.arange(sent_order.numel(), device=device)
+        return self._finish(returned.index_select(0, in_sent_order), exchange), side
+
+    @abstractmethod
+    def _send(self, hidden, expert_indices, expert_weights, keep) -> Exchange:
+        """Pack this rank's kept assignments for the group and exchange the counts."""
+
+    @abstractmethod
+    def _expert_batch(self, received, exchange: Exchange, positions: Optional[torch.Tensor]) -> ExpertBatch:
+        """The experts' work on ``received``: the rows at ``positions`` of everything the exchange brings
+        (None: all of it)."""
+
+    @abstractmethod
+    def _finish(self, returned, exchange: Exchange) -> torch.Tensor:
+        """The experts' outputs for the rows this rank sent, in sent order -> [tokens, hidden]."""
+
+
+@dataclass
+class AllToAllHandle(Exchange):
+    permutation: Permutation  # this rank's tokens -> rows sorted by global expert
+    local_expert_of_row: torch.Tensor  # [received] the local expert of each received row
+
+
+class AllToAllDispatcher(ExchangeDispatcher):
     """Sort by expert, send each rank the rows for its experts, let the experts read them expert-major.
 
     Dispatch: permute (rows by global expert, hence by owner rank) -> exchange counts -> all-to-all rows
@@ -59,43 +204,32 @@ class AllToAllDispatcher(GroupDispatcher):
     Every step is differentiable; the all-to-all's backward is the reverse all-to-all.
     """
 
-    def _exchange_counts(self, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """[num_experts] rows I send per global expert -> [group_size, local experts] rows I receive."""
-        received = torch.empty_like(tokens_per_expert)
-        with named_collective(f"all_to_all_single (token counts, MoE dispatch, {self.name})", self.timeout_seconds):
-            dist.all_to_all_single(received, tokens_per_expert, group=self.group)
-        return received.view(self.group_size, self.num_local_experts)
-
-    def dispatch(self, hidden, expert_indices, expert_weights, keep):
+    def _send(self, hidden, expert_indices, expert_weights, keep) -> AllToAllHandle:
         rows, tokens_per_expert, permutation = permute(hidden, expert_indices, expert_weights, keep, self.num_experts)
-        received_counts = self._exchange_counts(tokens_per_expert)  # [source rank, local expert]
-        input_splits = tokens_per_expert.view(self.group_size, self.num_local_experts).sum(1).tolist()
-        output_splits = received_counts.sum(1).tolist()
-        received = all_to_all(
-            rows, output_splits, input_splits, self.group, f"MoE dispatch, {self.name}", self.timeout_seconds
-        )
-        # received rows are source-major; the experts need expert-major, so sort by local expert (stable
-        # keeps each expert's rows in source-rank order)
+        # [source rank, local expert] rows I receive
+        received_counts = self._exchange_counts(tokens_per_expert).view(self.group_size, self.num_local_experts)
         local_expert_of_row = torch.repeat_interleave(
             torch.arange(self.num_local_experts, device=received_counts.device).repeat(self.group_size),
             received_counts.reshape(-1),
-        )
-        expert_major_order = torch.argsort(local_expert_of_row, stable=True).to(received.device)
-        handle = AllToAllHandle(permutation, input_splits, output_splits)
-        # the experts read the received rows in expert-major order and write their outputs back in
-        # received order, ready for the reverse all-to-all
-        return ExpertBatch(received, received_counts.sum(0), row_index=expert_major_order), handle
+        ).to(rows.device)
+        # splits must be host integers: the one host read an all-to-all of uneven rows cannot avoid
+        input_splits = tokens_per_expert.view(self.group_size, self.num_local_experts).sum(1).tolist()
+        output_splits = received_counts.sum(1).tolist()
+        return AllToAllHandle(rows, input_splits, output_splits, permutation, local_expert_of_row)
 
-    def combine(self, expert_output, handle: AllToAllHandle):
-        returned = all_to_all(
-            expert_output,
-            handle.input_splits,
-            handle.output_splits,
-            self.group,
-            f"MoE combine, {self.name}",
-            self.timeout_seconds,
-        )
-        return unpermute(returned, handle.permutation)
+    def _expert_batch(self, received, exchange: AllToAllHandle, positions):
+        local_expert = exchange.local_expert_of_row
+        if positions is not None:
+            local_expert = local_expert.index_select(0, positions)
+        tokens_per_expert = torch.bincount(local_expert, minlength=self.num_local_experts)
+        # received rows are source-major; the experts need expert-major, so sort by local expert (stable
+        # keeps each expert's rows in source-rank order). The experts write their outputs back in received
+        # order, ready for the reverse all-to-all.
+        expert_major_order = torch.argsort(local_expert, stable=True)
+        return ExpertBatch(received, tokens_per_expert, row_index=expert_major_order)
+
+    def _finish(self, returned, exchange: AllToAllHandle):
+        return unpermute(returned, exchange.permutation)
 
 
 @dataclass
@@ -104,7 +238,7 @@ class AllGatherHandle:
     num_tokens: int  # this rank's own tokens
 
 
-class AllGatherDispatcher(GroupDispatcher):
+class AllGatherDispatcher(GroupDispatcher, SequentialRun):
     """Every rank sees every token of the group and computes only its own experts' share.
 
     Moves group_size times the tokens, but needs no count exchange before the data and no uneven splits:
@@ -125,7 +259,9 @@ class AllGatherDispatcher(GroupDispatcher):
             dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=self.group)
         padded_tokens = int(counts)
         # dropped assignments and padding rows get expert -1, which no rank owns
-        marked = torch.where(keep, expert_indices, torch.full_like(expert_indices, -1))
+        marked = (
+            expert_indices if keep is None else torch.where(keep, expert_indices, torch.full_like(expert_indices, -1))
+        )
         padded_marked = torch.cat([marked, marked.new_full((padded_tokens - num_tokens, marked.shape[1]), -1)])
         all_indices = self._gather(padded_marked, padded_tokens, "expert indices")  # [group * padded, k]
         all_hidden = self._gather(hidden, padded_tokens, "hidden")  # [group * padded, hidden]

@@ -62,6 +62,7 @@ class ParallelContext:
     expert_data_parallel_rank: int = 0
     expert_data_parallel_group: Any = None
     dispatcher: str = "alltoall"  # how MoE layers move tokens between ep ranks: "alltoall" or "allgather"
+    a2a_chunks: int = 1  # parallel.a2a_chunks: the all-to-all dispatchers' pipelined exchange
 
     @property
     def is_distributed(self) -> bool:
@@ -80,6 +81,7 @@ def build_context(
     launcher: str = "torchrun",
     local_rank: int = 0,
     dispatcher: str = "alltoall",
+    a2a_chunks: int = 1,
 ) -> ParallelContext:
     """Make the ep and edp groups over an initialised default process group (collective: every rank calls).
 
@@ -110,4 +112,5 @@ def build_context(
         expert_data_parallel_rank=rank // expert_parallel_size,
         expert_data_parallel_group=edp_group,
         dispatcher=dispatcher,
+        a2a_chunks=a2a_chunks,
     )

@@ -17,7 +17,7 @@ from mymoe.config import DispatcherName
 from mymoe.model.moe.experts import is_expert
 from mymoe.parallel.collectives import apply_flat, named_collective
 from mymoe.parallel.dedup_dispatch import DedupAllToAllDispatcher
-from mymoe.parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher, GroupDispatcher
+from mymoe.parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher, ExchangeDispatcher, GroupDispatcher
 from mymoe.parallel.groups import ParallelContext
 
 # one per value of parallel.dispatcher (config.DispatcherName); each satisfies model.moe.dispatch.Dispatcher
@@ -32,6 +32,7 @@ def parallelize(model: torch.nn.Module, ctx: ParallelContext) -> torch.nn.Module
     """Shard and wire `model` in place for ctx's layout (collective: every rank calls); returns it."""
     if ctx.expert_parallel_size > 1:
         dispatcher_class = DISPATCHERS[ctx.dispatcher]
+        pipelined = {"chunks": ctx.a2a_chunks} if issubclass(dispatcher_class, ExchangeDispatcher) else {}
         module_names = {id(module): name for name, module in model.named_modules()}
         for layer in model.iter_moe_layers():
             dispatcher = dispatcher_class(
@@ -39,6 +40,7 @@ def parallelize(model: torch.nn.Module, ctx: ParallelContext) -> torch.nn.Module
                 layer.experts.num_global_experts,
                 name=module_names.get(id(layer), "moe"),
                 timeout_seconds=ctx.timeout_seconds,
+                **pipelined,
             )
             layer.experts.shard(dispatcher.first_local_expert, dispatcher.num_local_experts)
             layer.set_dispatcher(dispatcher)

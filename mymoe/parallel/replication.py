@@ -29,7 +29,6 @@ from typing import Optional
 
 import torch
 
-from mymoe.model.moe.dispatch import ExpertBatch
 from mymoe.model.moe.experts import GroupedExperts
 from mymoe.parallel.collectives import all_to_all
 from mymoe.parallel.dispatch import AllToAllDispatcher
@@ -150,12 +149,9 @@ class ReplicatedDispatcher:
     def set_plan(self, plan: ReplicaPlan, device) -> None:
         self.virtual, self.cumulative = copy_tables(plan, self.num_experts, device)
 
-    def dispatch(self, hidden, expert_indices, expert_weights, keep) -> tuple[ExpertBatch, object]:
+    def run(self, experts, hidden, expert_indices, expert_weights, keep, alongside=None):
         virtual = choose_copies(expert_indices, self.virtual, self.cumulative)
-        return self.inner.dispatch(hidden, virtual, expert_weights, keep)
-
-    def combine(self, expert_output, handle):
-        return self.inner.combine(expert_output, handle)
+        return self.inner.run(experts, hidden, virtual, expert_weights, keep, alongside)
 
 
 def install(layer, ctx: ParallelContext, slots: int, name: str) -> ReplicatedDispatcher:
@@ -167,6 +163,7 @@ def install(layer, ctx: ParallelContext, slots: int, name: str) -> ReplicatedDis
         ctx.expert_parallel_size * (per_rank + slots),
         name=name,
         timeout_seconds=ctx.timeout_seconds,
+        chunks=ctx.a2a_chunks,
     )
     dispatcher = ReplicatedDispatcher(inner, experts.num_global_experts, per_rank, slots)
     plan = ReplicaPlan(ctx.expert_parallel_size, per_rank, slots, [[] for _ in range(ctx.expert_parallel_size)])

@@ -73,6 +73,7 @@ def init_distributed(config: Config, launch: Optional[LaunchInfo] = None) -> Par
             device=device,
             timeout_seconds=config.parallel.timeout_seconds,
             dispatcher=config.parallel.dispatcher,
+            a2a_chunks=config.parallel.a2a_chunks,
         )
     # a broken parallel section must not stop this rank from joining and hearing the verdict
     parallel = config.parallel if problem is None else ParallelConfig()
@@ -117,6 +118,7 @@ def init_distributed(config: Config, launch: Optional[LaunchInfo] = None) -> Par
             launcher=launch.launcher,
             local_rank=launch.local_rank,
             dispatcher=parallel.dispatcher,
+            a2a_chunks=parallel.a2a_chunks,
         )
     except BaseException:
         shutdown()

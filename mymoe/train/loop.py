@@ -33,6 +33,7 @@ from mymoe.parallel.fsdp import apply_fsdp, set_gradient_sync
 from mymoe.parallel.replication import Replicator, unreplicated_rows
 from mymoe.peft import apply_peft
 from mymoe.train.debug import DebugMonitor
+from mymoe.train.compile import compile_blocks
 from mymoe.train.deepspeed_engine import ZeroOptimizerView, initialize_deepspeed
 from mymoe.train.evaluation import sum_lm_loss
 from mymoe.train.guard import NonFiniteGuard, step_if_finite
@@ -171,6 +172,8 @@ class Trainer:
             self.replicator = Replicator(
                 self.model, ctx, config.parallel.redundant_experts, config.parallel.replication_interval
             )
+        if train.compile:  # before FSDP wraps the blocks, as torchtitan does
+            compile_blocks(self.model)
         if config.parallel.fsdp:  # after the adapters exist, so FSDP shards them with the rest
             apply_fsdp(self.model, ctx, config.parallel)
         torch.manual_seed(train.seed + ctx.rank)  # router noise and the like differ per rank, reproducibly

@@ -6,6 +6,10 @@ The MoE layer is handed a dispatcher; every dispatcher has the same two methods:
     expert_output = experts(batch)                                # [batch.out_rows, hidden]
     out = dispatcher.combine(expert_output, handle)               # [tokens, hidden], weighted sum over k
 
+The layer calls ``dispatcher.run(experts, ..., alongside)``, which does the three steps and runs
+``alongside()`` (the shared experts) in between, so a dispatcher that moves tokens between ranks can
+overlap that work, and the experts' own, with the exchange (mymoe.parallel.dispatch.ExchangeDispatcher).
+
 An ``ExpertBatch`` does not copy the tokens into expert order: it names, for each expert-sorted row, the
 row of ``source`` it reads, so the experts gather rows chunk by chunk and add their outputs back at the
 same index (see experts.py for why that saves memory). Capacity and dropping are decided once, before
@@ -19,7 +23,7 @@ all-gather dispatchers live in ``mymoe.parallel`` so that model code never impor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -53,10 +57,22 @@ class Permutation:
     num_tokens: int
 
 
-def sort_by_expert(expert_indices: torch.Tensor, expert_weights: torch.Tensor, keep: torch.Tensor, num_experts: int):
-    """The kept assignments in expert order: (source token [kept], weight [kept], tokens_per_expert [experts])."""
+def sort_by_expert(
+    expert_indices: torch.Tensor, expert_weights: torch.Tensor, keep: Optional[torch.Tensor], num_experts: int
+):
+    """The kept assignments in expert order: (source token [kept], weight [kept], tokens_per_expert [experts]).
+
+    keep None means every assignment is kept (dropless): then nothing is read on the host, as the kept
+    count is the number of assignments.
+    """
     top_k = expert_indices.shape[1]
     flat_experts = expert_indices.reshape(-1)
+    if keep is None:
+        order = torch.argsort(flat_experts, stable=True)
+        # index_add rather than bincount: bincount on CUDA reads the largest index on the host
+        tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=flat_experts.device)
+        tokens_per_expert.index_add_(0, flat_experts, torch.ones_like(flat_experts))
+        return torch.div(order, top_k, rounding_mode="floor"), expert_weights.reshape(-1)[order], tokens_per_expert
     flat_keep = keep.reshape(-1)
     # dropped assignments get a sentinel expert so a single sort puts them last, then they are cut off
     sort_key = torch.where(flat_keep, flat_experts, torch.full_like(flat_experts, num_experts))
@@ -71,7 +87,7 @@ def permute(
     hidden: torch.Tensor,
     expert_indices: torch.Tensor,
     expert_weights: torch.Tensor,
-    keep: torch.Tensor,
+    keep: Optional[torch.Tensor],
     num_experts: int,
 ):
     """Sort the kept assignments by expert and copy their rows.
@@ -101,18 +117,44 @@ class Dispatcher(Protocol):
     first_local_expert: int  # global index of the first of them
 
     def dispatch(
-        self, hidden: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor, keep: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        expert_indices: torch.Tensor,
+        expert_weights: torch.Tensor,
+        keep: Optional[torch.Tensor],
     ) -> tuple[ExpertBatch, Any]:
         """hidden [tokens, hidden], expert_indices / expert_weights / keep [tokens, k] -> (the local experts'
-        work, a handle for combine)."""
+        work, a handle for combine). keep None: every assignment is kept (dropless)."""
         ...
 
     def combine(self, expert_output: torch.Tensor, handle: Any) -> torch.Tensor:
         """The experts' output [batch.out_rows, hidden] -> [tokens, hidden], weighted sum over k."""
         ...
 
+    def run(
+        self,
+        experts: Callable[[ExpertBatch], torch.Tensor],
+        hidden: torch.Tensor,
+        expert_indices: torch.Tensor,
+        expert_weights: torch.Tensor,
+        keep: Optional[torch.Tensor],
+        alongside: Optional[Callable[[], torch.Tensor]] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """dispatch -> experts -> combine, and ``alongside()`` (work that needs no dispatched token, run
+        while tokens are in flight where the dispatcher moves them): (combined output, its result or None)."""
+        ...
 
-class LocalDispatcher:
+
+class SequentialRun:
+    """``Dispatcher.run`` for a dispatcher with nothing in flight to overlap: one step after another."""
+
+    def run(self, experts, hidden, expert_indices, expert_weights, keep, alongside=None):
+        batch, handle = self.dispatch(hidden, expert_indices, expert_weights, keep)
+        side = alongside() if alongside is not None else None
+        return self.combine(experts(batch), handle), side
+
+
+class LocalDispatcher(SequentialRun):
     """All experts live in this process: dispatch sorts assignment indices, the experts gather the token
     rows and add their weighted outputs back in token order, so combine has nothing left to do."""
 

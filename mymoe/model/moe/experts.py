@@ -52,14 +52,24 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *row_sizes: i
 
 
 class ExpertGroups:
-    """How a chunk's rows split over its experts, in the form each GEMM path needs: counts for the loop,
-    cumulative offsets on the device for grouped GEMM (made once per chunk, reused by all six GEMMs)."""
+    """How a chunk's rows split over its experts, in the form each GEMM path needs: counts on the host for
+    the loop, or cumulative offsets on the device for grouped GEMM (made once per chunk, reused by all six
+    GEMMs; only the loop needs the host counts)."""
 
-    def __init__(self, counts: list, device: torch.device, use_grouped_mm: bool):
+    def __init__(self, counts: Optional[list], offsets: Optional[torch.Tensor]):
         self.counts = counts
-        self.offsets = None
-        if use_grouped_mm:
-            self.offsets = torch.tensor(counts, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+        self.offsets = offsets
+
+    @classmethod
+    def from_counts(cls, counts: list, device: torch.device, use_grouped_mm: bool) -> "ExpertGroups":
+        if not use_grouped_mm:
+            return cls(counts, None)
+        return cls(counts, torch.tensor(counts, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32))
+
+    @classmethod
+    def on_device(cls, tokens_per_expert: torch.Tensor) -> "ExpertGroups":
+        """Grouped-GEMM offsets straight from the device counts: nothing is read on the host."""
+        return cls(None, tokens_per_expert.cumsum(0, dtype=torch.int32))
 
 
 def _grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
@@ -107,17 +117,13 @@ class _GatherExpertScatter(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, source, index, weight, w_gate, w_up, w_down, counts, out_rows, max_chunk_rows, use_grouped_mm, dropout_p
-    ):
-        num_rows = sum(counts)
+    def forward(ctx, source, index, weight, w_gate, w_up, w_down, chunks, groups, out_rows, dropout_p):
+        num_rows = chunks[-1][3]
         intermediate = w_up.shape[-1]
         gate = source.new_empty(num_rows, intermediate) if w_gate is not None else None  # kept for backward
         up = source.new_empty(num_rows, intermediate)
         keep = source.new_empty(num_rows, intermediate, dtype=torch.bool) if dropout_p else None
         out = source.new_zeros(out_rows, w_down.shape[-1])
-        chunks = plan_chunks(counts, max_chunk_rows)
-        groups = [ExpertGroups(counts[first:end], source.device, use_grouped_mm) for first, end, _, _ in chunks]
         for (first_expert, end_expert, first_row, end_row), chunk_groups in zip(chunks, groups):
             experts = slice(first_expert, end_expert)
             rows = _rows(source, index, first_row, end_row)
@@ -199,7 +205,7 @@ class _GatherExpertScatter(torch.autograd.Function):
                 if grad_gate is not None:
                     grad_rows += _grouped_matmul(grad_gate, w_gate[experts].transpose(1, 2), groups)
                 _scatter(grad_source, index, first_row, end_row, grad_rows)
-        return grad_source, None, grad_weight, grad_w_gate, grad_w_up, grad_w_down, None, None, None, None, None
+        return grad_source, None, grad_weight, grad_w_gate, grad_w_up, grad_w_down, None, None, None, None
 
 
 def _rows(source: torch.Tensor, index: Optional[torch.Tensor], first_row: int, end_row: int) -> torch.Tensor:
@@ -332,21 +338,31 @@ class GroupedExperts(nn.Module):
         use_grouped_mm = self.use_grouped_mm and grouped_mm_supported(
             dtype, source.device, self.hidden_size, self.intermediate_size
         )
-        # one host read of the counts per layer: chunk boundaries must be known to slice the rows
-        counts = batch.tokens_per_expert.tolist()
+        num_rows = source.shape[0] if batch.row_index is None else batch.row_index.shape[0]
         bytes_per_row = (3 * self.hidden_size + 6 * self.intermediate_size) * source.element_size()
         max_chunk_rows = max(1, self.chunk_bytes // bytes_per_row)
-        dropout_p = self.dropout if self.training else 0.0
+        if use_grouped_mm and num_rows <= max_chunk_rows:
+            # one chunk of every expert: grouped GEMM takes its offsets on the device, so the step never
+            # waits for the counts
+            chunks = [(0, self.num_computed, 0, num_rows)]
+            groups = [ExpertGroups.on_device(batch.tokens_per_expert)]
+        else:
+            # one host read of the counts per layer: chunk boundaries (and the loop's slices) must be known
+            counts = batch.tokens_per_expert.tolist()
+            chunks = plan_chunks(counts, max_chunk_rows)
+            groups = [
+                ExpertGroups.from_counts(counts[first:end], source.device, use_grouped_mm)
+                for first, end, _, _ in chunks
+            ]
         return _GatherExpertScatter.apply(
             source,
             batch.row_index,
             batch.row_weight,
             *weights,
-            counts,
+            chunks,
+            groups,
             batch.out_rows,
-            max_chunk_rows,
-            use_grouped_mm,
-            dropout_p,
+            self.dropout if self.training else 0.0,
         )
 
     def _forward_per_expert(self, batch: ExpertBatch) -> torch.Tensor:

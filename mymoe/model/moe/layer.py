@@ -2,6 +2,8 @@
 
     hidden -> router -> capacity keep mask -> dispatch (sort by expert) -> experts -> combine -> + shared
 
+(dispatcher.run does the middle three and the shared experts, overlapping them where tokens travel.)
+
 The layer owns no communication: a dispatcher is handed to it (``LocalDispatcher`` by default, an
 all-to-all one from ``mymoe.parallel`` under expert parallelism, swapped in with ``set_dispatcher``).
 Capacity is decided once, on this rank's own tokens, before dispatch; its math and what becomes of the
@@ -12,6 +14,7 @@ and the learned mixing weight and token importance are ``dynamics.py``'s.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -176,20 +179,26 @@ class MoELayer(nn.Module):
             min_tokens_per_sequence_kept=self.moe.min_tokens_per_sequence_kept,
             batch_shape=batch_shape,
         )
-        batch, handle = self.dispatcher.dispatch(
-            tokens, placement.expert_indices, routing.expert_weights, placement.keep
+        # the shared experts need no dispatched token: the dispatcher runs them while tokens are in flight
+        shared_work = None if self.shared_experts is None else functools.partial(self._shared_output, tokens)
+        # dropless keeps every assignment; saying so (keep None) spares the dispatcher a host read of the count
+        keep = None if capacity is None else placement.keep
+        computed = []  # rows this rank's experts computed, from every sender (chunk by chunk)
+
+        def experts(batch):
+            computed.append(batch.tokens_per_expert.sum())
+            return self.experts(batch)
+
+        routed, shared = self.dispatcher.run(
+            experts, tokens, placement.expert_indices, routing.expert_weights, keep, shared_work
         )
-        expert_output = self.experts(batch)
-        output = self.dispatcher.combine(expert_output, handle).to(hidden.dtype)
+        output = routed.to(hidden.dtype)
         if importance is not None:
             output = output * TokenImportance.output_scale(importance).to(output.dtype)[:, None]
 
         share = self.moe_share()
         whole = isinstance(share, float) and share == 1.0  # no warm-up left and no learned mix
-        if self.shared_experts is not None:
-            shared = self.shared_experts(tokens)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+        if shared is not None:
             # the shared expert is the dense path: (1 - a) * shared + a * (routed + shared)
             output = (output if whole else share * output) + shared
         elif not whole:
@@ -200,13 +209,19 @@ class MoELayer(nn.Module):
         if ramp != 1.0:
             aux.aux_loss = ramp * aux.aux_loss
         if self.training and not _in_backward():
-            rows = batch.tokens_per_expert.sum()  # the rows this rank's experts computed, from every sender
+            rows = sum(computed)
             if self._pending_load is None:
                 self._pending_load, self._pending_rows = aux.tokens_per_expert, rows
             else:
                 self._pending_load = self._pending_load + aux.tokens_per_expert
                 self._pending_rows = self._pending_rows + rows
         return output.view(hidden.shape), aux
+
+    def _shared_output(self, tokens: torch.Tensor) -> torch.Tensor:
+        shared = self.shared_experts(tokens)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+        return shared
 
     @torch.no_grad()
     def _aux(self, routing, placement: Placement) -> MoEAux:
