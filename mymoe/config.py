@@ -344,7 +344,8 @@ def _build(cls, values: dict, where: str):
             if len(owners) == 1:  # Hugging Face style: MoE keys written flat under `model`
                 nested_values[owners[0]][key] = value
             else:
-                raise ConfigError(_unknown_key_message(key, where, list(types) + _nested_keys(nested)))
+                known = list(types) + _nested_keys(nested) + (list(SEED_ALIASES) if cls is ModelConfig else [])
+                raise ConfigError(_unknown_key_message(key, where, known))
     for name, sub in nested.items():
         kwargs[name] = _build(sub, nested_values[name], f"{where}.{name}")
     return cls(**kwargs)
@@ -869,7 +870,8 @@ class MoEModelConfig:
         return copy.deepcopy(self.model_config)
 
     def __getattr__(self, name: str):
-        for section in (self.__dict__["model_config"], self.__dict__["model_config"].moe):
+        model_config = self.__dict__.get("model_config")  # absent while copy or pickle rebuilds the object
+        for section in (model_config, model_config.moe) if model_config is not None else ():
             if name in {f.name for f in dataclasses.fields(section)}:
                 return getattr(section, name)
         raise AttributeError(f"MoEModelConfig has no field {name!r}")

@@ -152,3 +152,13 @@ def test_the_trainer_scores_each_position_on_the_next_token_once(tmp_path):
     assert abs(float(metrics["lm_loss"]) - float(by_hand)) < 1e-5
     double_shift = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten())
     assert abs(float(by_hand) - float(double_shift)) > 1e-3  # the check can tell the two apart
+
+
+def test_the_mtp_head_is_scored_two_tokens_ahead_of_hugging_face_labels():
+    torch.manual_seed(0)
+    model = MoECausalLM(MoEModelConfig(**SMALL, num_nextn_predict_layers=1).to_model_config())
+    ids = torch.randint(0, 64, (2, 9))
+    out = model(ids, labels=ids)
+    two_ahead = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)  # shift_labels[t + 1] = ids[t + 2]
+    torch.testing.assert_close(out.mtp_loss, model(ids, shift_labels=two_ahead).mtp_loss)
+    assert abs(float(out.mtp_loss) - float(model(ids, shift_labels=ids).mtp_loss)) > 1e-3
