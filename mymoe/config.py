@@ -408,8 +408,12 @@ def resolve_seed_aliases(values: dict, where: str = "model") -> dict:
     sets may both be given only when they agree."""
     moe_values = values.get("moe") or {}
     found = {name: (where, values[name]) for name in SEED_ALIASES if name in values}
+    if not isinstance(moe_values, dict):
+        if not found:
+            return values  # _build says what a section takes
+        raise ConfigError(f"{where}.moe={moe_values!r}: 'moe' is a section, so it takes keys and values")
     for name in SEED_ALIASES:
-        if isinstance(moe_values, dict) and name in moe_values:
+        if name in moe_values:
             if name in found:
                 raise ConfigError(f"{where}.{name} is given both under {where} and {where}.moe: give it once")
             found[name] = (f"{where}.moe", moe_values[name])
