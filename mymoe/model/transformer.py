@@ -208,8 +208,8 @@ class MoECausalLM(nn.Module):
         use_cache: bool = False,
         shift_labels: Optional[torch.Tensor] = None,
     ) -> CausalLMOutput:
-        """input_ids, labels or shift_labels [B, S]; attention_mask [B, past + S] with 1 = token, 0 = padding (left padding
-        allowed); past_key_values: the list of KVCache returned by an earlier call with use_cache=True."""
+        """input_ids, labels or shift_labels [B, S]; attention_mask [B, past + S] with 1 = token, 0 = padding
+        (left padding allowed); past_key_values: the list of KVCache returned by an earlier call with use_cache=True."""
         if labels is not None:
             if shift_labels is not None:
                 raise ValueError("give labels (aligned with input_ids) or shift_labels (already shifted), not both")

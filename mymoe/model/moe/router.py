@@ -1,7 +1,7 @@
 """The router: scores -> (noise) -> (group limit) -> (+bias, for selection only) -> top-k -> weights.
 
-Scoring is softmax (Mixtral, Qwen), sigmoid (DeepSeek-V3) or identity (the raw logits rank the experts), of the logits plus a learned bias with
-``router_bias`` (GPT-OSS). The combine weights are always the clean scores of the chosen experts, renormalised over the k chosen when ``norm_topk_prob`` and multiplied by
+Scoring is softmax (Mixtral, Qwen), sigmoid (DeepSeek-V3) or identity (the raw logits rank the
+experts), of the logits plus a learned bias with ``router_bias`` (GPT-OSS). The combine weights are always the clean scores of the chosen experts, renormalised over the k chosen when ``norm_topk_prob`` and multiplied by
 ``routed_scaling_factor``; noise and the balancing bias only change which experts are chosen.
 
 Losses returned for logging, unweighted, and summed with their coefficients into ``aux_loss``:
