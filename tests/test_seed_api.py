@@ -161,4 +161,4 @@ def test_the_mtp_head_is_scored_two_tokens_ahead_of_hugging_face_labels():
     out = model(ids, labels=ids)
     two_ahead = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)  # shift_labels[t + 1] = ids[t + 2]
     torch.testing.assert_close(out.mtp_loss, model(ids, shift_labels=two_ahead).mtp_loss)
-    assert abs(float(out.mtp_loss) - float(model(ids, shift_labels=ids).mtp_loss)) > 1e-3
+    assert abs(out.mtp_loss.item() - model(ids, shift_labels=ids).mtp_loss.item()) > 1e-3
