@@ -67,7 +67,7 @@ def _worker(rank: int, world_size: int, port: int, model_config, repeats: int, q
                 dist.barrier()
                 start = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                model(batch[:, :-1], labels=batch[:, 1:]).loss.backward()
+                model(batch[:, :-1], shift_labels=batch[:, 1:]).loss.backward()
                 reduce_gradients(model, ctx)  # a no-op under FSDP, which reduced in backward
                 clip_grad_norm_(model, train.grad_clip, ctx)
                 optimizer.step()

@@ -128,7 +128,7 @@ class Candidate:
         """Seconds of one training step: zero grads, forward with loss, backward, AdamW step."""
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        self.model(input_ids, labels=labels).loss.backward()
+        self.model(input_ids, shift_labels=labels).loss.backward()
         self.optimizer.step()
         return time.perf_counter() - start
 

@@ -8,6 +8,7 @@ Every check of a bad value lives in ``validate`` and runs before anything is bui
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -27,7 +28,7 @@ class ConfigError(ValueError):
 
 # The allowed values of the enum-like fields: the code that acts on them reads these too
 # (typing.get_args), and validation checks every field so annotated.
-ScoringFunc = Literal["softmax", "sigmoid"]
+ScoringFunc = Literal["softmax", "sigmoid", "identity"]  # identity: the raw logits rank the experts
 DropPolicy = Literal["probs", "position"]  # mymoe.model.moe.overflow.priority_order
 OverflowPolicy = Literal["drop", "spill", "null_expert"]  # mymoe.model.moe.overflow.place_assignments
 AttentionType = Literal["gqa", "mla"]
@@ -63,7 +64,7 @@ class MoEConfig:
     # Qwen2-MoE style sigmoid gate on the shared expert output
     shared_expert_gate: bool = field(default=False, metadata=ARCHITECTURE)
 
-    # "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3)
+    # "softmax" (Mixtral, Qwen), "sigmoid" (DeepSeek-V3) or "identity" (the raw logits)
     scoring_func: ScoringFunc = field(default="softmax", metadata=ARCHITECTURE)
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
@@ -378,6 +379,8 @@ def _coerce(value: Any, tp, where: str):
 def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):
         raise ConfigError(f"section '{where}' must be a mapping of keys to values, got {type(values).__name__}")
+    if cls is ModelConfig:
+        values = resolve_seed_aliases(values, where)
     types = _field_types(cls)
     nested = _nested_dataclass_fields(cls)
     kwargs: dict = {}
@@ -397,10 +400,106 @@ def _build(cls, values: dict, where: str):
             if len(owners) == 1:  # Hugging Face style: MoE keys written flat under `model`
                 nested_values[owners[0]][key] = value
             else:
-                raise ConfigError(_unknown_key_message(key, where, list(types) + _nested_keys(nested)))
+                known = list(types) + _nested_keys(nested) + (list(SEED_ALIASES) if cls is ModelConfig else [])
+                raise ConfigError(_unknown_key_message(key, where, known))
     for name, sub in nested.items():
         kwargs[name] = _build(sub, nested_values[name], f"{where}.{name}")
     return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# seed-004's Hugging Face-style names (docs/seed_api.md): accepted under `model` or `model.moe`, in YAML,
+# dotted overrides and MoEModelConfig keywords, and turned into our fields before anything is built
+
+DEFAULT_BIAS_UPDATE_RATE = 1e-3  # DeepSeek-V3's bias update speed (gamma) when balancing is switched on by name
+
+
+def _balancing_rate(given: dict) -> float:
+    return given.get("moe.bias_update_rate") or DEFAULT_BIAS_UPDATE_RATE
+
+
+def _overflow_policy(use_null_expert: bool, given: dict) -> str:
+    if use_null_expert:
+        return "null_expert"
+    # false: any other policy given stands, and null_expert given alongside is a conflict
+    policy = given.get("moe.overflow_policy", "drop")
+    return "drop" if policy == "null_expert" else policy
+
+
+def _topk_method(method: str, given: dict) -> dict:
+    if method == "noaux_tc":  # DeepSeek-V3: sigmoid scores, a balancing bias for selection, groups as configured
+        return {"moe.scoring_func": "sigmoid", "moe.bias_update_rate": _balancing_rate(given)}
+    if method in ("greedy", "group_limited_greedy"):  # plain top-k; group-limited whenever n_group > 1
+        return {}
+    raise ConfigError(
+        f"model.topk_method={method!r} is unknown: use 'noaux_tc', 'greedy' or 'group_limited_greedy' "
+        f"(the group limit itself is set by n_group and topk_group)"
+    )
+
+
+# alias: (its type, what it sets: alias value and the target fields given alongside -> {target: value});
+# a target "moe.x" is a field of MoEConfig, a bare "x" one of ModelConfig
+SEED_ALIASES = {
+    "expert_capacity_factor": (Optional[float], lambda value, given: {"moe.capacity_factor": value}),
+    "aux_loss_coef": (float, lambda value, given: {"moe.router_aux_loss_coef": value}),
+    "router_scaling_factor": (float, lambda value, given: {"moe.routed_scaling_factor": value}),
+    "use_null_expert": (bool, lambda value, given: {"moe.overflow_policy": _overflow_policy(value, given)}),
+    "use_bias_balancing": (
+        bool,
+        lambda value, given: {"moe.bias_update_rate": _balancing_rate(given) if value else 0.0},
+    ),
+    # a dense model: every layer takes the dense FFN
+    "use_moe": (
+        bool,
+        lambda value, given: (
+            {} if value else {"first_k_dense_replace": given.get("num_hidden_layers", ModelConfig.num_hidden_layers)}
+        ),
+    ),
+    "topk_method": (str, _topk_method),
+}
+
+
+def resolve_seed_aliases(values: dict, where: str = "model") -> dict:
+    """A model section with seed-004's names -> the same section in ours; an alias and the field it
+    sets may both be given only when they agree."""
+    moe_values = values.get("moe") or {}
+    found = {name: (where, values[name]) for name in SEED_ALIASES if name in values}
+    if not isinstance(moe_values, dict):
+        if not found:
+            return values  # _build says what a section takes
+        raise ConfigError(f"{where}.moe={moe_values!r}: 'moe' is a section, so it takes keys and values")
+    for name in SEED_ALIASES:
+        if name in moe_values:
+            if name in found:
+                raise ConfigError(f"{where}.{name} is given both under {where} and {where}.moe: give it once")
+            found[name] = (f"{where}.moe", moe_values[name])
+    if not found:
+        return values
+    values = {key: value for key, value in values.items() if key not in SEED_ALIASES}
+    values["moe"] = {key: value for key, value in moe_values.items() if key not in SEED_ALIASES}
+    moe_fields = {f.name for f in dataclasses.fields(MoEConfig)}
+    given = {key: value for key, value in values.items() if key != "moe"}
+    given.update({f"moe.{key}": value for key, value in values.items() if key in moe_fields})
+    given.update({f"moe.{key}": value for key, value in values["moe"].items()})
+    settings: dict = {}
+    for name, (section, value) in found.items():
+        alias_type, translate = SEED_ALIASES[name]
+        for target, target_value in translate(_coerce(value, alias_type, f"{section}.{name}"), given).items():
+            if target in given and given[target] != target_value:
+                raise ConfigError(
+                    f"{section}.{name}={value!r} sets {where}.{target}={target_value!r}, but {where}.{target}="
+                    f"{given[target]!r} is given too: drop one of them"
+                )
+            if target in settings and settings[target] != target_value:
+                raise ConfigError(
+                    f"{section}.{name}={value!r} sets {where}.{target}={target_value!r}, which another alias "
+                    f"sets to {settings[target]!r}: drop one of them"
+                )
+            settings[target] = target_value
+    for target, target_value in settings.items():
+        section_values = values["moe"] if target.startswith("moe.") else values
+        section_values[target.removeprefix("moe.")] = target_value
+    return values
 
 
 def _nested_keys(nested: dict) -> list:
@@ -1001,3 +1100,30 @@ def validate_ensemble(
 def ensemble_config_from_dict(values: dict) -> EnsembleConfig:
     """An EnsembleConfig from plain values (an ensemble manifest's "ensemble"), unknown keys refused."""
     return _build(EnsembleConfig, values, "ensemble")
+
+
+class MoEModelConfig:
+    """seed-004's Hugging Face-style model config: every ModelConfig and MoEConfig field, and the names
+    of SEED_ALIASES, as flat keywords (``MoEModelConfig(hidden_size=64, n_routed_experts=8)``), built into
+    our ModelConfig and validated at construction. Fields read back flat: ``config.n_routed_experts``."""
+
+    def __init__(self, **values):
+        model_config = _build(ModelConfig, values, "MoEModelConfig")
+        validate_model(model_config)
+        self.__dict__["model_config"] = model_config
+
+    def to_model_config(self) -> ModelConfig:
+        return copy.deepcopy(self.model_config)
+
+    def __getattr__(self, name: str):
+        model_config = self.__dict__.get("model_config")  # absent while copy or pickle rebuilds the object
+        for section in (model_config, model_config.moe) if model_config is not None else ():
+            if name in {f.name for f in dataclasses.fields(section)}:
+                return getattr(section, name)
+        raise AttributeError(f"MoEModelConfig has no field {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"MoEModelConfig is built once and validated: pass {name}= to the constructor")
+
+    def __repr__(self) -> str:
+        return f"MoEModelConfig({self.model_config})"

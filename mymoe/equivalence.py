@@ -114,7 +114,7 @@ def reference_step(
     total = 0.0
     for input_ids, labels in slices:
         with autocast_context(config, device):
-            out = model(input_ids.to(device), labels=labels.to(device))
+            out = model(input_ids.to(device), shift_labels=labels.to(device))
         loss = training_loss(out, config.model.mtp_loss_weight, aux_scale)
         (loss / len(slices)).backward()
         total += float(loss.detach())

@@ -47,14 +47,14 @@ def test_both_heads_train_and_the_loss_adds_the_weighted_candidate_loss():
     model = tiny_model(candidate_head=True, candidate_loss_weight=0.5)
     ids = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(3))
     labels = torch.roll(ids, -1, dims=1)
-    out = model(ids, labels=labels)
+    out = model(ids, shift_labels=labels)
     unweighted = torch.nn.functional.cross_entropy(out.candidate_logits.flatten(0, 1), labels.flatten())
     torch.testing.assert_close(out.candidate_loss, 0.5 * unweighted)
     torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss + out.candidate_loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(8):
-        out = model(ids, labels=labels)
+        out = model(ids, shift_labels=labels)
         losses.append((float(out.lm_loss.detach()), float(out.candidate_loss.detach())))
         optimizer.zero_grad()
         out.loss.backward()

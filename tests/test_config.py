@@ -70,7 +70,7 @@ BAD = [
     ({"model": {"moe": {"eval_capacity_factor": 0}}}, "eval_capacity_factor=0.0 must be positive"),
     ({"model": {"rope_scaling": {"type": "longrope", "factor": 4}}}, "rope_scaling.type='longrope' is unknown"),
     ({"model": {"rope_scaling": {"type": "yarn", "factor": 0.5}}}, "rope_scaling.factor=0.5 must be a number >= 1"),
-    ({"model": {"moe": {"scoring_func": "relu"}}}, "scoring_func='relu' must be 'softmax' or 'sigmoid'"),
+    ({"model": {"moe": {"scoring_func": "relu"}}}, "scoring_func='relu' must be 'softmax', 'sigmoid' or 'identity'"),
     ({"model": {"moe": {"drop_policy": "random"}}}, "drop_policy='random'"),
     ({"parallel": {"expert_parallel_size": 3}}, "expert_parallel_size=3 must divide model.moe.n_routed_experts=8"),
     ({"parallel": {"a2a_chunks": -1}}, "parallel.a2a_chunks=-1 must be >= 0"),

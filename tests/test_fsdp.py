@@ -96,7 +96,7 @@ def measured_state_bytes(trainer) -> dict:
     """This rank's parameters, gradients and AdamW state, in bytes, after a step and one more backward."""
     trainer.train_step()
     input_ids, labels = trainer.train_reader.next_batch()
-    trainer.model(input_ids, labels=labels).loss.backward()
+    trainer.model(input_ids, shift_labels=labels).loss.backward()
     params = list(trainer.model.parameters())
     state = [
         value

@@ -90,7 +90,7 @@ def test_each_option_changes_the_logits_decodes_with_the_cache_and_trains(option
     losses = []
     for _ in range(5):
         optimizer.zero_grad()
-        output = model(ids[:, :-1], labels=ids[:, 1:])
+        output = model(ids[:, :-1], shift_labels=ids[:, 1:])
         output.loss.backward()
         optimizer.step()
         losses.append(output.loss.item())

@@ -175,7 +175,8 @@ def test_loss_ignores_minus_100_and_adds_aux():
     labels = ids.clone()
     labels[:, :3] = -100
     out = model(ids, labels=labels)
-    expected = F.cross_entropy(out.logits[:, 3:].reshape(-1, 97), ids[:, 3:].reshape(-1))
+    # Hugging Face labels: position t is scored on labels[t + 1], so positions 0 and 1 are ignored
+    expected = F.cross_entropy(out.logits[:, 2:-1].reshape(-1, 97), ids[:, 3:].reshape(-1))
     torch.testing.assert_close(out.lm_loss, expected)
     torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)
     assert float(out.aux_loss.detach()) > 0

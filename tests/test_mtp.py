@@ -30,7 +30,7 @@ def test_mtp_loss_is_scored_on_the_token_after_next():
     model = MoECausalLM(mtp_config())
     ids = torch.randint(0, 16, (2, 9))
     labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
-    out = model(ids, labels=labels)
+    out = model(ids, shift_labels=labels)
     torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss + 0.5 * out.mtp_loss)
     assert len(out.router_stats) == 3  # two blocks and the MTP block
     out.loss.backward()
@@ -46,7 +46,7 @@ def train_on_a_cycle(model, steps=150):
     for _ in range(steps):
         start = torch.randint(0, 16, (8, 1), generator=generator)
         ids = (start + torch.arange(17)) % 16
-        loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
+        loss = model(ids[:, :-1], shift_labels=ids[:, 1:]).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -71,7 +71,7 @@ def training_worker(rank: int, world_size: int) -> dict:
             mine = slice(rank * SEQUENCES_PER_RANK, (rank + 1) * SEQUENCES_PER_RANK)
 
             model.zero_grad(set_to_none=True)
-            loss = model(input_ids[mine], labels[mine]).loss
+            loss = model(input_ids[mine], shift_labels=labels[mine]).loss
             loss.backward()
             reduce_gradients(model, ctx)
             norm = clip_grad_norm_(model, MAX_NORM, ctx)
@@ -81,7 +81,7 @@ def training_worker(rank: int, world_size: int) -> dict:
             global_loss /= world_size
 
             reference.zero_grad(set_to_none=True)
-            reference_loss = reference(input_ids, labels).loss
+            reference_loss = reference(input_ids, shift_labels=labels).loss
             reference_loss.backward()
             reference_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), MAX_NORM)
             reference_optimizer.step()

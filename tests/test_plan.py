@@ -85,7 +85,7 @@ def measure_step(config: Config) -> dict:
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        model(tokens[:, :-1], labels=tokens[:, 1:]).loss.backward()
+        model(tokens[:, :-1], shift_labels=tokens[:, 1:]).loss.backward()
         optimizer.step()
 
     step()

@@ -169,7 +169,8 @@ class FileOrderBatches:
 
 
 def inputs_and_labels(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows of seq_len + 1 tokens -> (input_ids, labels), LongTensor [B, seq_len] each."""
+    """Windows of seq_len + 1 tokens -> (input_ids, shift_labels): window[:-1] and window[1:], LongTensor
+    [B, seq_len] each; the model takes the second as shift_labels= (already shifted)."""
     batch = torch.from_numpy(np.stack(windows))  # [B, seq_len + 1]
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 

@@ -148,12 +148,14 @@ class MoETransformer(nn.Module):
 class MoECausalLM(nn.Module):
     """The MoE Transformer with a language-model head.
 
-    Labels come already shifted by the data reader (``labels[t]`` is the token after ``input_ids[t]``),
-    so the loss compares logits and labels position by position, with no shift inside; positions with
-    label -100 are ignored. With ``is_causal: false`` (an encoder) the same loss is computed, and the
-    caller's labels say what to predict: masked-LM targets, labels[t] the original token where input t
-    was masked and -100 elsewhere. ``candidate_head`` adds a second linear head over the same final
-    hidden state, trained on the same labels (see mymoe.model.heads).
+    ``labels`` follow Hugging Face: aligned with input_ids (``labels=input_ids`` trains next-token
+    prediction) and shifted inside, position t scored on ``labels[t + 1]``, as transformers'
+    ForCausalLMLoss. ``shift_labels`` (transformers' name) are already shifted, ``shift_labels[t]`` the
+    token after ``input_ids[t]``: what the data reader yields, so the trainer passes those. Positions
+    whose label is -100 are ignored. With ``is_causal: false`` (an encoder) nothing is shifted, as in
+    Hugging Face's masked-LM models: labels[t] is the original token where input t was masked and -100
+    elsewhere. ``candidate_head`` adds a second linear head over the same final hidden state, trained on
+    the same targets (see mymoe.model.heads).
     """
 
     def __init__(self, config: ModelConfig):
@@ -222,12 +224,18 @@ class MoECausalLM(nn.Module):
         past_key_values: Optional[list] = None,
         use_cache: bool = False,
         step: Optional[int] = None,
+        shift_labels: Optional[torch.Tensor] = None,
     ) -> CausalLMOutput:
-        """input_ids, labels [B, S]; attention_mask [B, past + S] with 1 = token, 0 = padding (left padding
-        allowed); past_key_values: the list of KVCache returned by an earlier call with use_cache=True;
-        step: the trainer's global step, kept for the MoE schedules (None keeps the last one given)."""
+        """input_ids, labels or shift_labels [B, S]; attention_mask [B, past + S] with 1 = token, 0 = padding
+        (left padding allowed); past_key_values: the list of KVCache returned by an earlier call with
+        use_cache=True; step: the trainer's global step, kept for the MoE schedules (None keeps the last one
+        given)."""
         if step is not None:
             self.set_step(step)
+        if labels is not None:
+            if shift_labels is not None:
+                raise ValueError("give labels (aligned with input_ids) or shift_labels (already shifted), not both")
+            shift_labels = shift_hf_labels(labels) if self.config.is_causal else labels
         if use_cache and past_key_values is None:
             past_key_values = [KVCache() for _ in range(self.config.num_hidden_layers)]
         hidden, moe_aux = self.model(input_ids, attention_mask, position_ids, past_key_values)
@@ -235,11 +243,11 @@ class MoECausalLM(nn.Module):
         if self.config.logits_scaling != 1:
             logits = logits / self.config.logits_scaling
         mtp_loss = None
-        if labels is not None and self.mtp is not None and input_ids.shape[1] > 1:
-            # position t pairs hidden[t] with token t+1 and is scored on token t+2 (labels[t + 1])
+        if shift_labels is not None and self.mtp is not None and input_ids.shape[1] > 1:
+            # position t pairs hidden[t] with token t+1 and is scored on token t+2 (shift_labels[t + 1])
             mask = attention_mask[:, :-1] if attention_mask is not None else None
             mtp_hidden, mtp_aux = self._mtp_hidden(hidden[:, :-1], input_ids[:, 1:], 0, None, mask)
-            mtp_loss = causal_lm_loss(self.lm_head(mtp_hidden), labels[:, 1:])
+            mtp_loss = causal_lm_loss(self.lm_head(mtp_hidden), shift_labels[:, 1:])
             moe_aux = moe_aux + ([mtp_aux] if mtp_aux is not None else [])
         aux_loss = sum((aux.aux_loss for aux in moe_aux), hidden.new_zeros((), dtype=torch.float32))
         output = CausalLMOutput(
@@ -252,11 +260,11 @@ class MoECausalLM(nn.Module):
         )
         if self.candidate_head is not None:
             output.candidate_logits = self.candidate_head(hidden)
-            if labels is not None:
-                candidate_loss = causal_lm_loss(output.candidate_logits, labels)
+            if shift_labels is not None:
+                candidate_loss = causal_lm_loss(output.candidate_logits, shift_labels)
                 output.candidate_loss = self.config.candidate_loss_weight * candidate_loss
-        if labels is not None:
-            output.lm_loss = causal_lm_loss(logits, labels)
+        if shift_labels is not None:
+            output.lm_loss = causal_lm_loss(logits, shift_labels)
             output.loss = training_loss(output, self.config.mtp_loss_weight)
         return output
 
@@ -474,10 +482,19 @@ def training_loss(output: CausalLMOutput, mtp_loss_weight: float, aux_loss_scale
     return loss
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over positions whose label is not -100 (0 when there are none), in fp32."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return losses / (labels != IGNORE_INDEX).sum().clamp(min=1)
+def shift_hf_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Hugging Face labels [B, S], aligned with the inputs -> the target of each position [B, S]: the next
+    label, and -100 after the last (transformers' ForCausalLMLoss pads the same way)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def causal_lm_loss(logits: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, S, V] against the already shifted targets [B, S] over positions
+    whose target is not -100 (0 when there are none), in fp32."""
+    losses = F.cross_entropy(
+        logits.float().flatten(0, 1), shift_labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return losses / (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def sample_next_token(logits, tokens, attention_mask, temperature, top_k, top_p, repetition_penalty, generator):

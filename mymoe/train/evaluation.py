@@ -58,7 +58,7 @@ def sum_lm_loss(
             if stop_requested is not None and stop_requested():
                 return None
             with autocast_context(config, device):
-                out = model(input_ids.to(device), labels=labels.to(device))
+                out = model(input_ids.to(device), shift_labels=labels.to(device))
             tokens = int((labels != IGNORE_INDEX).sum())
             total.add(LossSum(float(out.lm_loss) * tokens, tokens, 1))  # lm_loss is the mean over those tokens
             if after_batch is not None:

@@ -65,7 +65,7 @@ def locate_nonfinite(model: torch.nn.Module, forward, input_ids, labels) -> str:
         param.register_hook(gradient_hook(name)) for name, param in model.named_parameters() if param.requires_grad
     ]
     try:
-        forward(input_ids, labels=labels).loss.backward()
+        forward(input_ids, shift_labels=labels).loss.backward()
     finally:
         for handle in handles:
             handle.remove()

@@ -260,7 +260,7 @@ class Trainer:
             input_ids, labels = self.train_reader.next_batch()
             self.last_batch = (input_ids, labels)
             with autocast_context(config, ctx.device):
-                out = self.forward(input_ids.to(ctx.device), labels=labels.to(ctx.device), step=self.step)
+                out = self.forward(input_ids.to(ctx.device), shift_labels=labels.to(ctx.device), step=self.step)
             loss = training_loss(out, config.model.mtp_loss_weight, aux_scale)
             if self.engine is not None:
                 self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself

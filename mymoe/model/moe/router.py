@@ -1,7 +1,7 @@
 """The router: scores -> (noise) -> (group limit) -> (+bias, for selection only) -> top-k -> weights.
 
-Scoring is softmax (Mixtral, Qwen) or sigmoid (DeepSeek-V3), of the logits plus a learned bias with
-``router_bias`` (GPT-OSS). The combine weights are always the clean scores of the chosen experts, renormalised over the k chosen when ``norm_topk_prob`` and multiplied by
+Scoring is softmax (Mixtral, Qwen), sigmoid (DeepSeek-V3) or identity (the raw logits rank the
+experts), of the logits plus a learned bias with ``router_bias`` (GPT-OSS). The combine weights are always the clean scores of the chosen experts, renormalised over the k chosen when ``norm_topk_prob`` and multiplied by
 ``routed_scaling_factor``; noise and the balancing bias only change which experts are chosen.
 
 Losses returned for logging, unweighted, and summed with their coefficients into ``aux_loss``:
@@ -9,7 +9,8 @@ Losses returned for logging, unweighted, and summed with their coefficients into
   T*k assignments that chose expert i and P_i the mean router probability of expert i; 1 when balanced.
 - seq_aux_loss (DeepSeek-V3): the same quantity per sequence, averaged over the sequences.
 - z_loss (ST-MoE): mean over tokens of logsumexp(logits)^2, keeps logits small.
-For sigmoid scoring the "probability" P is the score normalised over the experts (DeepSeek-V3's s').
+For sigmoid scoring the "probability" P is the score normalised over the experts (DeepSeek-V3's s'); for
+identity scoring it is the softmax of the logits, as raw logits are no distribution.
 """
 
 from __future__ import annotations
@@ -84,9 +85,10 @@ class Router(nn.Module):
                 selection_scores = self._limit_groups(selection_scores)
             expert_indices = torch.topk(selection_scores, self.top_k, dim=-1).indices  # [tokens, k]
 
-        if moe.norm_topk_prob and self.top_k > 1 and moe.scoring_func == "softmax":
+        if moe.norm_topk_prob and self.top_k > 1 and moe.scoring_func in ("softmax", "identity"):
             # the renormalised softmax of the k chosen is the softmax of their logits: the same weights, and
-            # an exact zero gradient for the experts not chosen (not a rounding residue AdamW would amplify)
+            # an exact zero gradient for the experts not chosen (not a rounding residue AdamW would amplify).
+            # Raw logits can be negative and sum to zero, so identity scores normalise the same way.
             expert_weights = logits.gather(1, expert_indices).softmax(dim=-1)
         else:
             expert_weights = scores.gather(1, expert_indices)
@@ -94,7 +96,10 @@ class Router(nn.Module):
                 expert_weights = expert_weights / (expert_weights.sum(-1, keepdim=True) + 1e-20)
         expert_weights = expert_weights * moe.routed_scaling_factor
 
-        probs = scores if moe.scoring_func == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
+        if moe.scoring_func == "identity":
+            probs = logits.softmax(dim=-1)
+        else:
+            probs = scores if moe.scoring_func == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
         losses = {}
         aux_loss = logits.new_zeros(())
         for name, coefficient, loss_fn in (
@@ -122,6 +127,8 @@ class Router(nn.Module):
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         if self.moe.scoring_func == "sigmoid":
             return torch.sigmoid(logits)
+        if self.moe.scoring_func == "identity":
+            return logits
         return torch.softmax(logits, dim=-1)
 
     def _uniform(self, like: torch.Tensor, low: float, high: float) -> torch.Tensor:
