@@ -87,6 +87,11 @@ class MoEConfig:
     expert_activation: ExpertActivation = field(default="swiglu", metadata=ARCHITECTURE)
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    # for benchmarks only (Megatron-Core's moe_router_force_load_balancing): every token's top-k choice is
+    # replaced by a balanced assignment, each expert getting the same number of assignments, so speed can be
+    # measured without the imbalance of an untrained router; the combine weights stay the router's
+    # probabilities of the assigned experts, so the router still gets gradients
+    force_balanced_routing: bool = False
 
     @property
     def dropless(self) -> bool:
