@@ -4,8 +4,9 @@
 
 Both runs train the same MoE model (8 experts, top-2, EP=2 on the 2 ranks, one thread each) with the
 project's Trainer on real text (benchmarks/books.py: books of the shared corpus, tokenised once), from the
-same seed and data: first with natural routing, then with moe.force_balanced_routing, which gives every
-expert the same number of assignments. Dropless by default (--capacity-factor drops instead of waiting).
+same seed and data, one with natural routing and one with moe.force_balanced_routing, which gives every
+expert the same number of assignments; the two take steps in turn, so that load from other processes on
+the machine falls on both alike. Dropless by default (--capacity-factor drops instead of waiting).
 Logged per step, for each run: tokens/s, the dropped fraction, the busiest rank's expert rows against
 the mean over ranks (summed over layers, each layer waiting on its busiest rank), and each layer's max
 expert load / mean. The curves go to <out>/routing.png; the last line reads
@@ -32,6 +33,7 @@ from peers import require_launch
 
 SEQ_LEN = 256
 MICRO_BATCH_SIZE = 4  # per rank
+RUNS = (("natural", False), ("balanced", True))  # moe.force_balanced_routing off, on
 
 
 def run_config(books, args, forced: bool) -> dict:
@@ -63,28 +65,31 @@ def step_figures(loads: torch.Tensor, ranks: int) -> tuple[float, list]:
     return busiest, (loads.max(-1).values / loads.mean(-1).clamp(min=1e-9)).tolist()
 
 
-def train_run(config: dict, args, say) -> dict:
+def build_trainer(config: dict) -> Trainer:
     config = config_from_dict(config)
-    trainer = Trainer(config, init_distributed(config))
-    ranks = trainer.ctx.expert_parallel_size
-    log = {"tokens_per_s": [], "dropped": [], "busiest_rank": [], "max_load": []}
-    while not trainer.finished():
-        start = time.perf_counter()
-        metrics = trainer.train_step()
-        loads = torch.tensor(metrics["expert_loads"])  # reading it waits for the step to finish
-        seconds = time.perf_counter() - start
-        busiest, max_load = step_figures(loads, ranks)
-        dropped = sum(metrics["dropped"]) / len(metrics["dropped"])
-        for key, value in zip(log, (trainer.tokens_per_step / seconds, dropped, busiest, max_load)):
-            log[key].append(value)
-        say(
-            f"  step {trainer.step:3d}  {log['tokens_per_s'][-1]:7.0f} tokens/s  dropped {dropped:.3f}  "
-            f"busiest rank {busiest:.2f}x mean  max/mean load per layer "
-            + " ".join(f"{ratio:.2f}" for ratio in max_load)
-        )
-    timed = slice(args.warmup, None)
-    log["mean_tokens_per_s"] = len(log["tokens_per_s"][timed]) / sum(1 / t for t in log["tokens_per_s"][timed])
-    return log
+    return Trainer(config, init_distributed(config))
+
+
+def timed_step(trainer: Trainer, log: dict) -> str:
+    """One training step, its figures appended to log; returns them as a line."""
+    start = time.perf_counter()
+    metrics = trainer.train_step()
+    loads = torch.tensor(metrics["expert_loads"])  # reading it waits for the step to finish
+    seconds = time.perf_counter() - start
+    busiest, max_load = step_figures(loads, trainer.ctx.expert_parallel_size)
+    dropped = sum(metrics["dropped"]) / len(metrics["dropped"])
+    for key, value in zip(log, (trainer.tokens_per_step / seconds, dropped, busiest, max_load)):
+        log[key].append(value)
+    return (
+        f"{log['tokens_per_s'][-1]:6.0f} tokens/s  dropped {dropped:.3f}  busiest rank {busiest:.2f}x  "
+        f"max/mean load per layer " + " ".join(f"{ratio:.2f}" for ratio in max_load)
+    )
+
+
+def mean_tokens_per_second(log: dict, warmup: int) -> float:
+    """Tokens over time of the steps after the warm-up (every step has the same tokens: a harmonic mean)."""
+    timed = log["tokens_per_s"][warmup:]
+    return len(timed) / sum(1 / rate for rate in timed)
 
 
 def plot(logs: dict, path: Path) -> None:
@@ -145,26 +150,29 @@ def main() -> None:
         + ("dropless" if args.capacity_factor is None else f"capacity factor {args.capacity_factor}")
     )
 
-    logs = {}
-    for name, forced in (("natural", False), ("balanced", True)):
-        say(f"{name} routing{' (moe.force_balanced_routing)' if forced else ''}:")
-        logs[name] = train_run(run_config(books, args, forced), args, say)
+    # both runs built first and stepped in turn, so that the machine's load falls on both alike
+    runs = {name: build_trainer(run_config(books, args, forced)) for name, forced in RUNS}
+    logs = {name: {"tokens_per_s": [], "dropped": [], "busiest_rank": [], "max_load": []} for name in runs}
+    for step in range(1, args.steps + 1):
+        for name, trainer in runs.items():
+            say(f"  step {step:3d} {name:8s} {timed_step(trainer, logs[name])}")
+    speed = {name: mean_tokens_per_second(log, args.warmup) for name, log in logs.items()}
 
-    natural, balanced = logs["natural"], logs["balanced"]
+    natural = logs["natural"]
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         plot(logs, args.out / "routing.png")
     busiest = sum(natural["busiest_rank"]) / len(natural["busiest_rank"])
     max_load = torch.tensor(natural["max_load"]).mean()
     say(
-        f"natural {natural['mean_tokens_per_s']:.0f} tokens/s, balanced {balanced['mean_tokens_per_s']:.0f} "
+        f"natural {speed['natural']:.0f} tokens/s, balanced {speed['balanced']:.0f} "
         f"tokens/s; natural routing: busiest rank {busiest:.2f}x the mean rows, max/mean expert load "
         f"{float(max_load):.2f}; curves in {args.out / 'routing.png'}"
     )
     say(
-        f"RESULT natural_tokens_per_s={natural['mean_tokens_per_s']:.0f} "
-        f"balanced_tokens_per_s={balanced['mean_tokens_per_s']:.0f} "
-        f"natural_vs_balanced={natural['mean_tokens_per_s'] / balanced['mean_tokens_per_s']:.3f} "
+        f"RESULT natural_tokens_per_s={speed['natural']:.0f} "
+        f"balanced_tokens_per_s={speed['balanced']:.0f} "
+        f"natural_vs_balanced={speed['natural'] / speed['balanced']:.3f} "
         f"natural_busiest_rank={busiest:.3f} natural_max_load={float(max_load):.3f}"
     )
     dist.destroy_process_group()
