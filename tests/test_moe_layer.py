@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from mymoe.config import MoEConfig
 from mymoe.model.moe.overflow import capacity_keep_mask, compute_capacity
 from mymoe.model.moe.layer import MoELayer
+from mymoe.model.moe.router import balanced_assignment
 
 HIDDEN = 16
 
@@ -273,3 +274,37 @@ def test_checkpointed_and_plain_layers_give_same_gradients():
     for a, b in zip(plain, recomputed):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert torch.equal(plain_load, recomputed_load)  # the recompute does not count the load twice
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", [(64, 8, 2), (48, 6, 3), (37, 8, 2), (5, 4, 4)])
+def test_balanced_assignment_loads_are_equal_and_experts_distinct(tokens, experts, top_k):
+    generator = torch.Generator().manual_seed(0)
+    indices = balanced_assignment(tokens, experts, top_k, torch.device("cpu"), generator)
+    assert indices.shape == (tokens, top_k)
+    counts = torch.bincount(indices.flatten(), minlength=experts)
+    if tokens * top_k % experts == 0:
+        assert torch.all(counts == tokens * top_k // experts)
+    assert int(counts.max() - counts.min()) <= 1
+    assert all(len(set(row.tolist())) == top_k for row in indices)  # no expert twice for one token
+
+
+def test_force_balanced_routing_equalises_a_skewed_router_and_still_trains_it():
+    torch.manual_seed(1)
+    x = torch.randn(512, HIDDEN) + 1.0
+    loads = {}
+    for forced in (False, True):
+        layer, _ = make_layer(force_balanced_routing=forced)
+        with torch.no_grad():
+            layer.gate.weight[0] += 0.05  # inputs share a direction that expert 0 favours
+        torch.manual_seed(2)
+        output, aux = layer(x)
+        loads[forced] = aux.tokens_per_expert
+        output.square().sum().backward()
+    assert int(loads[False].max()) > 2 * 512 * 2 // 8  # the natural choice is skewed ...
+    assert torch.all(loads[True] == 512 * 2 // 8)  # ... the forced one gives every expert the same load
+    assert layer.gate.weight.grad.abs().sum() > 0  # the combine weights are still the router's probabilities
+    torch.manual_seed(2)
+    routing = layer.gate(x)
+    logits = x @ layer.gate.weight.t()
+    expected = logits.gather(1, routing.expert_indices).softmax(-1)  # norm_topk_prob over the assigned experts
+    torch.testing.assert_close(routing.expert_weights, expected)

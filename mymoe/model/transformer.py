@@ -180,7 +180,7 @@ class MoECausalLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, initializer_range) weights, unit norms; o_proj and down_proj get std / sqrt(2 L).
+        """Normal(0, initializer_range) weights, unit norms; o_proj, down_proj and the experts' w_down get std / sqrt(2 L).
 
         The residual stream is a sum of 2 L block outputs (attention and FFN in each of L layers); with
         the output projections scaled by 1 / sqrt(2 L) its variance at init stays that of one block's
@@ -207,7 +207,7 @@ class MoECausalLM(nn.Module):
                     param.fill_(1.0)
                 elif param_name == "bias" or param_name.endswith("_bias") or param_name == "sinks":
                     param.zero_()
-                elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
+                elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj", "experts.w_down")):
                     param.normal_(0.0, residual_std, generator=generator)
                 else:
                     param.normal_(0.0, std, generator=generator)

@@ -1,8 +1,10 @@
 """The router: scores -> (noise) -> (group limit) -> (+bias, for selection only) -> top-k -> weights.
 
 Scoring is softmax (Mixtral, Qwen), sigmoid (DeepSeek-V3) or identity (the raw logits rank the
-experts), of the logits plus a learned bias with ``router_bias`` (GPT-OSS). The combine weights are always the clean scores of the chosen experts, renormalised over the k chosen when ``norm_topk_prob`` and multiplied by
-``routed_scaling_factor``; noise and the balancing bias only change which experts are chosen.
+experts), of the logits plus a learned bias with ``router_bias`` (GPT-OSS). The combine weights are always
+the clean scores of the chosen experts, renormalised over the k chosen when ``norm_topk_prob`` and
+multiplied by ``routed_scaling_factor``; noise and the balancing bias only change which experts are chosen,
+and ``force_balanced_routing`` (benchmarks only) replaces the choice by ``balanced_assignment``.
 
 Losses returned for logging, unweighted, and summed with their coefficients into ``aux_loss``:
 - load_balancing_loss (Switch / GShard): E * sum_i f_i * P_i over all tokens, f_i the fraction of the
@@ -35,6 +37,25 @@ class RoutingResult:
     seq_aux_loss: torch.Tensor
     z_loss: torch.Tensor
     selection_scores: torch.Tensor  # [tokens, experts] what top-k ranked: noise, bias and group limit included
+
+
+def balanced_assignment(
+    num_tokens: int, num_experts: int, top_k: int, device: torch.device, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """[tokens, k] experts for ``force_balanced_routing``: k distinct experts per token, and every expert
+    assigned floor or ceil of tokens * k / experts times (exactly equal when that divides).
+
+    The tokens take turns in a random order; the a-th assignment of that sequence (token i's j-th is
+    a = i * k + j) goes to expert a mod experts, after a random relabelling of the experts. Consecutive
+    assignments cycle through every expert, which balances the counts, and a token's k are consecutive, so
+    distinct. The random order and labels keep which experts share a token, and so which ranks a token
+    visits under expert parallelism, from following its position in the batch. ``generator`` as for noise:
+    None draws from the global RNG, which activation checkpointing replays.
+    """
+    order = torch.randperm(num_tokens, generator=generator, device=device)  # [tokens] each token's turn
+    labels = torch.randperm(num_experts, generator=generator, device=device)  # [experts]
+    assignment = order[:, None] * top_k + torch.arange(top_k, device=device)  # [tokens, k]
+    return labels[assignment % num_experts]
 
 
 class Router(nn.Module):
@@ -83,7 +104,12 @@ class Router(nn.Module):
             selection_scores = self._score(selection_logits) + self.expert_bias.to(compute_dtype)
             if moe.n_group > 1 and moe.topk_group < moe.n_group:
                 selection_scores = self._limit_groups(selection_scores)
-            expert_indices = torch.topk(selection_scores, self.top_k, dim=-1).indices  # [tokens, k]
+            if moe.force_balanced_routing:
+                expert_indices = balanced_assignment(
+                    logits.shape[0], self.num_experts, self.top_k, logits.device, self.generator
+                )
+            else:
+                expert_indices = torch.topk(selection_scores, self.top_k, dim=-1).indices  # [tokens, k]
 
         if moe.norm_topk_prob and self.top_k > 1 and moe.scoring_func in ("softmax", "identity"):
             # the renormalised softmax of the k chosen is the softmax of their logits: the same weights, and
