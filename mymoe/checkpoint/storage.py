@@ -24,7 +24,7 @@ import os
 import pickle
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -62,18 +62,27 @@ def tensor_crc32(tensor: torch.Tensor) -> int:
     return zlib.crc32(flat.view(torch.uint8).numpy())
 
 
+def file_size_problem(path: Path, expected: dict) -> Optional[str]:
+    """Why a file is not the size the manifest recorded (missing, truncated, grown), or None."""
+    if not path.exists():
+        return f"{path} is missing (the checkpoint lists it with {expected['bytes']} bytes)"
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        return f"{path} is {size} bytes but was saved with {expected['bytes']} (truncated or overwritten)"
+    return None
+
+
 def verify_files(directory: Path, files: dict[str, dict]) -> list[str]:
     """Problems found checking each file against its recorded size and crc32 (empty when all are sound)."""
     problems = []
     for name, expected in files.items():
         path = directory / name
-        if not path.exists():
-            problems.append(f"{path} is missing (the checkpoint lists it with {expected['bytes']} bytes)")
+        problem = file_size_problem(path, expected)
+        if problem is not None:
+            problems.append(problem)
             continue
-        size, crc = file_crc32(path)
-        if size != expected["bytes"]:
-            problems.append(f"{path} is {size} bytes but was saved with {expected['bytes']} (truncated or overwritten)")
-        elif crc != expected["crc32"]:
+        _, crc = file_crc32(path)
+        if crc != expected["crc32"]:
             problems.append(
                 f"{path} fails its checksum (crc32 {crc:08x}, saved {expected['crc32']:08x}): the file is corrupt"
             )
