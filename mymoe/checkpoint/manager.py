@@ -5,7 +5,8 @@ A save, on every rank at once:
     1. rank 0 clears step_N.partial/ (left by a save that died), all ranks wait for it
     2. DCP writes each rank's own tensors into step_N.partial/ (one file per rank, fsynced); rank 0 writes
        DCP's index after every rank has reported its writes
-    3. each rank checksums its file; rank 0 gathers them with every expert's crc32 into manifest.json,
+    3. each rank reports the crc32s its writer took as it wrote (of each file and each record, so nothing is
+       read back); rank 0 gathers them with every expert's crc32 into manifest.json,
        renames step_N.partial -> step_N, fsyncs the folder, then points `latest` at it (write + rename)
     4. rank 0 deletes this run's steps beyond keep_last (retention.py says which may go) and tells every
        rank the save is done
@@ -13,6 +14,11 @@ A save, on every rank at once:
 A crash anywhere before the rename leaves only a .partial folder, which nothing reads, and `latest` still
 names the previous step. With async_save the state is first copied (the only part the training step
 waits for) and steps 1-4 run on a thread over a process group of their own.
+
+A load reads each rank's share once, into fresh tensors, checking every record's crc32 as its bytes arrive
+(checksummed.py). dcp.load raises any rank's refusal on every rank, so the trainer's live weights are
+overwritten only by a checkpoint that every rank has read whole and found sound; a checkpoint saved before
+records had sums has its files checked whole first, as before.
 """
 
 from __future__ import annotations

@@ -6,12 +6,14 @@ A committed checkpoint is one directory per step:
       __0_0.distcp ...   torch.distributed.checkpoint data, one file per rank (its experts, its optimizer
                          slices, and the replicated tensors DCP assigned to it)
       .metadata          DCP's index of every tensor: global shape, dtype, which file and offset
-      manifest.json      step, data-reader state, optimizer hyperparameters, resolved config, and a
-                         size + crc32 for every file above and for every expert's weights
+      manifest.json      step, data-reader state, optimizer hyperparameters, resolved config, a
+                         size + crc32 for every file above, a crc32 for every record (tensor) in the
+                         data files by its offset, and one for every expert's weights
     latest               the name of the newest committed step directory
 
-Loading never unpickles anything that could run code: tensor files go through
-``torch.load(weights_only=True)`` (DCP's own reader), the DCP index is read with an unpickler that only
+Loading never unpickles anything that could run code: tensor records are read as raw bytes
+(checksummed.py; a checkpoint without record sums goes through DCP's own reader, which uses
+``torch.load(weights_only=True)``), the DCP index is read with an unpickler that only
 knows DCP's metadata classes and torch dtypes, and non-tensor values (which DCP would unpickle freely)
 are never written or requested: they live in manifest.json.
 """
