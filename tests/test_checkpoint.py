@@ -351,16 +351,16 @@ def test_load_model_holds_every_expert_of_an_in_process_run(saved_run):
 
 def crash_worker(rank, world_size, workdir):
     """Save step 2, then die by SIGKILL half-way through writing step 3's shard."""
-    import torch.distributed.checkpoint.filesystem as filesystem
+    import mymoe.checkpoint.checksummed as checksummed
 
     train_in_process(workdir, 2, save_at=(2,))
 
-    def write_then_die(transforms, stream, data, *args, **kwargs):
+    def write_then_die(stream, tensor):
         stream.write(b"\0" * 100)
         stream.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
-    filesystem._write_item = write_then_die
+    checksummed.write_record = write_then_die
     train_in_process(workdir, 3, save_at=(3,))
 
 

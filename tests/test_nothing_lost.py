@@ -256,7 +256,7 @@ def stalled_save_worker(rank, world_size, workdir):
     manager = CheckpointManager(Path(config.train.out_dir) / "checkpoints", config, ctx, verbose=False)
     train_until(trainer, manager, 1, (1,))
     if rank == 1:  # stops (as SIGSTOP or a hung disk would) once its shard of step 2 is written
-        manager_module.file_crc32 = lambda path: os.kill(os.getpid(), signal.SIGSTOP)
+        manager_module.expert_checksums_of = lambda tensors: os.kill(os.getpid(), signal.SIGSTOP)
     start = time.monotonic()
     try:
         train_until(trainer, manager, 2, (2,))

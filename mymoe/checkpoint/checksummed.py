@@ -75,8 +75,8 @@ def own_bytes(tensor: torch.Tensor) -> torch.Tensor:
     A row of a stacked expert weight shares the stack's storage; torch.save would write all of it, which
     is why DCP clones such views. Wrapping the row's bytes through numpy gives a storage of the row alone
     without copying."""
-    if not tensor.is_contiguous():
-        return tensor.contiguous()
+    if tensor.numel() == 0 or not tensor.is_contiguous():  # (an empty shard: numpy cannot wrap it)
+        return tensor.clone(memory_format=torch.contiguous_format)
     if tensor.untyped_storage().nbytes() == tensor.nbytes:
         return tensor
     raw = tensor.reshape(-1).view(torch.uint8).numpy()
