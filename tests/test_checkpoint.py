@@ -135,6 +135,85 @@ def test_truncated_and_missing_shards_are_named(saved_run, tmp_path):
         load_model(directory)
 
 
+def test_checksums_taken_while_writing_match_the_bytes_on_disk(saved_run):
+    """Each file's crc32 and each record's (taken from the bytes as they were written, never read back)
+    are those of what lies on disk, and every record DCP's index lists has one."""
+    from mymoe.checkpoint.storage import read_dcp_metadata
+
+    directory = saved_run / "run" / "checkpoints" / "step_00000003"
+    manifest = json.loads((directory / "manifest.json").read_text())
+    storage = read_dcp_metadata(directory).storage_data.values()
+    for name in [name for name in manifest["files"] if name.endswith(".distcp")]:
+        data = (directory / name).read_bytes()
+        assert manifest["files"][name] == {"bytes": len(data), "crc32": zlib.crc32(data)}
+        records = {str(info.offset): zlib.crc32(data[info.offset : info.offset + info.length]) for info in storage}
+        assert manifest["record_crc32"][name] == records
+
+
+def _flip_in_largest_record(directory: Path) -> None:
+    """One bit in the middle of the largest record: inside a tensor's bytes."""
+    from mymoe.checkpoint.storage import read_dcp_metadata
+
+    info = max(read_dcp_metadata(directory).storage_data.values(), key=lambda info: info.length)
+    _flip(directory / info.relative_path, info.offset + info.length // 2)
+
+
+def _flip_in_first_records_directory(directory: Path) -> None:
+    """One bit in the zip directory at the end of the file's first record (torch.save's record layout)."""
+    from mymoe.checkpoint.storage import read_dcp_metadata
+
+    info = min(read_dcp_metadata(directory).storage_data.values(), key=lambda info: info.offset)
+    _flip(directory / info.relative_path, info.offset + info.length - 10)
+
+
+def _flip(path: Path, position: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+def _truncate_shard(directory: Path) -> None:
+    shard = directory / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def live_state(trainer) -> dict:
+    optimizer = {
+        (index, key): zlib.crc32(value.contiguous().view(-1).view(torch.uint8).numpy())
+        for index, state in trainer.optimizer.state_dict()["state"].items()
+        for key, value in state.items()
+        if torch.is_tensor(value)
+    }
+    return {
+        "step": trainer.step,
+        "parameters": parameter_crcs(trainer.model),
+        "optimizer": optimizer,
+        "reader": trainer.train_reader.state_dict(),
+    }
+
+
+@pytest.mark.parametrize(
+    "damage, refusal",
+    [
+        (_flip_in_largest_record, r"__0_0\.distcp fails its checksum in the record of '[^']+' \(bytes \d+-\d+: crc32"),
+        (_flip_in_first_records_directory, r"__0_0\.distcp fails its checksum in the record of"),
+        (_truncate_shard, r"__0_0\.distcp is \d+ bytes but was saved with \d+ \(truncated"),
+    ],
+    ids=["bit-flip-in-tensor-bytes", "bit-flip-in-record-directory", "truncated"],
+)
+def test_a_damaged_shard_is_refused_at_resume_and_the_live_state_is_untouched(saved_run, tmp_path, damage, refusal):
+    """The checkpoint is read into fresh tensors and checked as it is read; only a wholly verified one
+    reaches the running model, so a refusal leaves its weights, moments, step and data position as they were."""
+    directory = fresh_copy(saved_run, tmp_path)
+    trainer, manager, _ = train_in_process(tmp_path, 4)  # resumes from step 3, then moves on to step 4
+    before = live_state(trainer)
+    damage(directory)
+    with pytest.raises(CheckpointError, match=refusal) as error:
+        manager.load(trainer, directory)
+    assert "nothing was loaded" in str(error.value) or "truncated" in str(error.value)
+    assert live_state(trainer) == before
+
+
 def test_pickled_code_in_the_index_is_refused(saved_run, tmp_path):
     directory = fresh_copy(saved_run, tmp_path)
     marker = tmp_path / "code_ran"
@@ -145,8 +224,18 @@ def test_pickled_code_in_the_index_is_refused(saved_run, tmp_path):
     assert not marker.exists()
 
 
-def test_pickled_code_in_a_shard_is_refused(saved_run, tmp_path):
-    """A tensor entry pointed at a pickle that would run code: torch.load(weights_only=True) refuses it."""
+@pytest.mark.parametrize(
+    "record_sums, refusal",
+    [
+        (True, r"(?s)__0_0\.distcp: the record of 'model\.model\.embed_tokens\.weight' .* is not one saved tensor"),
+        (False, r"(?s)reading tensors from .* failed.*Weights only load failed"),
+    ],
+    ids=["read-by-mymoe-never-unpickled", "saved-before-record-sums-torch-load-weights-only"],
+)
+def test_pickled_code_in_a_shard_is_refused(saved_run, tmp_path, record_sums, refusal):
+    """A tensor entry pointed at a pickle that would run code, its checksums rewritten to match: mymoe's
+    reader never unpickles a record and refuses one that is not a single tensor; a checkpoint without
+    record sums goes through DCP's reader, where torch.load(weights_only=True) refuses it."""
     from mymoe.checkpoint.storage import read_dcp_metadata
 
     directory = fresh_copy(saved_run, tmp_path)
@@ -165,7 +254,13 @@ def test_pickled_code_in_a_shard_is_refused(saved_run, tmp_path):
     (directory / ".metadata").write_bytes(pickle.dumps(metadata))
     rewrite_manifest_entry(directory, ".metadata")
     rewrite_manifest_entry(directory, "__0_0.distcp")
-    with pytest.raises(CheckpointError, match=r"(?s)reading tensors from .* failed.*Weights only load failed"):
+    manifest = json.loads((directory / "manifest.json").read_text())
+    if record_sums:
+        manifest["record_crc32"]["__0_0.distcp"][str(offset)] = zlib.crc32(payload.getvalue())
+    else:
+        del manifest["record_crc32"]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=refusal):
         load_model(directory)
     assert not marker.exists()
 
@@ -256,16 +351,16 @@ def test_load_model_holds_every_expert_of_an_in_process_run(saved_run):
 
 def crash_worker(rank, world_size, workdir):
     """Save step 2, then die by SIGKILL half-way through writing step 3's shard."""
-    import torch.distributed.checkpoint.filesystem as filesystem
+    import mymoe.checkpoint.checksummed as checksummed
 
     train_in_process(workdir, 2, save_at=(2,))
 
-    def write_then_die(transforms, stream, data, *args, **kwargs):
+    def write_then_die(stream, tensor):
         stream.write(b"\0" * 100)
         stream.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
-    filesystem._write_item = write_then_die
+    checksummed.write_record = write_then_die
     train_in_process(workdir, 3, save_at=(3,))
 
 

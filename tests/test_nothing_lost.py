@@ -256,7 +256,7 @@ def stalled_save_worker(rank, world_size, workdir):
     manager = CheckpointManager(Path(config.train.out_dir) / "checkpoints", config, ctx, verbose=False)
     train_until(trainer, manager, 1, (1,))
     if rank == 1:  # stops (as SIGSTOP or a hung disk would) once its shard of step 2 is written
-        manager_module.file_crc32 = lambda path: os.kill(os.getpid(), signal.SIGSTOP)
+        manager_module.expert_checksums_of = lambda tensors: os.kill(os.getpid(), signal.SIGSTOP)
     start = time.monotonic()
     try:
         train_until(trainer, manager, 2, (2,))
@@ -399,7 +399,7 @@ def test_a_bad_config_is_one_line_naming_the_value(tmp_path, case):
 def test_disk_full_during_a_save_is_one_line_and_loses_nothing(tmp_path, monkeypatch):
     import errno
 
-    import torch.distributed.checkpoint.filesystem as filesystem
+    import mymoe.checkpoint.checksummed as checksummed
 
     from mymoe.checkpoint import CheckpointError
     from mymoe.load import load_model
@@ -414,7 +414,7 @@ def test_disk_full_during_a_save_is_one_line_and_loses_nothing(tmp_path, monkeyp
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(root / "step_00000003.partial" / "__0_0.distcp"))
 
-    monkeypatch.setattr(filesystem, "_write_item", disk_full)
+    monkeypatch.setattr(checksummed, "write_record", disk_full)
     with pytest.raises(CheckpointError) as error:
         train_until(trainer, manager, 3, (3,))
     message = str(error.value)

@@ -1,9 +1,10 @@
 """Sharded checkpoints over torch.distributed.checkpoint: every rank writes its own experts and optimizer
 slices, experts are addressed by global index so any expert-parallel layout loads any checkpoint, a step
-becomes visible only once every rank has written it, and loading checks every file's crc32 and never
-runs pickled code.
+becomes visible only once every rank has written it, and loading checks every record's crc32 as it reads
+it and never runs pickled code.
 
     storage.py   the on-disk layout, checksums, manifest, and DCP readers that refuse pickled objects
+    checksummed.py  DCP's file writer and reader with a crc32 per record, summed as the bytes pass
     layout.py    Trainer.state_dict() <-> flat tensors keyed by global expert index (+ JSON extras)
     manager.py   CheckpointManager: save with atomic commit, keep-last-N, async save, resume from latest
     retention.py which steps keep-last may delete (only this run's older ones), and no nan state saved

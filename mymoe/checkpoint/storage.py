@@ -6,12 +6,14 @@ A committed checkpoint is one directory per step:
       __0_0.distcp ...   torch.distributed.checkpoint data, one file per rank (its experts, its optimizer
                          slices, and the replicated tensors DCP assigned to it)
       .metadata          DCP's index of every tensor: global shape, dtype, which file and offset
-      manifest.json      step, data-reader state, optimizer hyperparameters, resolved config, and a
-                         size + crc32 for every file above and for every expert's weights
+      manifest.json      step, data-reader state, optimizer hyperparameters, resolved config, a
+                         size + crc32 for every file above, a crc32 for every record (tensor) in the
+                         data files by its offset, and one for every expert's weights
     latest               the name of the newest committed step directory
 
-Loading never unpickles anything that could run code: tensor files go through
-``torch.load(weights_only=True)`` (DCP's own reader), the DCP index is read with an unpickler that only
+Loading never unpickles anything that could run code: tensor records are read as raw bytes
+(checksummed.py; a checkpoint without record sums goes through DCP's own reader, which uses
+``torch.load(weights_only=True)``), the DCP index is read with an unpickler that only
 knows DCP's metadata classes and torch dtypes, and non-tensor values (which DCP would unpickle freely)
 are never written or requested: they live in manifest.json.
 """
@@ -24,7 +26,7 @@ import os
 import pickle
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -62,18 +64,27 @@ def tensor_crc32(tensor: torch.Tensor) -> int:
     return zlib.crc32(flat.view(torch.uint8).numpy())
 
 
+def file_size_problem(path: Path, expected: dict) -> Optional[str]:
+    """Why a file is not the size the manifest recorded (missing, truncated, grown), or None."""
+    if not path.exists():
+        return f"{path} is missing (the checkpoint lists it with {expected['bytes']} bytes)"
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        return f"{path} is {size} bytes but was saved with {expected['bytes']} (truncated or overwritten)"
+    return None
+
+
 def verify_files(directory: Path, files: dict[str, dict]) -> list[str]:
     """Problems found checking each file against its recorded size and crc32 (empty when all are sound)."""
     problems = []
     for name, expected in files.items():
         path = directory / name
-        if not path.exists():
-            problems.append(f"{path} is missing (the checkpoint lists it with {expected['bytes']} bytes)")
+        problem = file_size_problem(path, expected)
+        if problem is not None:
+            problems.append(problem)
             continue
-        size, crc = file_crc32(path)
-        if size != expected["bytes"]:
-            problems.append(f"{path} is {size} bytes but was saved with {expected['bytes']} (truncated or overwritten)")
-        elif crc != expected["crc32"]:
+        _, crc = file_crc32(path)
+        if crc != expected["crc32"]:
             problems.append(
                 f"{path} fails its checksum (crc32 {crc:08x}, saved {expected['crc32']:08x}): the file is corrupt"
             )

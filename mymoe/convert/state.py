@@ -16,8 +16,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from mymoe.checkpoint.layout import optimizer_parameter_names, restore_param_groups
-from mymoe.checkpoint.manager import read_tensors, saved_tensor_keys
-from mymoe.checkpoint.storage import SafeFileSystemReader, TensorsOnlyLoadPlanner
+from mymoe.checkpoint.manager import checkpoint_reader, read_tensors, saved_tensor_keys
+from mymoe.checkpoint.storage import TensorsOnlyLoadPlanner
 from mymoe.config import Config, config_from_dict
 from mymoe.model import MoECausalLM
 from mymoe.optim import build_optimizer, parameter_groups
@@ -100,16 +100,19 @@ def read_whole_checkpoint(directory: Path, manifest: dict, config: Config) -> tu
             "rng": rng,
         }
     )
-    return state, read_rng_tensors(directory)
+    return state, read_rng_tensors(directory, manifest)
 
 
-def read_rng_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def read_rng_tensors(directory: Path, manifest: dict) -> dict[str, torch.Tensor]:
     """Every rank's saved RNG state, so a round trip keeps each rank's random stream."""
     keys = {key: shape for key, (shape, _) in saved_tensor_keys(directory).items() if key.startswith("rng.")}
     tensors = {key: torch.empty(shape, dtype=torch.uint8) for key, shape in keys.items()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(
-            tensors, storage_reader=SafeFileSystemReader(directory), planner=TensorsOnlyLoadPlanner(), no_dist=True
+            tensors,
+            storage_reader=checkpoint_reader(directory, manifest),
+            planner=TensorsOnlyLoadPlanner(),
+            no_dist=True,
         )
     return tensors
