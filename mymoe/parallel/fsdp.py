@@ -19,6 +19,9 @@ Gradient normalisation matches the replicated layout (grads.py): FSDP averages d
 world; expert gradients are summed over the expert-data-parallel group and divided by the world size,
 not by the group size, since each expert already summed its ep group's tokens in backward.
 
+On gloo, FSDP's all-gather and reduce-scatter are carried by all_reduce (AllGatherByAllReduce,
+ReduceScatterByAllReduce): gloo's own all-gather and reduce-scatter are several times slower on CPU.
+
 Parameters are sharded on dim 0. A stacked expert tensor [E_local, in, out] is too, keeping whole
 experts on each rank, when E_local is a multiple of the expert-data-parallel size; otherwise (8 experts
 over 16 ranks) it is sharded on dim 1, inside each expert, so its memory still shrinks with every rank
