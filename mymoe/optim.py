@@ -37,8 +37,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(param_groups: list[dict], train: TrainConfig) -> torch.optim.AdamW:
     # foreach kernels are the fast path on CPU and GPU alike; fused AdamW is CUDA-only. On a GPU the step
-    # counters live on the device (capturable), so neither the update nor a skipped step's undo
-    # (train/guard.py) reads them on the host
+    # counters live on the device (capturable), so neither the update nor the trainer's gated one
+    # (train/guard.py, which skips a non-finite step on the device) reads them on the host
     on_gpu = any(p.is_cuda for group in param_groups for p in group["params"])
     return torch.optim.AdamW(
         param_groups,

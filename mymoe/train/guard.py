@@ -2,8 +2,8 @@
 keeps producing them stops, naming where the first nan or inf appeared.
 
 A healthy step pays nothing and waits for nothing: the trainer has the world-mean loss and the global
-gradient norm on the device, and `step_if_finite` undoes the update there when either is not finite, alike
-on every rank; the flags are read with the other metrics once per log interval. Only when `train.max_nonfinite_steps`
+gradient norm on the device, and `step_if_finite` gates AdamW's update there to a no-op when either is not
+finite, alike on every rank, copying nothing; the flags are read with the other metrics once per log interval. Only when `train.max_nonfinite_steps`
 steps in a row were skipped does the guard rerun the last micro-batch with forward hooks and gradient
 hooks to find the first module whose output (or parameter whose gradient) went non-finite, and stop the
 run with a TrainingError. The checkpoint manager refuses to save non-finite state besides
@@ -122,29 +122,60 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def _adamw_state(optimizer: torch.optim.AdamW, param: torch.Tensor, group: dict) -> dict:
+    """The parameter's AdamW state, created as torch.optim.AdamW creates it (so checkpoints see one format)."""
+    state = optimizer.state[param]
+    if not state:
+        on_device = group["capturable"] or group["fused"]
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if on_device else "cpu")
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return state
+
+
 @torch.no_grad()
-def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
-    """optimizer.step(), undone on the device where `finite` (a 0-d bool tensor) is False.
+def step_if_finite(optimizer: torch.optim.AdamW, finite: torch.Tensor) -> None:
+    """AdamW's step (torch.optim.AdamW's update, foreach over each rank's local shards), a no-op on the
+    device where `finite` (a 0-d bool tensor) is False: weights, moments and step counters stay bit for bit.
 
-    The skip never waits on the host: parameters and optimizer state are copied before the step and put
-    back with torch.where after it, so a non-finite step leaves both unchanged (a state entry the step
-    created goes back to zero, AdamW's initial value). The copies cost one parameter-sized buffer per
-    state tensor for the duration of the step.
+    The skip never waits on the host and copies nothing: the gradients are zeroed where the step is not
+    finite (they may hold nan and are cleared after the step anyway), and every coefficient that would
+    move state is gated instead (first-moment weight 0, second-moment decay 1, step count + 0, weight
+    decay factor 1, step size 0).
     """
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-
-    def tensors() -> dict:
-        found = {("param", id(p)): _local(p) for p in params}
-        for p in params:
-            for key, value in optimizer.state.get(p, {}).items():
-                if isinstance(value, torch.Tensor):
-                    found[(key, id(p))] = _local(value)
-        return found
-
-    before = {key: tensor.clone() for key, tensor in tensors().items()}
-    optimizer.step()
-    for key, tensor in tensors().items():
-        kept = before.get(key)
-        if kept is None:
-            kept = torch.zeros_like(tensor)
-        tensor.copy_(torch.where(finite.to(tensor.device), tensor, kept))
+    if not isinstance(optimizer, torch.optim.AdamW) or any(
+        group["amsgrad"] or group["maximize"] for group in optimizer.param_groups
+    ):
+        raise TypeError(f"step_if_finite steps mymoe.optim.build_optimizer's plain AdamW, not {optimizer!r}")
+    go = finite.to(torch.float64)
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        states = [_adamw_state(optimizer, p, group) for p in params]
+        device = _local(params[0]).device
+        gate = go.to(device)
+        beta1, beta2 = group["betas"]
+        lr, eps = group["lr"], group["eps"]
+        weights = [_local(p) for p in params]
+        grads = [_local(p.grad).masked_fill_(~finite.to(device), 0.0) for p in params]
+        exp_avgs = [_local(state["exp_avg"]) for state in states]
+        exp_avg_sqs = [_local(state["exp_avg_sq"]) for state in states]
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, gate.to(steps[0].device, steps[0].dtype))
+        # decoupled weight decay, then the moments: the same order and formulas as torch's foreach AdamW
+        torch._foreach_mul_(weights, (1 - lr * group["weight_decay"] * gate).to(torch.float32))
+        torch._foreach_lerp_(exp_avgs, grads, [((1 - beta1) * gate).to(torch.float32)] * len(grads))
+        torch._foreach_mul_(exp_avg_sqs, torch.where(gate > 0, beta2, 1.0).to(torch.float32))
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        # bias corrections per parameter (an expert without tokens has stepped less); a step never taken
+        # counts as 1 there, its size being 0 anyway
+        counts = torch._foreach_maximum([step.to(device, torch.float64) for step in steps], 1.0)
+        step_sizes = [(-lr / (1 - beta1**count) * gate).to(torch.float32) for count in counts]
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denominators, [(1 - beta2**count).sqrt().to(torch.float32) for count in counts])
+        torch._foreach_add_(denominators, eps)
+        # p + (step_size * m) / denominator, as addcdiv rounds it
+        updates = torch._foreach_mul(exp_avgs, step_sizes)
+        torch._foreach_div_(updates, denominators)
+        torch._foreach_add_(weights, updates)
