@@ -159,3 +159,18 @@ def test_revival_is_refused_where_it_cannot_reach_the_weights(tmp_path):
     config.train.revival_threshold = 0.0
     with pytest.raises(ConfigError, match="revival_threshold"):
         validate(config)
+
+
+def test_a_fresh_revival_draws_the_expert_as_the_model_initialises_it(tmp_path):
+    trainer = Trainer(revival_config(tmp_path, revival_init="fresh"), ParallelContext())
+    kill_expert(trainer)
+    _, _, revivals = train_steps(trainer, WINDOW)
+    assert (WINDOW, 0, DEAD, None) in revivals  # no source: drawn anew
+    layer, model = next(trainer.model.iter_moe_layers()), trainer.config.model
+    std = model.initializer_range
+    residual_std = std / (2 * model.num_hidden_layers) ** 0.5
+    assert float(layer.experts.w_up[DEAD].std()) == pytest.approx(std, rel=0.1)
+    assert float(layer.experts.w_down[DEAD].std()) == pytest.approx(residual_std, rel=0.1)
+    live = [e for e in range(layer.num_experts) if e != DEAD]
+    assert float(layer.gate.bias[DEAD].detach()) == pytest.approx(float(layer.gate.bias[live].detach().mean()))
+    assert not trainer.optimizer.state[layer.experts.w_down]["exp_avg_sq"][DEAD].any()

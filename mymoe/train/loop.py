@@ -198,9 +198,7 @@ class Trainer:
         self.resume_point = None  # (reader state, RNG) while a step's forward and backward run
         self.reviver = None
         if train.revive_dead_experts:
-            self.reviver = ExpertReviver(
-                list(self.model.iter_moe_layers()), self.optimizer, train, ctx, config.model.initializer_range
-            )
+            self.reviver = ExpertReviver(list(self.model.iter_moe_layers()), self.optimizer, train, ctx, config.model)
         self.revivals: list[Revival] = []  # done but not reported yet
         self.last_batch = None  # the last micro-batch, which the non-finite guard reruns to find the culprit
         self.debug = DebugMonitor(self.model) if train.debug else None

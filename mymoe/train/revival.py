@@ -18,13 +18,14 @@ This reads the window's loads on the host once per window: the only host read it
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from mymoe.config import TrainConfig
+from mymoe.config import ModelConfig, TrainConfig
 from mymoe.model.moe.layer import MoELayer
 from mymoe.parallel import ParallelContext
 from mymoe.parallel.collectives import all_reduce
@@ -90,9 +91,12 @@ class ExpertReviver:
         optimizer: torch.optim.Optimizer,
         train: TrainConfig,
         ctx: ParallelContext,
-        init_std: float,
+        model: ModelConfig,
     ):
-        self.layers, self.optimizer, self.ctx, self.init_std = layers, optimizer, ctx, init_std
+        self.layers, self.optimizer, self.ctx = layers, optimizer, ctx
+        # the stds MoECausalLM.reset_parameters draws with: output projections scaled by 1 / sqrt(2 L)
+        self.init_std = model.initializer_range
+        self.residual_std = model.initializer_range / math.sqrt(2 * model.num_hidden_layers)
         self.window, self.threshold = train.revival_window, train.revival_threshold
         self.init, self.noise, self.seed = train.revival_init, train.revival_noise, train.seed
         self.window_load: Optional[torch.Tensor] = None  # [layers, experts] summed over the window, on the device
@@ -136,10 +140,9 @@ class ExpertReviver:
                 value = value + self._noise(value, generator)
             elif name.endswith("bias"):
                 value = torch.zeros(param.shape[1:], device=param.device, dtype=param.dtype)
-            else:  # as GroupedExperts.reset_parameters draws them
-                value = (torch.randn(param.shape[1:], generator=generator) * self.init_std).to(
-                    param.device, param.dtype
-                )
+            else:  # as the model's initialisation draws them
+                std = self.residual_std if name == "w_down" else self.init_std
+                value = (torch.randn(param.shape[1:], generator=generator) * std).to(param.device, param.dtype)
             self._write_expert(experts, param, expert, value)
         row = whole(gate.weight)[source].clone() if source is not None else None
         if row is not None:
