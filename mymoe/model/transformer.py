@@ -347,41 +347,14 @@ class MoECausalLM(nn.Module):
     # generation
 
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        repetition_penalty: float = 1.0,
-        generator: Optional[torch.Generator] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        use_cache: bool = True,
-        eos_token_id: Optional[int] = None,
-        vocab_limit: Optional[int] = None,
-        strategy: str = "sample",
-        confidence_threshold: float = 0.5,
-    ) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
         """Continue each prompt of input_ids [B, S] by up to max_new_tokens; returns [B, S + new].
 
-        The tokens of ``stream``, collected: see there for the arguments.
+        The tokens of ``stream``, collected; ``options`` are stream's keywords (temperature, top_k, top_p,
+        repetition_penalty, generator, attention_mask, use_cache, eos_token_id, vocab_limit, strategy,
+        confidence_threshold), with its defaults.
         """
-        steps = self.stream(
-            input_ids,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            repetition_penalty,
-            generator,
-            attention_mask,
-            use_cache,
-            eos_token_id,
-            vocab_limit,
-            strategy,
-            confidence_threshold,
-        )
+        steps = self.stream(input_ids, max_new_tokens, **options)
         return torch.cat([input_ids] + [next_token[:, None] for next_token in steps], dim=1)
 
     @torch.no_grad()
