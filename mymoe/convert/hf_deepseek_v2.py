@@ -15,7 +15,11 @@ from __future__ import annotations
 
 from mymoe.config import ModelConfig
 from mymoe.convert.hf_deepseek_v3 import attention_from_hf, attention_to_hf  # noqa: F401 (hf.py calls them)
-from mymoe.convert.hf_deepseek_v3 import latent_attention_fields, latent_norm_and_rope_problems
+from mymoe.convert.hf_deepseek_v3 import (
+    latent_attention_config,
+    latent_attention_fields,
+    latent_norm_and_rope_problems,
+)
 from mymoe.convert.hf_deepseek_v3 import mlp_to_hf as v3_mlp_to_hf
 from mymoe.convert.hf_experts import dense_mlp_from_hf, experts_from_hf
 
@@ -58,17 +62,8 @@ def config(model: ModelConfig) -> dict:
     return {
         "model_type": MODEL_TYPE,
         "architectures": [ARCHITECTURE],
-        "num_key_value_heads": model.num_attention_heads,
-        "head_dim": model.qk_rope_head_dim,
-        "q_lora_rank": model.q_lora_rank,
-        "kv_lora_rank": model.kv_lora_rank,
-        "qk_nope_head_dim": model.qk_nope_head_dim,
-        "qk_rope_head_dim": model.qk_rope_head_dim,
-        "v_head_dim": model.v_head_dim,
-        "attention_bias": False,
+        **latent_attention_config(model),
         "mlp_bias": False,
-        "intermediate_size": model.intermediate_size,
-        "first_k_dense_replace": model.first_k_dense_replace,
         "moe_intermediate_size": moe.moe_intermediate_size,
         "n_routed_experts": moe.n_routed_experts,
         "num_experts_per_tok": moe.num_experts_per_tok,

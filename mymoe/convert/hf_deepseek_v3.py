@@ -101,18 +101,8 @@ def config(model: ModelConfig) -> dict:
     return {
         "model_type": MODEL_TYPE,
         "architectures": [ARCHITECTURE],
-        # kv_b_proj expands the latent to every head: no key/value sharing between heads
-        "num_key_value_heads": model.num_attention_heads,
-        "head_dim": model.qk_rope_head_dim,
-        "q_lora_rank": model.q_lora_rank,
-        "kv_lora_rank": model.kv_lora_rank,
-        "qk_nope_head_dim": model.qk_nope_head_dim,
-        "qk_rope_head_dim": model.qk_rope_head_dim,
-        "v_head_dim": model.v_head_dim,
+        **latent_attention_config(model),
         "rope_interleave": True,
-        "attention_bias": False,
-        "intermediate_size": model.intermediate_size,
-        "first_k_dense_replace": model.first_k_dense_replace,
         "moe_intermediate_size": moe.moe_intermediate_size,
         "n_routed_experts": moe.n_routed_experts,
         "num_experts_per_tok": moe.num_experts_per_tok,
@@ -122,6 +112,24 @@ def config(model: ModelConfig) -> dict:
         "topk_group": moe.topk_group,
         "norm_topk_prob": moe.norm_topk_prob,
         "num_nextn_predict_layers": 0,
+    }
+
+
+def latent_attention_config(model: ModelConfig) -> dict:
+    """A DeepSeek config's latent attention and dense-layer keys (V2 and V3 alike): latent_attention_fields'
+    inverse."""
+    return {
+        # kv_b_proj expands the latent to every head: no key/value sharing between heads
+        "num_key_value_heads": model.num_attention_heads,
+        "head_dim": model.qk_rope_head_dim,
+        "q_lora_rank": model.q_lora_rank,
+        "kv_lora_rank": model.kv_lora_rank,
+        "qk_nope_head_dim": model.qk_nope_head_dim,
+        "qk_rope_head_dim": model.qk_rope_head_dim,
+        "v_head_dim": model.v_head_dim,
+        "attention_bias": False,
+        "intermediate_size": model.intermediate_size,
+        "first_k_dense_replace": model.first_k_dense_replace,
     }
 
 
