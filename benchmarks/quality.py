@@ -148,7 +148,9 @@ def main() -> None:
     unknown = [name for name in names if name not in MODELS]
     if unknown:
         parser.error(f"--models: {', '.join(unknown)} unknown; choose from {', '.join(MODELS)}")
-    books = prepare_books(args.corpus, args.data_dir)
+    # the tokenizer is trained at the model's vocabulary size, so `--set model.vocab_size=N` changes both
+    vocab_size = apply_overrides(BASE, [f"--{item}" for item in args.set])["model"]["vocab_size"]
+    books = prepare_books(args.corpus, args.data_dir, vocab_size=vocab_size)
     for name in names:  # every config checked before any training
         validate(config_from_dict(model_config(name, args, books)))
     torch.set_num_threads(args.threads)
