@@ -84,7 +84,9 @@ def all_to_all(
     return AllToAll.apply(rows, output_splits, input_splits, group, name, timeout_seconds)
 
 
-def _launch(rows: torch.Tensor, output_splits: list, input_splits: list, group, name: str, timeout_seconds):
+def launch_all_to_all(
+    rows: torch.Tensor, output_splits: list, input_splits: list, group, name: str, timeout_seconds=None
+):
     """Start an all-to-all without waiting: (the buffer it fills, its Work)."""
     received = rows.new_empty((sum(output_splits),) + tuple(rows.shape[1:]))
     with named_collective(f"all_to_all_single ({name})", timeout_seconds):
@@ -116,7 +118,7 @@ class _StartAllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, flight: _Flight):
         ctx.flight = flight
-        received, flight.work = _launch(
+        received, flight.work = launch_all_to_all(
             rows, flight.output_splits, flight.input_splits, flight.group, flight.name, flight.timeout_seconds
         )
         return received
@@ -143,7 +145,7 @@ class _WaitAllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         flight = ctx.flight
-        flight.backward_received, flight.backward_work = _launch(
+        flight.backward_received, flight.backward_work = launch_all_to_all(
             grad,
             flight.input_splits,
             flight.output_splits,

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from mymoe.model.moe.dispatch import ExpertBatch, Permutation, SequentialRun, permute, sort_by_expert, unpermute
+from mymoe.model.moe.dispatch import ExpertBatch, Permutation, SequentialRun, sort_by_expert, unpermute
+from mymoe.parallel import collectives
 from mymoe.parallel.collectives import AllGather, ReduceScatter, all_to_all, named_collective, start_all_to_all
 from mymoe.parallel.groups import owned_experts
 
@@ -107,6 +108,18 @@ class ExchangeDispatcher(GroupDispatcher, SequentialRun, ABC):
         with named_collective(f"all_to_all_single (token counts, MoE dispatch, {self.name})", self.timeout_seconds):
             dist.all_to_all_single(received, counts, group=self.group)
         return received
+
+    def _start_count_exchange(self, counts: torch.Tensor):
+        """_exchange_counts without waiting: (the counts it fills, a function that waits for them)."""
+        name = f"token counts, MoE dispatch, {self.name}"
+        splits = [counts.shape[0] // self.group_size] * self.group_size
+        received, work = collectives.launch_all_to_all(counts, splits, splits, self.group, name)
+
+        def counted() -> torch.Tensor:
+            collectives.wait(work, name, self.timeout_seconds)  # through the module: benchmarks time it there
+            return received
+
+        return counted
 
     def dispatch(self, hidden, expert_indices, expert_weights, keep):
         exchange = self._send(hidden, expert_indices, expert_weights, keep)
@@ -205,9 +218,14 @@ class AllToAllDispatcher(ExchangeDispatcher):
     """
 
     def _send(self, hidden, expert_indices, expert_weights, keep) -> AllToAllHandle:
-        rows, tokens_per_expert, permutation = permute(hidden, expert_indices, expert_weights, keep, self.num_experts)
+        source_token, row_weight, tokens_per_expert = sort_by_expert(
+            expert_indices, expert_weights, keep, self.num_experts
+        )
+        counted = self._start_count_exchange(tokens_per_expert)
+        rows = hidden.index_select(0, source_token)  # copied while the counts travel
+        permutation = Permutation(source_token, row_weight, hidden.shape[0])
         # [source rank, local expert] rows I receive
-        received_counts = self._exchange_counts(tokens_per_expert).view(self.group_size, self.num_local_experts)
+        received_counts = counted().view(self.group_size, self.num_local_experts)
         local_expert_of_row = torch.repeat_interleave(
             torch.arange(self.num_local_experts, device=received_counts.device).repeat(self.group_size),
             received_counts.reshape(-1),
