@@ -1,6 +1,6 @@
 """The checksummed writer and reader on their own (one process, no trainer): every byte hashed once at save
 yet every sum that of the bytes on disk, stock DCP reads the files, a damaged record is refused however the
-reading overlaps the hashing and an early sync's failure fails the save.
+reading overlaps the hashing, an early sync's failure fails the save, and shared tensors are spread evenly.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 import mymoe.checkpoint.checksummed as checksummed
+from mymoe.checkpoint.balance import BalancedSavePlanner, balance_shared_items
 from mymoe.checkpoint.checksummed import ChecksummedReader, ChecksummingWriter, HashingStream, SyncAhead
 from mymoe.checkpoint.manager import one_line_failure
 from mymoe.checkpoint.storage import crc32_combine, read_dcp_metadata, tensor_crc32
@@ -43,7 +46,7 @@ def some_tensors() -> dict[str, torch.Tensor]:
 
 def save(directory: Path, tensors: dict) -> ChecksummingWriter:
     writer = ChecksummingWriter(directory)
-    dcp.save(tensors, storage_writer=writer, no_dist=True)
+    dcp.save(tensors, storage_writer=writer, planner=BalancedSavePlanner(), no_dist=True)
     return writer
 
 
@@ -153,3 +156,28 @@ def test_a_failed_early_sync_fails_the_file(tmp_path, monkeypatch):
         assert tried.wait(timeout=30)
         with pytest.raises(OSError, match="Input/output error"):
             sync.finish()
+
+
+def write_item(fqn: str, numel: int) -> WriteItem:
+    size = torch.Size([numel])
+    return WriteItem(
+        index=MetadataIndex(fqn, [0]),
+        type=WriteItemType.TENSOR,
+        tensor_data=TensorWriteData(
+            chunk=ChunkStorageMetadata(offsets=torch.Size([0]), sizes=size),
+            properties=TensorProperties(dtype=torch.float32),
+            size=size,
+        ),
+    )
+
+
+def test_shared_tensors_are_written_once_and_evenly():
+    """Each rank's own tensors counted first, then the shared ones largest first to the lighter rank."""
+    shared = [write_item(f"shared.{n}", numel) for n, numel in enumerate([50, 40, 30, 20, 10])]
+    plans = [SavePlan(items=[write_item("own.0", 100), *shared]), SavePlan(items=[write_item("own.1", 40), *shared])]
+    balanced = balance_shared_items(plans)
+    kept = [[item.index.fqn for item in plan.items] for plan in balanced]
+    assert sorted(kept[0] + kept[1]) == sorted({fqn for names in kept for fqn in names})  # each once
+    assert {fqn for names in kept for fqn in names} == {"own.0", "own.1"} | {f"shared.{n}" for n in range(5)}
+    written = [sum(item.tensor_data.size.numel() for item in plan.items) for plan in balanced]
+    assert written == [150, 140]  # 100 + 30 + 20 | 40 + 50 + 40 + 10

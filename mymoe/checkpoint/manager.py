@@ -3,8 +3,9 @@
 A save, on every rank at once:
 
     1. rank 0 clears step_N.partial/ (left by a save that died), all ranks wait for it
-    2. DCP writes each rank's own tensors into step_N.partial/ (one file per rank, fsynced); rank 0 writes
-       DCP's index after every rank has reported its writes
+    2. DCP writes each rank's own tensors into step_N.partial/ (one file per rank, fsynced; each tensor that
+       all ranks hold written by one, chosen so that every rank writes about as many bytes: balance.py);
+       rank 0 writes DCP's index after every rank has reported its writes
     3. each rank reports the crc32s its writer took as it wrote (of each file and each record, so nothing is
        read back); rank 0 gathers them with every expert's crc32 into manifest.json,
        renames step_N.partial -> step_N, fsyncs the folder, then points `latest` at it (write + rename)
@@ -40,6 +41,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor
 
+from mymoe.checkpoint.balance import BalancedSavePlanner
 from mymoe.checkpoint.checksummed import ChecksummedReader, ChecksummingWriter
 from mymoe.checkpoint.layout import flatten, load_targets, restore_param_groups
 from mymoe.checkpoint.retention import first_nonfinite, new_run_id, run_of, steps_to_prune
@@ -283,6 +285,7 @@ class CheckpointManager:
                 dcp.save(
                     tensors,
                     storage_writer=writer,
+                    planner=BalancedSavePlanner(),
                     process_group=self.group,
                     no_dist=self.group is None,
                 )
