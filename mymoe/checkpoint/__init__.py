@@ -5,6 +5,7 @@ it and never runs pickled code.
 
     storage.py   the on-disk layout, checksums, manifest, and DCP readers that refuse pickled objects
     checksummed.py  DCP's file writer and reader with a crc32 per record, summed as the bytes pass
+    balance.py   which rank writes each replicated tensor, so that all ranks write about as much
     layout.py    Trainer.state_dict() <-> flat tensors keyed by global expert index (+ JSON extras)
     manager.py   CheckpointManager: save with atomic commit, keep-last-N, async save, resume from latest
     retention.py which steps keep-last may delete (only this run's older ones), and no nan state saved

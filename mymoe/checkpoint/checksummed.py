@@ -3,12 +3,15 @@
 The files stay DCP's own (one torch.save record per tensor, listed in `.metadata`), so any DCP reader reads
 them. What changes is how the bytes move:
 
-    save   each record's crc32, and its file's, come from the bytes as they are written (the file is never
-           read back); a tensor that is a view of a larger one (one expert of a stacked weight) is written
-           from its own bytes where DCP would first clone it
-    load   each record is read once, front to back, and hashed as it is read: its small zip header and tail
-           into a scratch buffer, the tensor's bytes straight into the tensor DCP asks for. A record whose
-           crc32 differs from the saved one raises, and dcp.load raises it on every rank.
+    save   each record's crc32, its file's and each tensor's come from the bytes as they are written, each
+           byte hashed once (the tensor's bytes by torch.save itself, for its zip entry; the file is never
+           read back); the disk takes each file as it grows, so the closing fsync is short; a tensor that
+           is a view of a larger one (one expert of a stacked weight) is written from its own bytes where
+           DCP would first clone it
+    load   each record is read once, front to back: its small zip header and tail into a scratch buffer,
+           the tensor's bytes straight into the tensor DCP asks for, and hashed from there on a second
+           thread while the next record is read. A record whose crc32 differs from the saved one raises
+           before read_data returns, and dcp.load raises it on every rank.
 
 The tensors filled are load targets (fresh tensors, layout.load_targets), never the live weights: the
 trainer copies them in only once every rank has read and verified its whole share, so a refused checkpoint
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import struct
+import threading
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -38,10 +43,13 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from mymoe.checkpoint.storage import CheckpointError, SafeFileSystemReader, file_size_problem
+from mymoe.checkpoint.storage import CheckpointError, SafeFileSystemReader, crc32_combine, file_size_problem
+from mymoe.checkpoint.storage import tensor_crc32
 
-READ_CHUNK_BYTES = 4 << 20  # hashed right after it lands, while it is still in cache
 ZIP_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # signature ... name length, extra length
+ZIP_DATA_DESCRIPTOR = b"PK\x07\x08"
+SYNC_AHEAD_BYTES = 64 << 20
+LARGE_WRITE_BYTES = 64 << 10  # smaller writes are hashed as they pass: looking for a descriptor is not worth it
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -49,24 +57,69 @@ ZIP_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # signature ... name length, e
 
 
 class HashingStream:
-    """A file opened for writing that keeps the crc32 of everything written, and of the current record."""
+    """A file opened for writing that keeps the crc32 of each record as torch.save writes it, hashing every
+    byte once.
+
+    torch.save's zip writer already takes the crc32 of each entry it stores and writes it in the entry's data
+    descriptor, right after the entry's bytes. So a large write (a tensor's bytes) is not hashed again: its
+    crc32 is read from the descriptor that follows it and folded into the record's with crc32_combine. Small
+    writes (zip headers, the pickle) are hashed as they pass, and so is a large write that no matching
+    descriptor follows. The file's crc32 is the records' crc32s combined."""
 
     def __init__(self, file):
         self.file = file
         self.size = 0
         self.crc = 0
         self.record_crc = 0
+        self.record_start = 0
+        self.entry_crcs: list[int] = []  # crc32 of each large entry of the current record, as torch.save took it
+        self.pending: memoryview | None = None  # a large write whose crc32 should follow in its descriptor
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         self.file.write(view)
-        self.crc = zlib.crc32(view, self.crc)
-        self.record_crc = zlib.crc32(view, self.record_crc)
+        if self.pending is not None:
+            self._settle(view)
+        if view.nbytes >= LARGE_WRITE_BYTES:
+            self.pending = view
+        else:
+            self.record_crc = zlib.crc32(view, self.record_crc)
         self.size += view.nbytes
         return view.nbytes
 
+    def _settle(self, following: memoryview) -> None:
+        """Fold the pending large write into the record's crc32: from `following` when it is that write's
+        zip data descriptor (signature, crc32, then both sizes equal to the write's), else by hashing it."""
+        pending, self.pending = self.pending, None
+        crc = descriptor_crc(following, pending.nbytes)
+        if crc is None:
+            crc = zlib.crc32(pending)
+        self.entry_crcs.append(crc)
+        self.record_crc = crc32_combine(self.record_crc, crc, pending.nbytes)
+
+    def start_record(self) -> None:
+        self.record_crc, self.record_start, self.entry_crcs = 0, self.size, []
+
+    def end_record(self) -> int:
+        """The record's crc32 (its file's crc32 moves past it)."""
+        if self.pending is not None:
+            self._settle(memoryview(b""))
+        self.crc = crc32_combine(self.crc, self.record_crc, self.size - self.record_start)
+        return self.record_crc
+
     def flush(self) -> None:
         self.file.flush()
+
+
+def descriptor_crc(view: memoryview, entry_bytes: int) -> int | None:
+    """The crc32 in a zip data descriptor for an entry of `entry_bytes` stored bytes, or None if `view` is not
+    one (zip64 descriptors carry 8-byte sizes)."""
+    if view.nbytes not in (16, 24) or view[:4] != ZIP_DATA_DESCRIPTOR:
+        return None
+    size_format = "<II" if view.nbytes == 16 else "<QQ"
+    if struct.unpack(size_format, view[8:]) != (entry_bytes, entry_bytes):
+        return None
+    return struct.unpack("<I", view[4:8])[0]
 
 
 def own_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -83,21 +136,26 @@ def own_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(raw).view(tensor.dtype).reshape(tensor.shape)
 
 
-def write_record(stream: HashingStream, tensor: torch.Tensor) -> int:
-    """torch.save one tensor at the stream's end; returns the record's crc32."""
-    stream.record_crc = 0
-    torch.save(own_bytes(tensor.detach().cpu()), stream)
-    return stream.record_crc
+def write_record(stream: HashingStream, tensor: torch.Tensor) -> tuple[int, int]:
+    """torch.save one tensor at the stream's end; returns (the record's crc32, the tensor bytes' crc32)."""
+    tensor = own_bytes(tensor.detach().cpu())
+    stream.start_record()
+    torch.save(tensor, stream)
+    record_crc = stream.end_record()  # (the tensor is alive till here: a pending write may still be hashed)
+    large = stream.entry_crcs
+    return record_crc, large[0] if len(large) == 1 else tensor_crc32(tensor)
 
 
 class ChecksummingWriter(FileSystemWriter):
     """DCP's file writer (one file per rank and writer thread, fsynced) that records, as it writes, the size
-    and crc32 of each file (`files`) and the crc32 of each record by its offset (`records`)."""
+    and crc32 of each file (`files`), the crc32 of each record by its offset (`records`) and of each tensor
+    written whole by its key (`tensors`: the expert checksums come from it without another pass)."""
 
     def __init__(self, path: Path, thread_count: int = 1):
         super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=thread_count, overwrite=True)
         self.files: dict[str, dict[str, int]] = {}
         self.records: dict[str, dict[str, int]] = {}
+        self.tensors: dict[str, int] = {}
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         buckets = _split_by_size_and_type(self.thread_count, plan.items)
@@ -110,7 +168,7 @@ class ChecksummingWriter(FileSystemWriter):
 
     def _write_file(self, name: str, items: list, planner: SavePlanner) -> list[WriteResult]:
         results, records = [], {}
-        with open(Path(self.path) / name, "wb") as file:
+        with open(Path(self.path) / name, "wb") as file, SyncAhead(file) as sync:
             stream = HashingStream(file)
             for item in items:
                 if item.type == WriteItemType.BYTE_IO:
@@ -119,14 +177,65 @@ class ChecksummingWriter(FileSystemWriter):
                         f"only, everything else belongs in the manifest"
                     )
                 offset = stream.size
-                records[str(offset)] = write_record(stream, planner.resolve_data(item))
+                records[str(offset)], tensor_crc = write_record(stream, planner.resolve_data(item))
+                chunk = item.tensor_data.chunk
+                if not any(chunk.offsets) and chunk.sizes == item.tensor_data.size:
+                    self.tensors[item.index.fqn] = tensor_crc
                 length = stream.size - offset
                 results.append(WriteResult(item.index, length, _StorageInfo(name, offset, length)))
-            file.flush()
-            os.fsync(file.fileno())
+                sync.wrote(stream.size)
+            sync.finish()
         self.files[name] = {"bytes": stream.size, "crc32": stream.crc}
         self.records[name] = records
         return results
+
+
+class SyncAhead:
+    """Hands a file being written to the disk as it grows: each time another SYNC_AHEAD_BYTES have been
+    written, a thread fdatasyncs what is there while the next records are serialised, so the fsync in
+    `finish` (which alone makes the file durable, and comes before anything is committed) has little left
+    to wait for. An error of an early sync is raised by `finish`: after a failed sync the kernel may have
+    dropped the pages, and a later fsync can succeed without them."""
+
+    def __init__(self, file):
+        self.file = file
+        self.requested_at = 0
+        self.wanted, self.closing = threading.Event(), False
+        self.error: OSError | None = None
+        self.thread = threading.Thread(target=self._run, name="mymoe-checkpoint-sync", daemon=True)
+
+    def __enter__(self) -> "SyncAhead":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.closing = True
+        self.wanted.set()
+        self.thread.join()  # before the file closes: its descriptor must not be synced once reused
+
+    def _run(self) -> None:
+        while True:
+            self.wanted.wait()
+            self.wanted.clear()
+            if self.closing or self.error is not None:
+                return
+            try:
+                os.fdatasync(self.file.fileno())
+            except OSError as error:
+                self.error = error
+
+    def wrote(self, size: int) -> None:
+        if size - self.requested_at >= SYNC_AHEAD_BYTES:
+            self.file.flush()
+            self.requested_at = size
+            self.wanted.set()
+
+    def finish(self) -> None:
+        self.__exit__()
+        if self.error is not None:
+            raise self.error
+        self.file.flush()
+        os.fsync(self.file.fileno())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,6 +260,16 @@ class ChecksummedReader(SafeFileSystemReader):
         per_file: dict[str, list] = {}
         for request in plan.items:
             per_file.setdefault(self.storage_data[request.storage_index].relative_path, []).append(request)
+        verifier = RecordVerifier()
+        try:
+            self._read_files(per_file, planner, verifier)
+        finally:
+            verifier.finish()
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+    def _read_files(self, per_file: dict[str, list], planner: LoadPlanner, verifier: "RecordVerifier") -> None:
         for name, requests in per_file.items():
             path = Path(self.path) / name
             if name not in self.files:
@@ -163,12 +282,9 @@ class ChecksummedReader(SafeFileSystemReader):
                     if request.type == LoadItemType.BYTE_IO:
                         planner.load_bytes(request, None)  # TensorsOnlyLoadPlanner refuses it by name
                     else:
-                        self._read_tensor(file, path, request, planner)
-        future: Future[None] = Future()
-        future.set_result(None)
-        return future
+                        self._read_tensor(file, path, request, planner, verifier)
 
-    def _read_tensor(self, file, path: Path, request, planner: LoadPlanner) -> None:
+    def _read_tensor(self, file, path: Path, request, planner: LoadPlanner, verifier: "RecordVerifier") -> None:
         info = self.storage_data[request.storage_index]
         fqn = request.storage_index.fqn
         saved_crc = self.records.get(info.relative_path, {}).get(str(info.offset))
@@ -190,7 +306,9 @@ class ChecksummedReader(SafeFileSystemReader):
         except CheckpointError:
             # a damaged zip directory is most often just damage: say so when the checksum agrees
             file.seek(info.offset)
-            self._check(read_hashed(file, memoryview(bytearray(info.length)), 0, path), saved_crc, path, fqn, info)
+            record = bytearray(info.length)
+            read_exactly(file, memoryview(record), path)
+            check_record(zlib.crc32(record), saved_crc, path, fqn, info)
             raise
         target = planner.resolve_tensor(request).detach()
         whole = all(o == 0 for o in request.storage_offsets) and list(request.lengths) == list(chunk.sizes)
@@ -198,33 +316,72 @@ class ChecksummedReader(SafeFileSystemReader):
         # the saved chunk whole into the target, or (a part of it, another dtype or device) into a buffer
         landing = target if direct else torch.empty(chunk.sizes, dtype=dtype)
         file.seek(info.offset)
-        crc = read_hashed(file, memoryview(bytearray(data_start)), 0, path)
-        crc = read_hashed(file, memoryview(landing.reshape(-1).view(torch.uint8).numpy()), crc, path)
-        crc = read_hashed(file, memoryview(bytearray(info.length - data_start - data_bytes)), crc, path)
-        self._check(crc, saved_crc, path, fqn, info)
+        parts = [
+            bytearray(data_start),
+            landing.reshape(-1).view(torch.uint8).numpy(),
+            bytearray(info.length - data_start - data_bytes),
+        ]
+        for part in parts:
+            read_exactly(file, memoryview(part), path)
+        verifier.check(parts, saved_crc, (path, fqn, info))
         if not direct:
             target.copy_(narrow_tensor_by_index(landing, request.storage_offsets, request.lengths))
         planner.commit_tensor(request, target)
 
-    @staticmethod
-    def _check(crc: int, saved_crc: int, path: Path, fqn: str, info: _StorageInfo) -> None:
-        if crc != saved_crc:
-            raise CheckpointError(
-                f"{path} fails its checksum in the record of '{fqn}' (bytes {info.offset}-"
-                f"{info.offset + info.length}: crc32 {crc:08x}, saved {saved_crc:08x}): the file is corrupt"
-            )
+
+def check_record(crc: int, saved_crc: int, path: Path, fqn: str, info: _StorageInfo) -> None:
+    if crc != saved_crc:
+        raise CheckpointError(
+            f"{path} fails its checksum in the record of '{fqn}' (bytes {info.offset}-"
+            f"{info.offset + info.length}: crc32 {crc:08x}, saved {saved_crc:08x}): the file is corrupt"
+        )
 
 
-def read_hashed(file, into: memoryview, crc: int, path: Path) -> int:
-    """Fill `into` from the file's position, in chunks, each hashed as soon as it lands."""
+class RecordVerifier:
+    """Checks each record's crc32 on a thread of its own, in the order the records were read, while the
+    reader goes on to the next: zlib.crc32 lets go of the GIL, so hashing one record overlaps reading the
+    following one, and every byte is still hashed from the memory it was read into. `finish` waits for the
+    last record and raises the first that failed, so read_data (and dcp.load on every rank) still fails
+    before anything it filled is used."""
+
+    def __init__(self):
+        self.records: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: CheckpointError | None = None
+        self.thread = threading.Thread(target=self._run, name="mymoe-checkpoint-verify", daemon=True)
+        self.thread.start()
+
+    def check(self, parts: list, saved_crc: int, where: tuple) -> None:
+        """Queue a record, read as `parts` (buffers, in file order), against its saved crc32."""
+        self.records.put((parts, saved_crc, where))
+
+    def _run(self) -> None:
+        while (record := self.records.get()) is not None:
+            parts, saved_crc, where = record
+            if self.error is not None:
+                continue  # the load has failed already: the rest need no hashing
+            crc = 0
+            for part in parts:
+                crc = zlib.crc32(part, crc)
+            try:
+                check_record(crc, saved_crc, *where)
+            except CheckpointError as error:
+                self.error = error
+
+    def finish(self) -> None:
+        self.records.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def read_exactly(file, into: memoryview, path: Path) -> None:
+    """Fill `into` from the file's position."""
     done = 0
     while done < into.nbytes:
-        count = file.readinto(into[done : done + READ_CHUNK_BYTES])
+        count = file.readinto(into[done:])
         if not count:
             raise CheckpointError(f"{path} ends at byte {file.tell()}, inside a record: the file is truncated")
-        crc = zlib.crc32(into[done : done + count], crc)
         done += count
-    return crc
 
 
 class RecordView(io.RawIOBase):

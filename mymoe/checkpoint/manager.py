@@ -3,8 +3,9 @@
 A save, on every rank at once:
 
     1. rank 0 clears step_N.partial/ (left by a save that died), all ranks wait for it
-    2. DCP writes each rank's own tensors into step_N.partial/ (one file per rank, fsynced); rank 0 writes
-       DCP's index after every rank has reported its writes
+    2. DCP writes each rank's own tensors into step_N.partial/ (one file per rank, fsynced; each tensor that
+       all ranks hold written by one, chosen so that every rank writes about as many bytes: balance.py);
+       rank 0 writes DCP's index after every rank has reported its writes
     3. each rank reports the crc32s its writer took as it wrote (of each file and each record, so nothing is
        read back); rank 0 gathers them with every expert's crc32 into manifest.json,
        renames step_N.partial -> step_N, fsyncs the folder, then points `latest` at it (write + rename)
@@ -40,6 +41,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor
 
+from mymoe.checkpoint.balance import BalancedSavePlanner
 from mymoe.checkpoint.checksummed import ChecksummedReader, ChecksummingWriter
 from mymoe.checkpoint.layout import flatten, load_targets, restore_param_groups
 from mymoe.checkpoint.retention import first_nonfinite, new_run_id, run_of, steps_to_prune
@@ -176,15 +178,16 @@ def tokenizer_fingerprint(config: Config) -> Optional[dict]:
     return {"path": str(path), "crc32": file_crc32(path)[1]}
 
 
-def expert_checksums_of(tensors: dict) -> dict[str, dict[str, int]]:
-    """{param name: {global expert: crc32}} of the per-expert model tensors in a flat checkpoint dict. An expert
-    split over ranks (FSDP with fewer local experts than ranks, a DTensor here) has no whole to sum: its file's
-    crc32 still guards it."""
+def expert_checksums_of(crcs: dict[str, int]) -> dict[str, dict[str, int]]:
+    """{param name: {global expert: crc32}} from crc32s by flat checkpoint key, keeping the per-expert model
+    tensors. At save the crc32s are those the writer took as it wrote each tensor whole
+    (`ChecksummingWriter.tensors`); every expert is written whole by one rank, except one split over ranks
+    (FSDP with fewer local experts than ranks), which has no whole to sum: its records' crc32s still guard it."""
     sums: dict[str, dict[str, int]] = {}
-    for key, value in tensors.items():
-        if key.startswith("model.") and ".expert_" in key and not isinstance(value, DTensor):
+    for key, crc in crcs.items():
+        if key.startswith("model.") and ".expert_" in key:
             name, _, expert = key[len("model.") :].rpartition(".expert_")
-            sums.setdefault(name, {})[expert] = tensor_crc32(value)
+            sums.setdefault(name, {})[expert] = crc
     return sums
 
 
@@ -279,13 +282,19 @@ class CheckpointManager:
         writer = ChecksummingWriter(partial, thread_count=self.thread_count)
         try:
             with _quiet_single_process(self.group is None):
-                dcp.save(tensors, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
+                dcp.save(
+                    tensors,
+                    storage_writer=writer,
+                    planner=BalancedSavePlanner(),
+                    process_group=self.group,
+                    no_dist=self.group is None,
+                )
         except (Exception, CheckpointException) as write_error:  # DCP's own exception is a BaseException
             self._give_up(partial, step, one_line_failure(write_error))
         files = dict(writer.files)  # summed as they were written; DCP's small index is read back
         if rank == 0:
             files[METADATA] = dict(zip(("bytes", "crc32"), file_crc32(partial / METADATA)))
-        report = {"files": files, "records": writer.records, "experts": expert_checksums_of(tensors)}
+        report = {"files": files, "records": writer.records, "experts": expert_checksums_of(writer.tensors)}
         reports = self._gather(report, f"file checksums of step {step}")
         error = None
         if rank == 0:
@@ -532,7 +541,12 @@ def first_refusal(error: BaseException) -> Optional[str]:
 
 def check_expert_checksums(tensors: dict, manifest: dict, directory: Path) -> None:
     saved = manifest["expert_checksums"]
-    for name, sums in expert_checksums_of(tensors).items():
+    held_whole = {
+        key: tensor_crc32(value)
+        for key, value in tensors.items()
+        if ".expert_" in key and not isinstance(value, DTensor)  # (an expert split over ranks has no whole)
+    }
+    for name, sums in expert_checksums_of(held_whole).items():
         for expert, crc in sums.items():
             recorded = saved.get(name, {}).get(expert)
             if recorded is not None and recorded != crc:

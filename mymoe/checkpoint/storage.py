@@ -37,6 +37,7 @@ MANIFEST = "manifest.json"
 METADATA = ".metadata"
 FORMAT_VERSION = 1
 CHUNK_BYTES = 16 << 20
+CRC32_POLYNOMIAL = 0xEDB88320  # reflected, as zlib.crc32 uses it
 
 
 class CheckpointError(RuntimeError):
@@ -62,6 +63,41 @@ def tensor_crc32(tensor: torch.Tensor) -> int:
     """crc32 of a tensor's bytes in row-major order (any dtype, any device)."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     return zlib.crc32(flat.view(torch.uint8).numpy())
+
+
+def _multiply_mod_crc_polynomial(a: int, b: int) -> int:
+    """a * b modulo the crc32 polynomial, in its reflected bit order (zlib's multmodp)."""
+    product, mask = 0, 1 << 31
+    while a:
+        if a & mask:
+            product ^= b
+            a ^= mask
+        mask >>= 1
+        b = (b >> 1) ^ CRC32_POLYNOMIAL if b & 1 else b >> 1
+    return product
+
+
+def _powers_of_x() -> list[int]:
+    """x^(2^k) modulo the polynomial for k = 0..31: squaring these gives x^(8n) for any byte count n."""
+    powers = [1 << 30]  # x^1
+    for _ in range(31):
+        powers.append(_multiply_mod_crc_polynomial(powers[-1], powers[-1]))
+    return powers
+
+
+X_TO_2_TO_THE = _powers_of_x()
+
+
+def crc32_combine(crc_a: int, crc_b: int, length_b: int) -> int:
+    """crc32 of A + B from crc32(A), crc32(B) and B's length, as zlib's crc32_combine (which Python's zlib
+    module does not expose); a few dozen small multiplications, whatever the length."""
+    shift, k, n = 1 << 31, 3, length_b  # x^0; each byte shifts A's crc by x^8 = x^(2^3)
+    while n:
+        if n & 1:
+            shift = _multiply_mod_crc_polynomial(X_TO_2_TO_THE[k % 32], shift)
+        n >>= 1
+        k += 1
+    return _multiply_mod_crc_polynomial(shift, crc_a) ^ crc_b
 
 
 def file_size_problem(path: Path, expected: dict) -> Optional[str]:
