@@ -104,16 +104,13 @@ class ExchangeDispatcher(GroupDispatcher, SequentialRun, ABC):
 
     def _exchange_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Rows I send to each rank (or per global expert) -> rows I receive from each (per local expert)."""
-        received = torch.empty_like(counts)
-        with named_collective(f"all_to_all_single (token counts, MoE dispatch, {self.name})", self.timeout_seconds):
-            dist.all_to_all_single(received, counts, group=self.group)
-        return received
+        return self._start_count_exchange(counts)()
 
     def _start_count_exchange(self, counts: torch.Tensor):
-        """_exchange_counts without waiting: (the counts it fills, a function that waits for them)."""
+        """_exchange_counts without waiting: returns a function that waits for the received counts."""
         name = f"token counts, MoE dispatch, {self.name}"
         splits = [counts.shape[0] // self.group_size] * self.group_size
-        received, work = collectives.launch_all_to_all(counts, splits, splits, self.group, name)
+        received, work = collectives.launch_all_to_all(counts, splits, splits, self.group, name, self.timeout_seconds)
 
         def counted() -> torch.Tensor:
             collectives.wait(work, name, self.timeout_seconds)  # through the module: benchmarks time it there
